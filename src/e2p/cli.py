@@ -1,0 +1,191 @@
+"""`e2p` command line: train, eval, generate, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import E2PError
+
+
+def _load(backbone_name: str | None, encoder_name: str | None = None, need_encoder: bool = True):
+    from .backbone import load_backbone
+    from .encoders import TextEncoder
+
+    backbone = load_backbone(backbone_name)
+    encoder = TextEncoder(encoder_name) if need_encoder else None
+    return backbone, encoder
+
+
+def _scaled_recipe(args):
+    from .recipe import RecipeConfig
+
+    cfg = RecipeConfig(injection=args.injection, num_prefix_tokens=args.prefix_tokens, seed=args.seed,
+                       batch_size=args.batch_size, text_steps=args.text_steps)
+    if args.steps is not None:  # --steps N: total over all stages, keeping the recipe's proportions
+        stages = ["shared_steps", "reconstruct_steps", "e2p_steps"]
+        total = sum(getattr(cfg, s) for s in stages) + 2 * cfg.text_steps
+        scale = args.steps / max(total, 1)
+        for s in stages + ["text_steps"]:
+            value = getattr(cfg, s)
+            setattr(cfg, s, max(1, round(value * scale)) if value else 0)
+        cfg.eval_every = max(1, min(cfg.eval_every, cfg.e2p_steps // 2 or 1))
+    return cfg
+
+
+def cmd_train(args) -> None:
+    from .data.persona import LoadReport, load_persona
+    from .recipe import run_recipe
+
+    report = LoadReport()
+    path = Path(args.data)
+    examples = load_persona(path, "train" if path.is_dir() else "all", report)
+    print(f"data: {report}")
+    cfg = _scaled_recipe(args)
+    backbone, encoder = _load(args.backbone, args.encoder)
+    result = run_recipe(backbone, encoder, examples, args.out, cfg, resume=args.resume, minutes=args.minutes)
+    print(json.dumps(result["stages"], indent=2))
+    print(f"projector saved to {args.out} (load it with Projector.from_pretrained({str(args.out)!r}))")
+
+
+def cmd_eval(args) -> None:
+    from .data.persona import LoadReport, load_persona
+    from .evaluate import evaluate_persona
+
+    report = LoadReport()
+    path = Path(args.data)
+    examples = load_persona(path, "test" if path.is_dir() else "all", report)
+    print(f"data: {report}")
+    backbone, encoder = _load(args.backbone, args.encoder)
+    results = evaluate_persona(backbone, encoder, examples, args.projector, args.out, limit=args.limit,
+                               batch_size=args.batch_size, seed=args.seed)
+    print((Path(args.out) / "REPORT.md").read_text())
+
+
+def _read_embedding(path: str):
+    import numpy as np
+
+    p = Path(path)
+    if p.suffix == ".npy":
+        return np.load(p, allow_pickle=False).astype("float32").reshape(-1)
+    if p.suffix == ".json":
+        return np.asarray(json.loads(p.read_text()), dtype="float32").reshape(-1)
+    if p.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(p))
+        return next(iter(tensors.values())).astype("float32").reshape(-1)
+    return np.loadtxt(p, dtype="float32", delimiter=",").reshape(-1)
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from .model import E2PModel
+    from .projector import Projector
+
+    users = [("persona", p) for p in args.persona or []] + [("embedding", e) for e in args.embedding or []]
+    if not users:
+        raise E2PError("give at least one --persona TEXT or --embedding FILE")
+    backbone, _ = _load(args.backbone, need_encoder=False)
+    projector = Projector.from_pretrained(args.projector, backbone)
+    projector.eval()
+    model = E2PModel(backbone, projector)
+    vectors = []
+    personas = [v for kind, v in users if kind == "persona"]
+    if personas:
+        from .encoders import TextEncoder
+
+        encoder = TextEncoder(projector.config.encoder_name or None)
+        vectors += list(torch.tensor(encoder.encode(personas)))
+    vectors += [torch.tensor(_read_embedding(v)) for kind, v in users if kind == "embedding"]
+    prompts = [args.message] * len(users)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                  top_p=args.top_p, seed=args.seed)
+    replies = model.generate(prompts, embeddings=vectors, **kwargs)
+    plain = model.generate([args.message], embeddings=[None], **kwargs)[0] if args.compare else None
+    if plain is not None:
+        print(f"[no personalization] {plain}\n")
+    for (kind, value), reply in zip(users, replies):
+        print(f"[{kind}: {value}]\n{reply}\n")
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="e2p", description="Embedding-to-Prefix personalization for a frozen LLM")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--backbone", default=None, help="model dir or .gguf (default: bundled SmolLM2-135M-Instruct)")
+        p.add_argument("--seed", type=int, default=0)
+
+    t = sub.add_parser("train", help="train a projector (and its style-only controls) on persona data")
+    common(t)
+    t.add_argument("--data", required=True, help="persona file or folder (a folder means its training split)")
+    t.add_argument("--out", required=True)
+    t.add_argument("--steps", type=int, default=None, help="total optimizer steps over all stages (default: the recipe's)")
+    t.add_argument("--minutes", type=float, default=None, help="wall-clock budget, split across stages")
+    t.add_argument("--prefix-tokens", type=int, default=1)
+    t.add_argument("--injection", choices=["input", "deep"], default="deep")
+    t.add_argument("--text-steps", type=int, default=0, help="also train shared_prefix_text and e2p_text for this many steps each")
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--encoder", default=None)
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run from DIR/*/checkpoint")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="score every condition by reply perplexity on unseen people")
+    common(e)
+    e.add_argument("--data", required=True, help="persona file or folder (a folder means its test split)")
+    e.add_argument("--projector", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--limit", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--encoder", default=None)
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="reply to a message as one or more users")
+    common(g)
+    g.add_argument("--projector", required=True)
+    g.add_argument("--persona", action="append", help="persona text of a user (repeatable)")
+    g.add_argument("--embedding", action="append", help="embedding file .npy/.json/.safetensors/.csv (repeatable)")
+    g.add_argument("--message", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=48)
+    g.add_argument("--sample", action="store_true")
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--compare", action="store_true", help="also print the unpersonalized reply")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="the main job: E2P on unseen people, end to end")
+    common(d)
+    d.add_argument("--data", default=None, help="persona data folder (default: ../shared/data or $E2P_DATA)")
+    d.add_argument("--projector", default=None, help="use this projector instead of the shipped one")
+    d.add_argument("--limit", type=int, default=120, help="examples for the perplexity table")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except E2PError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; `e2p train ... --resume` continues from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

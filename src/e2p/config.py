@@ -1,0 +1,76 @@
+"""E2PConfig: everything needed to rebuild a projector and check it fits a backbone."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import ConfigError
+
+INJECTIONS = ("input", "deep")
+POSITIONS = ("start", "after_system")
+
+
+@dataclass
+class E2PConfig:
+    """Projector configuration, saved as config.json beside model.safetensors.
+
+    embedding_dim == 0 makes a *shared* prefix: k trained soft tokens with no user input
+    (prompt tuning), the style-only control every E2P figure is compared with.
+    """
+
+    embedding_dim: int = 384
+    num_prefix_tokens: int = 1
+    hidden_dims: list[int] = field(default_factory=lambda: [1024])
+    dropout: float = 0.1
+    output_norm: bool = True
+    injection: str = "input"  # "input": soft tokens; "deep": a key/value prefix in every layer
+    prefix_position: str = "start"  # "start" (before the chat template) or "after_system"
+    backbone_name: str = ""
+    backbone_hidden_size: int = 0
+    backbone_num_layers: int = 0
+    backbone_kv_dim: int = 0  # num_key_value_heads * head_dim, for deep injection
+    token_embedding_norm: float = 1.0  # mean norm of the backbone's token embeddings
+    encoder_name: str = ""
+    system_prompt: str = "You are chatting with someone you just met. Reply briefly."
+    embedding_mean: list[float] | None = None  # centering learned from the training embeddings
+
+    def __post_init__(self) -> None:
+        if self.injection not in INJECTIONS:
+            raise ConfigError(f"injection must be one of {INJECTIONS}, got {self.injection!r}")
+        if self.prefix_position not in POSITIONS:
+            raise ConfigError(f"prefix_position must be one of {POSITIONS}, got {self.prefix_position!r}")
+        if self.num_prefix_tokens < 1:
+            raise ConfigError(f"num_prefix_tokens must be >= 1, got {self.num_prefix_tokens}")
+        if self.embedding_dim < 0:
+            raise ConfigError(f"embedding_dim must be >= 0, got {self.embedding_dim}")
+
+    @property
+    def is_shared(self) -> bool:
+        return self.embedding_dim == 0
+
+    @property
+    def prefix_dim(self) -> int:
+        """Size of one prefix vector: hidden size (input) or layers x (K, V) (deep)."""
+        if self.injection == "deep":
+            return self.backbone_num_layers * 2 * self.backbone_kv_dim
+        return self.backbone_hidden_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "config.json").write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "E2PConfig":
+        path = Path(directory) / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"no config.json in {directory}: is this a directory written by save_pretrained / `e2p train`?")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt, retrain or restore it") from exc
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})

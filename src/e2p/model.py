@@ -1,0 +1,319 @@
+"""E2PModel: the one place that builds prefixed inputs, computes the loss and generates."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .backbone import Backbone
+from .config import E2PConfig
+from .errors import E2PError
+from .projector import Projector, check_backbone
+
+log = logging.getLogger(__name__)
+
+Messages = list[dict]
+
+
+class PromptTooLongError(E2PError, ValueError):
+    """The prompt does not fit even after dropping older turns."""
+
+
+@dataclass
+class Segments:
+    """One tokenized row: `pre` + [prefix] + `post` + `target` (loss only on target)."""
+
+    pre: list[int]
+    post: list[int]
+    target: list[int] = field(default_factory=list)
+
+
+@functools.lru_cache(maxsize=1)
+def bf16_supported() -> bool:
+    """bf16 autocast only pays on CPUs with native bf16 (AVX512-BF16 / AMX); elsewhere it is ~100x slower."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_arg_name(model_class: type) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def _cache_kwarg(module: nn.Module, cache) -> dict:
+    """transformers 5 renamed `past_key_values` to `cache`; accept both."""
+    return {_cache_arg_name(type(module)): cache}
+
+
+def _output_cache(out):
+    return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
+
+
+def new_config(backbone: Backbone, **overrides) -> E2PConfig:
+    """An E2PConfig filled in with the backbone's sizes and name."""
+    values = dict(
+        backbone_name=backbone.name,
+        backbone_hidden_size=backbone.hidden_size,
+        backbone_num_layers=backbone.num_layers,
+        backbone_kv_dim=backbone.kv_dim,
+        token_embedding_norm=backbone.token_embedding_norm(),
+    )
+    values.update(overrides)
+    return E2PConfig(**values)
+
+
+class E2PModel(nn.Module):
+    """A frozen backbone plus (optionally) a projector; rows of a batch may belong to different users.
+
+    With `projector=None` it is the plain backbone (the `none` / `text` conditions), using the
+    formatting settings of `config` (or the defaults).
+    """
+
+    def __init__(self, backbone: Backbone, projector: Projector | None = None, config: E2PConfig | None = None,
+                 autocast: bool | None = None, max_prompt_tokens: int = 1024):
+        super().__init__()
+        if projector is not None:
+            check_backbone(projector.config, backbone)
+        self.backbone = backbone
+        self.lm = backbone.model
+        self.tokenizer = backbone.tokenizer
+        self.projector = projector
+        self.config = projector.config if projector is not None else (config or E2PConfig())
+        self.autocast = bf16_supported() if autocast is None else autocast
+        self.max_prompt_tokens = max_prompt_tokens
+        eos = {self.tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(self.lm, "generation_config", None), "eos_token_id", None)
+        eos |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+        self.eos_ids = sorted(i for i in eos if i is not None)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.projector.config.num_prefix_tokens if self.projector is not None else 0
+
+    # --- formatting -------------------------------------------------------------------------
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _render(self, messages: Messages, add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def format(self, messages: Messages | str, reply: str | None = None, persona_text: str | None = None,
+               system_prompt: str | None = None, max_target_tokens: int | None = None) -> Segments:
+        """Chat messages (or one user message) -> Segments; `persona_text` goes into the system prompt.
+
+        Older turns are dropped until the prompt fits `max_prompt_tokens`.
+        """
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        messages = list(messages)
+        system = system_prompt if system_prompt is not None else self.config.system_prompt
+        if messages and messages[0].get("role") == "system":
+            system = messages[0]["content"]
+            messages = messages[1:]
+        if persona_text:
+            system = f"{system}\nYour persona: {persona_text}" if system else f"Your persona: {persona_text}"
+        head = [{"role": "system", "content": system}] if system else []
+        while True:
+            prompt = self._render(head + messages, add_generation_prompt=True)
+            ids = self._encode(prompt)
+            if len(ids) <= self.max_prompt_tokens:
+                break
+            if len(messages) <= 1:
+                raise PromptTooLongError(
+                    f"prompt is {len(ids)} tokens, the limit is {self.max_prompt_tokens}: shorten the message or the persona"
+                )
+            messages = messages[1:]
+        pre: list[int] = []
+        post = ids
+        if self.config.prefix_position == "after_system" and self.config.injection == "input" and head:
+            system_part = self._render(head, add_generation_prompt=False)
+            if prompt.startswith(system_part):
+                pre, post = self._encode(system_part), self._encode(prompt[len(system_part):])
+        target: list[int] = []
+        if reply is not None:
+            full = self._render(head + messages + [{"role": "assistant", "content": reply}], add_generation_prompt=False)
+            target_text = full[len(prompt):] if full.startswith(prompt) else reply + (self.tokenizer.eos_token or "")
+            eos = self.tokenizer.eos_token
+            if eos and eos in target_text:
+                target_text = target_text[: target_text.index(eos) + len(eos)]
+            target = self._encode(target_text)
+            if max_target_tokens is not None:
+                target = target[:max_target_tokens]
+        return Segments(pre=pre, post=post, target=target)
+
+    # --- prefixes -----------------------------------------------------------------------------
+    def prefixes(self, embeddings, batch_size: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """-> ([B, k, D] prefix vectors or None, [B] bool: which rows have a prefix).
+
+        `embeddings`: a [B, E] tensor, or a list whose None entries mean "no user" (plain backbone row).
+        A shared projector (embedding_dim 0) gives every row its prefix.
+        """
+        if self.projector is None:
+            return None, torch.zeros(batch_size, dtype=torch.bool)
+        if self.projector.config.is_shared:
+            return self.projector(batch_size=batch_size), torch.ones(batch_size, dtype=torch.bool)
+        if embeddings is None:
+            return None, torch.zeros(batch_size, dtype=torch.bool)
+        if isinstance(embeddings, torch.Tensor) or (len(embeddings) and all(e is not None for e in embeddings)):
+            e = embeddings if isinstance(embeddings, torch.Tensor) else torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in embeddings])
+            if len(e) != batch_size:
+                raise ValueError(f"{len(e)} embeddings for a batch of {batch_size}")
+            return self.projector(e), torch.ones(batch_size, dtype=torch.bool)
+        has = torch.tensor([e is not None for e in embeddings], dtype=torch.bool)
+        out = torch.zeros(batch_size, self.projector.config.num_prefix_tokens, self.projector.config.prefix_dim)
+        if has.any():
+            rows = torch.stack([torch.as_tensor(embeddings[i], dtype=torch.float32) for i in range(batch_size) if has[i]])
+            out = out.to(self.projector.shared.dtype)
+            out[has] = self.projector(rows)
+        return out, has
+
+    # --- batch building ---------------------------------------------------------------------
+    def build(self, rows: Sequence[Segments], embeddings=None) -> dict:
+        """Left-padded batch: inputs_embeds, attention_mask, position_ids, (deep) past_key_values, targets."""
+        B = len(rows)
+        prefix, has = self.prefixes(embeddings, B)
+        k = self.num_prefix_tokens
+        deep = self.config.injection == "deep"
+        n_inline = [k if (has[i] and not deep) else 0 for i in range(B)]
+        lengths = [len(r.pre) + n_inline[i] + len(r.post) + len(r.target) for i, r in enumerate(rows)]
+        T = max(lengths)
+        pad_id = self.tokenizer.pad_token_id
+        ids = torch.full((B, T), pad_id, dtype=torch.long)
+        mask = torch.zeros(B, T, dtype=torch.long)
+        is_prefix = torch.zeros(B, T, dtype=torch.bool)
+        is_target = torch.zeros(B, T, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            s = T - lengths[i]
+            seq = r.pre + [pad_id] * n_inline[i] + r.post + r.target
+            ids[i, s:] = torch.tensor(seq, dtype=torch.long)
+            mask[i, s:] = 1
+            is_prefix[i, s + len(r.pre): s + len(r.pre) + n_inline[i]] = True
+            if r.target:
+                is_target[i, T - len(r.target):] = True
+        embeds = self.lm.get_input_embeddings()(ids)
+        if prefix is not None and not deep and is_prefix.any():
+            embeds = embeds.masked_scatter(is_prefix.unsqueeze(-1), prefix[has].to(embeds.dtype).reshape(-1))
+        offset = (has.long() * k).unsqueeze(1) if deep else 0
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0) + offset
+        batch = dict(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, ids=ids, is_target=is_target)
+        if deep and prefix is not None:
+            batch["past_key_values"] = self._deep_cache(prefix)
+            batch["attention_mask"] = torch.cat([has.long().unsqueeze(1).expand(B, k), mask], dim=1)
+        return batch
+
+    def _deep_cache(self, prefix: torch.Tensor):
+        """[B, k, L*2*kv] -> a DynamicCache holding each layer's prefix keys and values."""
+        from transformers import DynamicCache
+
+        cfg = self.lm.config
+        B, k, _ = prefix.shape
+        n_kv = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+        head_dim = self.backbone.kv_dim // n_kv
+        kv = prefix.view(B, k, cfg.num_hidden_layers, 2, n_kv, head_dim).permute(2, 3, 0, 4, 1, 5)
+        cache = DynamicCache(config=cfg)
+        for layer in range(cfg.num_hidden_layers):
+            cache.update(kv[layer, 0].contiguous(), kv[layer, 1].contiguous(), layer)
+        return cache
+
+    def _autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+
+    def _hidden(self, batch: dict, use_cache: bool = False):
+        with self._autocast():
+            return self.lm.model(
+                inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], use_cache=use_cache, **_cache_kwarg(self.lm.model, batch.get("past_key_values")),
+            )
+
+    # --- loss -----------------------------------------------------------------------------------
+    def loss(self, rows: Sequence[Segments], embeddings=None, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy on target tokens only, logits computed only where a target is predicted.
+
+        reduction "mean": mean over all target tokens; "none": ([B] summed NLL, [B] token counts).
+        """
+        batch = self.build(rows, embeddings)
+        hidden = self._hidden(batch).last_hidden_state
+        predicts = batch["is_target"][:, 1:]  # position t predicts token t+1
+        h = hidden[:, :-1][predicts]
+        labels = batch["ids"][:, 1:][predicts]
+        with self._autocast():
+            logits = self.lm.get_output_embeddings()(h)
+        nll = F.cross_entropy(logits.float(), labels, reduction="none")
+        if reduction == "mean":
+            return nll.mean()
+        row = torch.arange(len(rows)).unsqueeze(1).expand_as(predicts)[predicts]
+        sums = torch.zeros(len(rows), dtype=nll.dtype).index_add(0, row, nll)
+        counts = torch.zeros(len(rows), dtype=torch.long).index_add(0, row, torch.ones_like(row))
+        return sums, counts
+
+    # --- generation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Messages | str], embeddings=None, max_new_tokens: int = 64,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 persona_texts: Sequence[str | None] | None = None, seed: int | None = None) -> list[str]:
+        """Generate for a batch where every row may be a different user (or none: embedding None)."""
+        rows = [self.format(p, persona_text=(persona_texts[i] if persona_texts else None)) for i, p in enumerate(prompts)]
+        tokens = self.generate_tokens(rows, embeddings, max_new_tokens, do_sample, temperature, top_p, seed)
+        return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+
+    @torch.no_grad()
+    def generate_tokens(self, rows: Sequence[Segments], embeddings=None, max_new_tokens: int = 64,
+                        do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                        seed: int | None = None) -> list[list[int]]:
+        """Token-level batched decoding with a KV cache; each row stops at EOS."""
+        from transformers import DynamicCache
+
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        batch = self.build(rows, embeddings)
+        if "past_key_values" not in batch:
+            batch["past_key_values"] = DynamicCache(config=self.lm.config)
+        out = self._hidden(batch, use_cache=True)
+        cache = _output_cache(out)
+        mask = batch["attention_mask"]
+        positions = batch["position_ids"][:, -1:]
+        last = out.last_hidden_state[:, -1]
+        B = len(rows)
+        done = torch.zeros(B, dtype=torch.bool)
+        result: list[list[int]] = [[] for _ in range(B)]
+        eos = torch.tensor(self.eos_ids)
+        for _ in range(max_new_tokens):
+            with self._autocast():
+                logits = self.lm.get_output_embeddings()(last).float()
+            nxt = self._pick(logits, do_sample, temperature, top_p, gen)
+            for i in range(B):
+                if not done[i]:
+                    result[i].append(int(nxt[i]))
+            done |= torch.isin(nxt, eos)
+            if done.all():
+                break
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
+            positions = positions + 1
+            step = dict(inputs_embeds=self.lm.get_input_embeddings()(nxt.unsqueeze(1)), attention_mask=mask,
+                        position_ids=positions, past_key_values=cache)
+            out = self._hidden(step, use_cache=True)
+            cache = _output_cache(out)
+            last = out.last_hidden_state[:, -1]
+        return [[t for t in r if t not in self.eos_ids] for r in result]
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen) -> torch.Tensor:
+        if not do_sample:
+            return logits.argmax(-1)
+        probs = F.softmax(logits / max(temperature, 1e-5), dim=-1)
+        if top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < top_p
+            sorted_p = sorted_p * keep
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(1)

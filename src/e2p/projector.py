@@ -1,0 +1,138 @@
+"""Projector: a user embedding -> k prefix vectors for a frozen backbone (or k shared vectors)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import E2PConfig
+from .errors import BackboneMismatchError, ConfigError, EmbeddingError
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+class Projector(nn.Module):
+    """prefix = shared + MLP(centered, normalized embedding), reshaped to (k, prefix_dim).
+
+    `shared` holds what every user has in common (the data set's style); the MLP's last layer
+    starts at zero so a projector initialised from a trained shared prefix starts exactly there
+    and learns only what differs between people.
+    """
+
+    def __init__(self, config: E2PConfig):
+        super().__init__()
+        if config.prefix_dim <= 0:
+            raise ConfigError("config lacks the backbone's sizes: build it with E2PModel.new_config(...) or set backbone_hidden_size")
+        self.config = config
+        k, d = config.num_prefix_tokens, config.prefix_dim
+        self.shared = nn.Parameter(torch.randn(k, d) * 0.02)
+        self.register_buffer(
+            "embedding_mean",
+            torch.tensor(config.embedding_mean, dtype=torch.float32) if config.embedding_mean else torch.zeros(config.embedding_dim),
+        )
+        if config.is_shared:
+            self.mlp = None
+        else:
+            layers: list[nn.Module] = []
+            width = config.embedding_dim
+            for h in config.hidden_dims:
+                layers += [nn.Linear(width, h), nn.GELU(), nn.Dropout(config.dropout)]
+                width = h
+            last = nn.Linear(width, k * d)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+            layers.append(last)
+            self.mlp = nn.Sequential(*layers)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def check_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Raise EmbeddingError on a wrong size or non-finite values; return float32 [B, E]."""
+        e = torch.as_tensor(embeddings, dtype=torch.float32)
+        if e.dim() == 1:
+            e = e.unsqueeze(0)
+        if e.dim() != 2 or e.shape[-1] != self.config.embedding_dim:
+            raise EmbeddingError(
+                f"expected embeddings of size {self.config.embedding_dim} (encoder {self.config.encoder_name or 'unknown'}), "
+                f"got shape {tuple(e.shape)}: embed users with the same encoder the projector was trained with"
+            )
+        if not torch.isfinite(e).all():
+            raise EmbeddingError("embeddings contain NaN or inf values: recompute them before use")
+        return e
+
+    def forward(self, embeddings: torch.Tensor | None = None, batch_size: int | None = None) -> torch.Tensor:
+        """[B, E] embeddings (or batch_size for a shared prefix) -> [B, k, prefix_dim]."""
+        k, d = self.config.num_prefix_tokens, self.config.prefix_dim
+        if self.mlp is None:
+            if batch_size is None:
+                batch_size = 1 if embeddings is None else len(embeddings)
+            out = self.shared.unsqueeze(0).expand(batch_size, k, d)
+        else:
+            if embeddings is None:
+                raise EmbeddingError("this projector needs a user embedding; use a shared prefix for users without one")
+            e = self.check_embeddings(embeddings).to(self.shared.device)
+            e = e - self.embedding_mean
+            e = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            out = self.shared.unsqueeze(0) + self.mlp(e).view(-1, k, d)
+        if self.config.output_norm and self.config.injection == "input":
+            out = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-6) * self.config.token_embedding_norm
+        return out
+
+    # --- Hugging Face style persistence -------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = directory / (WEIGHTS_NAME + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt", "e2p": "projector"})
+        tmp.replace(directory / WEIGHTS_NAME)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, backbone=None) -> "Projector":
+        """Load config.json + model.safetensors; with `backbone`, refuse one it was not trained for."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config = E2PConfig.load(directory)
+        if backbone is not None:
+            check_backbone(config, backbone)
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
+            raise ConfigError(f"no {WEIGHTS_NAME} in {directory}: the save was interrupted; retrain or restore it")
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ConfigError(f"{weights} is corrupt ({exc}); retrain or restore the projector") from exc
+        projector = cls(config)
+        try:
+            projector.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ConfigError(f"{weights} does not match its config.json ({exc}); retrain or restore the projector") from exc
+        return projector
+
+
+def check_backbone(config: E2PConfig, backbone) -> None:
+    """A projector only makes sense on the backbone (sizes) it was trained for."""
+    problems = []
+    if config.backbone_hidden_size != backbone.hidden_size:
+        problems.append(f"hidden size {config.backbone_hidden_size} vs {backbone.hidden_size}")
+    if config.injection == "deep" and (config.backbone_num_layers, config.backbone_kv_dim) != (backbone.num_layers, backbone.kv_dim):
+        problems.append(f"layers x kv {config.backbone_num_layers}x{config.backbone_kv_dim} vs {backbone.num_layers}x{backbone.kv_dim}")
+    if problems:
+        raise BackboneMismatchError(
+            f"projector was trained for backbone {config.backbone_name!r} but got {backbone.name!r} ({'; '.join(problems)}): "
+            f"load it with --backbone {config.backbone_name}"
+        )
+
+
+def parameter_summary(projector: Projector) -> str:
+    n = projector.num_parameters()
+    return f"{n:,} parameters ({n * 4 / 2**20:.2f} MiB float32)"

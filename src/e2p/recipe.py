@@ -1,0 +1,195 @@
+"""The default training recipe: learn the style first, then only what differs between people.
+
+Stages (each its own projector folder, each resumable):
+  1. shared_prefix        k soft prefix vectors, no user input: the data set's style (prompt tuning).
+  2. reconstruct (opt.)   the person part learns to make the frozen backbone restate the persona
+                          sentences from the prefix alone (xRAG-style), style part frozen.
+  3. e2p                  replies; the person part starts at zero on top of the style, so it can only
+                          add what the embedding knows about the person; optional margin term.
+  4. *_text (opt.)        shared_prefix_text and e2p_text: the same, trained with the persona text in
+                          the prompt (the hybrid must be trained as a hybrid).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data.persona import PersonaExample
+from .model import E2PModel, new_config
+from .projector import Projector
+from .train import Item, TrainConfig, train_projector
+
+log = logging.getLogger(__name__)
+
+RECONSTRUCT_PROMPT = "Tell me about yourself."
+
+
+@dataclass
+class RecipeConfig:
+    injection: str = "deep"
+    num_prefix_tokens: int = 1
+    prefix_position: str = "start"
+    hidden_dims: list[int] = field(default_factory=lambda: [1024])
+    dropout: float = 0.1
+    center_embeddings: bool = True
+    history_turns: int = 3
+    max_target_tokens: int = 32
+    batch_size: int = 16
+    shared_steps: int = 150
+    shared_lr: float = 3e-3
+    reconstruct_steps: int = 0
+    e2p_steps: int = 200
+    e2p_lr: float = 1e-3
+    contrastive_weight: float = 0.0
+    margin: float = 0.1
+    freeze_shared: bool = True
+    text_steps: int = 0  # steps for each of shared_prefix_text and e2p_text (0: skip them)
+    val_people: int = 40
+    val_examples: int = 96
+    eval_every: int = 50
+    seed: int = 0
+
+
+def person_table(examples: list[PersonaExample], encoder) -> tuple[dict[str, int], torch.Tensor]:
+    """One embedding per person: the encoder applied to the persona sentences joined."""
+    texts: dict[str, str] = {}
+    for ex in examples:
+        texts.setdefault(ex.person_id, ex.persona_text)
+    ids = list(texts)
+    vectors = encoder.encode([texts[i] for i in ids], show_progress_bar=False)
+    return {pid: i for i, pid in enumerate(ids)}, torch.tensor(vectors, dtype=torch.float32)
+
+
+def make_items(model: E2PModel, examples, index: dict[str, int], cfg: RecipeConfig, with_text: bool) -> list[Item]:
+    return [
+        Item(model.format(ex.messages(cfg.history_turns), reply=ex.reply,
+                          persona_text=ex.persona_text if with_text else None,
+                          max_target_tokens=cfg.max_target_tokens),
+             index.get(ex.person_id, -1))
+        for ex in examples
+    ]
+
+
+def split_people(examples: list[PersonaExample], n_val: int, seed: int):
+    people = sorted({e.person_id for e in examples})
+    random.Random(seed).shuffle(people)
+    val = set(people[:n_val])
+    return [e for e in examples if e.person_id not in val], [e for e in examples if e.person_id in val]
+
+
+def _sample(examples: list, n: int, seed: int) -> list:
+    if len(examples) <= n:
+        return list(examples)
+    return random.Random(seed).sample(examples, n)
+
+
+def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str | Path, cfg: RecipeConfig,
+               resume: bool = False, progress: bool = True, minutes: float | None = None) -> dict:
+    """Train every stage into out_dir (e2p projector at the top level, others in sub-folders)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "recipe.json").write_text(json.dumps(asdict(cfg), indent=2))
+    t0 = time.time()
+    total_steps = cfg.shared_steps + cfg.reconstruct_steps + cfg.e2p_steps + 2 * cfg.text_steps
+
+    def budget(steps: int) -> float | None:  # split a wall-clock budget across stages by their steps
+        return None if minutes is None else minutes * steps / max(total_steps, 1)
+
+    train_ex, val_ex = split_people(examples, cfg.val_people, cfg.seed)
+    index, table = person_table(train_ex + val_ex, encoder)
+    mean = table[[index[p] for p in {e.person_id for e in train_ex}]].mean(0) if cfg.center_embeddings else None
+    report = {"train_examples": len(train_ex), "train_people": len({e.person_id for e in train_ex}),
+              "val_people": len({e.person_id for e in val_ex}), "stages": {}}
+    val_sample = _sample(val_ex, cfg.val_examples, cfg.seed)
+
+    def stage(name, projector, steps, lr, with_text, freeze_shared=False, contrastive=0.0, items=None, val_items=None, tbl=table):
+        if steps <= 0:
+            return None
+        model = E2PModel(backbone, projector)
+        if items is None:
+            items = make_items(model, _sample(train_ex, steps * cfg.batch_size, cfg.seed + len(name)), index, cfg, with_text)
+        if val_items is None:
+            val_items = make_items(model, val_sample, index, cfg, with_text)
+        tc = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=lr, eval_every=cfg.eval_every, seed=cfg.seed,
+                         contrastive_weight=contrastive, margin=cfg.margin, freeze_shared=freeze_shared,
+                         minutes=budget(steps))
+        folder = out_dir if name == "e2p" else out_dir / name
+        s = time.time()
+        state = train_projector(model, items, None if projector.config.is_shared else tbl, folder, tc,
+                                val_items=val_items, resume=resume, progress=progress, name=name)
+        report["stages"][name] = {"steps": state["step"], "best_val": state["best_val"], "seconds": time.time() - s,
+                                  "parameters": projector.num_parameters()}
+        return Projector.from_pretrained(folder)
+
+    base = dict(injection=cfg.injection, num_prefix_tokens=cfg.num_prefix_tokens, prefix_position=cfg.prefix_position,
+                hidden_dims=cfg.hidden_dims, dropout=cfg.dropout, encoder_name=getattr(encoder, "name", ""))
+    shared = Projector(new_config(backbone, embedding_dim=0, **base))
+    _init_shared(backbone, shared)
+    shared = stage("shared_prefix", shared, cfg.shared_steps, cfg.shared_lr, False) or shared
+
+    e2p = Projector(new_config(backbone, embedding_dim=table.shape[1], embedding_mean=mean.tolist() if mean is not None else None, **base))
+    e2p.shared.data.copy_(shared.shared.data)
+    if cfg.reconstruct_steps > 0:
+        rec_items, rec_table = _reconstruction_items(backbone, e2p, train_ex, encoder, cfg)
+        val_rec, val_table = _reconstruction_items(backbone, e2p, val_ex, encoder, cfg, augment=False)
+        offset = len(rec_table)
+        val_rec = [Item(it.row, it.person + offset) for it in val_rec]
+        e2p = stage("reconstruct", e2p, cfg.reconstruct_steps, cfg.e2p_lr, False, freeze_shared=True,
+                    items=rec_items, val_items=val_rec, tbl=torch.cat([rec_table, val_table])) or e2p
+    e2p = stage("e2p", e2p, cfg.e2p_steps, cfg.e2p_lr, False, freeze_shared=cfg.freeze_shared,
+                contrastive=cfg.contrastive_weight) or e2p
+    if cfg.text_steps > 0:
+        stage("shared_prefix_text", Projector.from_pretrained(out_dir / "shared_prefix"), cfg.text_steps, cfg.shared_lr / 3, True)
+        stage("e2p_text", Projector.from_pretrained(out_dir), cfg.text_steps, cfg.e2p_lr / 3, True,
+              contrastive=cfg.contrastive_weight)
+    report["seconds"] = time.time() - t0
+    (out_dir / "training_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _init_shared(backbone, projector: Projector, text: str = "Persona:") -> None:
+    """Start the shared prefix from a real token (its embedding, or its keys/values for deep injection)."""
+    tok = backbone.tokenizer
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, : projector.config.num_prefix_tokens]
+    k = projector.config.num_prefix_tokens
+    with torch.no_grad():
+        if projector.config.injection == "input":
+            vec = backbone.model.get_input_embeddings()(ids)[0]
+        else:
+            out = backbone.model(input_ids=ids, use_cache=True)
+            cache = getattr(out, "cache", None) or out.past_key_values
+            layers = []
+            for layer in range(backbone.num_layers):
+                key, value = cache.layers[layer].keys, cache.layers[layer].values  # [1, n_kv, t, hd]
+                layers.append(torch.stack([key[0].permute(1, 0, 2).reshape(key.shape[2], -1),
+                                           value[0].permute(1, 0, 2).reshape(value.shape[2], -1)], dim=1))
+            vec = torch.stack(layers, dim=1).reshape(ids.shape[1], -1)  # [t, L*2*kv]
+        projector.shared.data[: vec.shape[0]] = vec
+        if vec.shape[0] < k:
+            projector.shared.data[vec.shape[0]:] = vec[-1]
+
+
+def _reconstruction_items(backbone, projector, examples, encoder, cfg: RecipeConfig, augment: bool = True):
+    """(prefix, 'Tell me about yourself.') -> the persona sentences; with random subsets as augmentation."""
+    rng = random.Random(cfg.seed)
+    personas = {}
+    for ex in examples:
+        personas.setdefault(ex.person_id, list(ex.persona))
+    texts = []
+    for sentences in personas.values():
+        texts.append(" ".join(sentences))
+        if augment and len(sentences) > 2:
+            for _ in range(2):
+                sub = rng.sample(sentences, rng.randint(2, len(sentences) - 1))
+                texts.append(" ".join(sub))
+    table = torch.tensor(encoder.encode(texts), dtype=torch.float32)
+    model = E2PModel(backbone, projector)
+    items = [Item(model.format(RECONSTRUCT_PROMPT, reply=t, max_target_tokens=96), i) for i, t in enumerate(texts)]
+    return items, table

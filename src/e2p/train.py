@@ -1,0 +1,211 @@
+"""The training loop: only the projector learns; progress bar, validation, best checkpoint, resume, curves."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import load_optimizer, save_optimizer
+from .model import E2PModel, Segments
+from .projector import Projector
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    minutes: float | None = None  # stop earlier when this much wall time is spent
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    eval_every: int = 50
+    seed: int = 0
+    contrastive_weight: float = 0.0  # weight of the margin term (own person vs another person)
+    margin: float = 0.1  # nats per token the own embedding must beat another person's by
+    freeze_shared: bool = False  # keep the shared (style) prefix fixed, learn only the person part
+
+
+@dataclass
+class Item:
+    """One training item: a formatted row and the index of its person's embedding (-1: none)."""
+
+    row: Segments
+    person: int
+
+
+def _batch_embeddings(items: Sequence[Item], table: torch.Tensor | None):
+    if table is None:
+        return None
+    return table[torch.tensor([it.person for it in items])]
+
+
+def _shuffled_people(people: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Another person's index for every row (a derangement over distinct people where possible)."""
+    n = len(people)
+    perm = torch.randperm(n, generator=generator)
+    same = people[perm] == people
+    if same.any() and n > 1:
+        perm[same] = perm.roll(1)[same]
+    return perm
+
+
+def evaluate_loss(model: E2PModel, items: Sequence[Item], table: torch.Tensor | None, batch_size: int = 16,
+                  shuffle_people: bool = False, seed: int = 0) -> float:
+    """Token-level mean NLL over `items` (optionally with another person's embedding per row)."""
+    total, count = 0.0, 0
+    gen = torch.Generator().manual_seed(seed)
+    was_training = model.projector.training if model.projector is not None else False
+    if model.projector is not None:
+        model.projector.eval()
+    with torch.no_grad():
+        for i in range(0, len(items), batch_size):
+            chunk = items[i:i + batch_size]
+            emb = _batch_embeddings(chunk, table)
+            if shuffle_people and emb is not None:
+                people = torch.tensor([it.person for it in chunk])
+                emb = emb[_shuffled_people(people, gen)]
+            s, c = model.loss([it.row for it in chunk], emb, reduction="none")
+            total += float(s.sum())
+            count += int(c.sum())
+    if model.projector is not None:
+        model.projector.train(was_training)
+    return total / max(count, 1)
+
+
+def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor | None, out_dir: str | Path,
+                    cfg: TrainConfig, val_items: Sequence[Item] = (), resume: bool = False,
+                    progress: bool = True, name: str = "train",
+                    on_step: Callable[[int, float], None] | None = None) -> dict:
+    """Train `model.projector` on `items`; write the best projector to `out_dir` and a resumable
+    checkpoint to `out_dir/checkpoint`. Returns the history (also saved as curves.json / curves.png)."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    ckpt = out_dir / "checkpoint"
+    projector: Projector = model.projector
+    if cfg.freeze_shared:
+        projector.shared.requires_grad_(False)
+    params = [p for p in projector.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)) * 0.5 * (1 + math.cos(math.pi * min(s / max(cfg.steps, 1), 1.0)))
+    state = {"step": 0, "elapsed_s": 0.0, "best_val": None, "history": {"step": [], "train_loss": [], "val_step": [], "val_loss": [], "val_shuffled": []}}
+    if resume and (ckpt / "trainer_state.json").is_file():
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        projector.load_state_dict(Projector.from_pretrained(ckpt).state_dict())
+        load_optimizer(optimizer, ckpt / "optimizer.safetensors")
+        log.info("resumed %s at step %d", name, state["step"])
+    hist = state["history"]
+    n = len(items)
+    rng_epoch = lambda epoch: np.random.default_rng([cfg.seed, epoch]).permutation(n)
+    start = time.time() - state["elapsed_s"]
+    projector.train()
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc=name, disable=not progress, dynamic_ncols=True)
+
+    def validate(step: int) -> None:
+        if not val_items:
+            return
+        val = evaluate_loss(model, val_items, table, cfg.batch_size)
+        shuf = evaluate_loss(model, val_items, table, cfg.batch_size, shuffle_people=True) if table is not None else val
+        hist["val_step"].append(step)
+        hist["val_loss"].append(val)
+        hist["val_shuffled"].append(shuf)
+        bar.write(f"[{name}] step {step}: val loss {val:.4f}" + (f", shuffled {shuf:.4f}" if table is not None else ""))
+        if state["best_val"] is None or val < state["best_val"]:
+            state["best_val"] = val
+            projector.save_pretrained(out_dir)
+
+    while state["step"] < cfg.steps:
+        if cfg.minutes is not None and time.time() - start > cfg.minutes * 60:
+            bar.write(f"[{name}] time budget of {cfg.minutes} min reached at step {state['step']}")
+            break
+        step = state["step"]
+        epoch, offset = divmod(step * cfg.batch_size, n)
+        order = rng_epoch(epoch)
+        idx = [order[(offset + j) % n] for j in range(cfg.batch_size)]
+        batch = [items[i] for i in idx]
+        torch.manual_seed(cfg.seed * 100003 + step)
+        for g in optimizer.param_groups:
+            g["lr"] = cfg.lr * schedule(step)
+        rows = [it.row for it in batch]
+        emb = _batch_embeddings(batch, table)
+        if cfg.contrastive_weight > 0 and emb is not None:
+            own_s, own_c = model.loss(rows, emb, reduction="none")
+            people = torch.tensor([it.person for it in batch])
+            other = emb[_shuffled_people(people, torch.Generator().manual_seed(step))]
+            shuf_s, _ = model.loss(rows, other, reduction="none")
+            own = own_s / own_c
+            gap = shuf_s / own_c - own
+            loss = own_s.sum() / own_c.sum() + cfg.contrastive_weight * torch.relu(cfg.margin - gap).mean()
+        else:
+            loss = model.loss(rows, emb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        state["step"] = step + 1
+        hist["step"].append(step + 1)
+        hist["train_loss"].append(float(loss))
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.3f}")
+        if on_step:
+            on_step(step + 1, float(loss))
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            validate(step + 1)
+            state["elapsed_s"] = time.time() - start
+            _save_checkpoint(projector, optimizer, state, ckpt)
+    bar.close()
+    if not hist["val_step"] or hist["val_step"][-1] != state["step"]:
+        validate(state["step"])
+    if not val_items:
+        projector.save_pretrained(out_dir)
+    state["elapsed_s"] = time.time() - start
+    _save_checkpoint(projector, optimizer, state, ckpt)
+    save_curves(hist, out_dir, name, asdict(cfg))
+    return state
+
+
+def _save_checkpoint(projector: Projector, optimizer, state: dict, ckpt: Path) -> None:
+    ckpt.mkdir(parents=True, exist_ok=True)
+    projector.save_pretrained(ckpt)
+    save_optimizer(optimizer, ckpt / "optimizer.safetensors")
+    tmp = ckpt / "trainer_state.json.tmp"
+    tmp.write_text(json.dumps(state))
+    tmp.replace(ckpt / "trainer_state.json")
+
+
+def save_curves(hist: dict, out_dir: Path, name: str, cfg: dict) -> None:
+    """Loss curves as JSON and as a PNG plot."""
+    (out_dir / "curves.json").write_text(json.dumps({"name": name, "config": cfg, **hist}, indent=1))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if hist["step"]:
+        losses = np.array(hist["train_loss"])
+        w = max(1, len(losses) // 30)
+        smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
+        ax.plot(hist["step"][w - 1:], smooth, label="train (smoothed)")
+    if hist["val_step"]:
+        ax.plot(hist["val_step"], hist["val_loss"], "o-", label="val")
+        if any(a != b for a, b in zip(hist["val_loss"], hist["val_shuffled"])):
+            ax.plot(hist["val_step"], hist["val_shuffled"], "s--", label="val, other people's embeddings")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / target token)")
+    ax.set_title(name)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "curves.png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from e2p import Projector
+from e2p.model import E2PModel, PromptTooLongError, new_config
+
+CONVS = [
+    ([{"role": "user", "content": "hi how are you ?"}], "i am fine ! i like dogs ."),
+    ([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"},
+      {"role": "user", "content": "what do you do for fun ?"}], "i play guitar ."),
+    ([{"role": "user", "content": "tell me about yourself"}], "i work as a nurse and i love cats ."),
+]
+
+
+def _model(tiny, injection="input", position="start", k=2, seed=0):
+    torch.manual_seed(seed)
+    p = Projector(new_config(tiny, embedding_dim=8, num_prefix_tokens=k, injection=injection, prefix_position=position))
+    torch.nn.init.normal_(p.mlp[-1].weight, std=0.5)
+    p.eval()
+    return E2PModel(tiny, p, autocast=False)
+
+
+@pytest.mark.parametrize("injection,position", [("input", "start"), ("input", "after_system"), ("deep", "start")])
+def test_padded_mixed_batch_matches_rows_alone(tiny, injection, position):
+    m = _model(tiny, injection, position)
+    rows = [m.format(msgs, reply=r) for msgs, r in CONVS]
+    emb = torch.randn(3, 8)
+    users = [emb[0], None, emb[2]]  # a mixed batch: the middle row has no user
+    sums, counts = m.loss(rows, users, reduction="none")
+    for i in range(3):
+        s, c = m.loss(rows[i:i + 1], [users[i]], reduction="none")
+        assert c[0] == counts[i]
+        assert torch.allclose(s[0], sums[i], atol=1e-4), (i, s[0], sums[i])
+    prompts = [msgs for msgs, _ in CONVS]
+    together = m.generate_tokens([m.format(p) for p in prompts], users, max_new_tokens=6)
+    for i in range(3):
+        alone = m.generate_tokens([m.format(prompts[i])], [users[i]], max_new_tokens=6)
+        assert alone[0] == together[i]
+
+
+def test_different_users_get_different_prefixes(tiny):
+    m = _model(tiny)
+    rows = [m.format(CONVS[0][0], reply=CONVS[0][1])] * 2
+    s, _ = m.loss(rows, torch.randn(2, 8), reduction="none")
+    assert not torch.allclose(s[0], s[1])
+
+
+def test_prefix_equal_to_token_embedding_matches_token_id(tiny):
+    """A prefix vector equal to a real token's embedding must act exactly like that token given by id."""
+    p = Projector(new_config(tiny, embedding_dim=0, num_prefix_tokens=1, output_norm=False))
+    word = tiny.tokenizer.convert_tokens_to_ids("dogs")
+    with torch.no_grad():
+        p.shared.copy_(tiny.model.get_input_embeddings().weight[word].unsqueeze(0))
+    m = E2PModel(tiny, p, autocast=False)
+    row = m.format(CONVS[0][0], reply=CONVS[0][1])
+    with_prefix = m.loss([row], reduction="none")[0]
+    plain = E2PModel(tiny, None, config=p.config, autocast=False)
+    from e2p.model import Segments
+
+    as_token = plain.loss([Segments(pre=[], post=[word] + row.post, target=row.target)], reduction="none")[0]
+    assert torch.allclose(with_prefix, as_token, atol=1e-5)
+
+
+def test_loss_only_on_target_tokens(tiny):
+    m = _model(tiny)
+    row = m.format(CONVS[0][0], reply=CONVS[0][1])
+    _, counts = m.loss([row], torch.randn(1, 8), reduction="none")
+    assert counts[0] == len(row.target)
+    batch = m.build([row], torch.randn(1, 8))
+    assert int(batch["is_target"].sum()) == len(row.target)
+
+
+def test_after_system_puts_prefix_after_the_system_prompt(tiny):
+    m = _model(tiny, position="after_system")
+    row = m.format("hello")
+    system = tiny.tokenizer.apply_chat_template([{"role": "system", "content": m.config.system_prompt}], tokenize=False)
+    assert row.pre == tiny.tokenizer(system, add_special_tokens=False)["input_ids"]
+    assert row.post and row.pre
+
+
+def test_backbone_weights_unchanged_by_training(tiny):
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    assert not any(p.requires_grad for p in tiny.model.parameters()) and not tiny.model.training
+    m = _model(tiny)
+    m.projector.train()
+    opt = torch.optim.AdamW(m.projector.parameters(), lr=1e-2)
+    rows = [m.format(msgs, reply=r) for msgs, r in CONVS]
+    first = None
+    for _ in range(5):
+        loss = m.loss(rows, torch.randn(3, 8))
+        first = first if first is not None else float(loss)
+        opt.zero_grad(); loss.backward(); opt.step()
+    for k, v in tiny.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_generate_text_sampling_and_eos(tiny):
+    m = _model(tiny)
+    out = m.generate(["hello", "tell me about yourself"], torch.randn(2, 8), max_new_tokens=5, do_sample=True,
+                     temperature=0.8, top_p=0.9, seed=1)
+    again = m.generate(["hello", "tell me about yourself"], torch.randn(2, 8) * 0 + out.__len__(), max_new_tokens=5,
+                       do_sample=True, seed=1)
+    assert len(out) == 2 and all(isinstance(t, str) for t in out) and len(again) == 2
+    tokens = m.generate_tokens([m.format("hello")], torch.randn(1, 8), max_new_tokens=8)
+    assert len(tokens[0]) <= 8 and all(t not in m.eos_ids for t in tokens[0])
+
+
+def test_oversize_prompt_is_refused(tiny):
+    m = E2PModel(tiny, None, autocast=False, max_prompt_tokens=32)
+    with pytest.raises(PromptTooLongError, match="limit is 32"):
+        m.format("hello " * 50)
+    long_history = [{"role": "user", "content": "hello " * 10}, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "hi"}]
+    row = m.format(long_history)  # older turns are dropped to fit
+    assert len(row.post) <= 32
