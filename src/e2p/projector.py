@@ -15,7 +15,7 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 class Projector(nn.Module):
-    """prefix = shared + MLP(centered, normalized embedding), reshaped to (k, prefix_dim).
+    """prefix = shared + MLP(x) - MLP(0), x the centered, normalized embedding, reshaped to (k, prefix_dim).
 
     `shared` holds what every user has in common (the data set's style); the MLP's last layer
     starts at zero so a projector initialised from a trained shared prefix starts exactly there
@@ -77,7 +77,9 @@ class Projector(nn.Module):
             e = self.check_embeddings(embeddings).to(self.shared.device)
             e = e - self.embedding_mean
             e = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-            out = self.shared.unsqueeze(0) + self.mlp(e).view(-1, k, d)
+            # the person part is zero for the average person, so style stays in `shared` alone
+            person = self.mlp(torch.cat([e, torch.zeros_like(e[:1])])).view(-1, k, d)
+            out = self.shared.unsqueeze(0) + person[:-1] - person[-1:]
         if self.config.output_norm and self.config.injection == "input":
             out = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-6) * self.config.token_embedding_norm
         return out
