@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--projector", default=None, help="use this projector instead of the shipped one")
     d.add_argument("--limit", type=int, default=120, help="examples for the perplexity table")
     d.set_defaults(func=cmd_demo)
+    from .serve.cli import add_serve_commands
+    add_serve_commands(sub)
     return parser
 
 

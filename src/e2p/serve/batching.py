@@ -1,0 +1,288 @@
+"""Dynamic batching: one worker thread turns concurrent requests of different users into one generate call.
+
+Design
+------
+* Requests wait in a bounded queue (`max_queue`); a full queue is refused at once (HTTP 429) instead of
+  letting latency grow without bound.
+* The worker takes the oldest request, then waits up to `wait_ms` for more requests that are
+  *compatible* with it, up to `max_batch` rows, and runs them in ONE `E2PModel.generate_tokens` call
+  where every row carries its own user embedding (or None: the plain backbone).
+* Compatible means the same decoding settings, because `generate_tokens` takes one setting per batch:
+  - greedy rows (temperature 0) batch together, whatever their other settings;
+  - sampled rows batch together when temperature and top_p are equal;
+  - a sampled row with a `seed` always runs alone, so the same seed gives the same text whatever else
+    the server is doing (a shared generator would make it depend on the batch);
+  - in every case `max_tokens` is rounded up to a power of two (the "bucket") and only rows of the same
+    bucket batch together, so a 16-token request never waits for a 512-token one. The batch generates
+    the largest `max_tokens` of its rows and each row is cut to its own.
+  Incompatible requests keep their place in the queue and go in a later batch.
+* Streaming: the batch is generated in full, then the row's text is sent as server-sent events, one
+  event per token (pieces are computed here, from the decoded text, so they always add up to the
+  non-streamed text).
+* A request whose deadline passed while it waited, or whose client gave up, is dropped before it costs
+  compute.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..model import E2PModel, Segments
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """The request queue is full."""
+
+
+class ShuttingDownError(RuntimeError):
+    """The server is shutting down and takes no new work."""
+
+
+class RequestTimeoutError(TimeoutError):
+    """The request waited in the queue past its deadline."""
+
+
+def bucket(max_tokens: int) -> int:
+    """Round up to a power of two."""
+    b = 1
+    while b < max_tokens:
+        b *= 2
+    return b
+
+
+@dataclass
+class GenRequest:
+    segments: Segments
+    embedding: torch.Tensor | None
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stops: list[str] = field(default_factory=list)
+    deadline: float = float("inf")  # time.monotonic() value
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def do_sample(self) -> bool:
+        return self.temperature > 0
+
+    @property
+    def key(self) -> tuple:
+        if not self.do_sample:
+            return ("greedy", bucket(self.max_tokens))
+        if self.seed is not None:
+            return ("seeded", id(self))
+        return ("sample", self.temperature, self.top_p, bucket(self.max_tokens))
+
+
+@dataclass
+class GenResult:
+    text: str
+    pieces: list[str]  # stream deltas; "".join(pieces) == text
+    finish_reason: str  # "stop" | "length"
+    completion_tokens: int
+    prompt_tokens: int
+    batch_size: int
+    queue_seconds: float
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def stream_pieces(decode: Callable[[list[int]], str], tokens: list[int], final: str) -> list[str]:
+    """One delta per token whose decoded prefix adds text; the deltas add up to `final` exactly."""
+    pieces, sent = [], 0
+    for i in range(1, len(tokens) + 1):
+        partial = decode(tokens[:i]).lstrip()
+        n = 0
+        limit = min(len(partial), len(final))
+        while n < limit and partial[n] == final[n]:
+            n += 1
+        if n > sent:
+            pieces.append(final[sent:n])
+            sent = n
+        if sent >= len(final):
+            break
+    if sent < len(final):
+        pieces.append(final[sent:])
+    return pieces
+
+
+class Batcher:
+    """Background worker batching generation requests; see the module doc for the policy."""
+
+    def __init__(self, model: E2PModel, max_batch: int = 8, wait_ms: float = 10.0, max_queue: int = 64,
+                 tokenizer_lock: threading.Lock | None = None, metrics=None):
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError("max_batch and max_queue must be >= 1")
+        self.model = model
+        self.max_batch = max_batch
+        self.wait_s = wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.tokenizer_lock = tokenizer_lock or threading.Lock()
+        self.metrics = metrics
+        self._pending: deque[GenRequest] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._busy = False
+        self._thread: threading.Thread | None = None
+        self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent batch sizes, for tests and /healthz
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="e2p-batcher", daemon=True)
+            self._thread.start()
+
+    def stop(self, drain: bool = True, timeout: float | None = 60.0) -> None:
+        """Stop taking work; with `drain`, finish what is queued first, else fail it."""
+        with self._cond:
+            self._stopping = True
+            if not drain:
+                while self._pending:
+                    self._pending.popleft().future.set_exception(ShuttingDownError("the server is shutting down"))
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._set_depth()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    def depth(self) -> int:
+        return len(self._pending)
+
+    # --- submission ---------------------------------------------------------------------------
+    def submit(self, req: GenRequest) -> concurrent.futures.Future:
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDownError("the server is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFullError(f"{len(self._pending)} requests are already waiting")
+            self._pending.append(req)
+            self._cond.notify_all()
+        self._set_depth()
+        return req.future
+
+    def discard(self, req: GenRequest) -> None:
+        """Drop a request that is still queued (its client timed out or left), freeing its place."""
+        req.future.cancel()
+        with self._cond:
+            try:
+                self._pending.remove(req)
+            except ValueError:
+                return  # already taken by the worker, which skips cancelled requests
+        self._set_depth()
+
+    def _set_depth(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self._pending))
+
+    # --- worker -------------------------------------------------------------------------------
+    def _take(self) -> list[GenRequest] | None:
+        with self._cond:
+            while not self._pending and not self._stopping:
+                self._cond.wait()
+            if not self._pending:
+                return None
+            key = self._pending[0].key
+            until = time.monotonic() + self.wait_s
+            while not self._stopping:
+                if sum(1 for r in self._pending if r.key == key) >= self.max_batch:
+                    break
+                left = until - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            batch, rest = [], deque()
+            for r in self._pending:
+                (batch if r.key == key and len(batch) < self.max_batch else rest).append(r)
+            self._pending = rest
+            self._busy = True
+        self._set_depth()
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            try:
+                self._process(batch)
+            except Exception:  # never let the worker die; every future gets an answer
+                log.exception("batch of %d failed", len(batch))
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(RuntimeError("generation failed; see the server log"))
+            finally:
+                self._busy = False
+
+    def _process(self, batch: list[GenRequest]) -> None:
+        now = time.monotonic()
+        live = []
+        for r in batch:
+            if not r.future.set_running_or_notify_cancel():
+                continue  # the client gave up
+            if now > r.deadline:
+                r.future.set_exception(RequestTimeoutError("the request waited in the queue past its timeout"))
+                continue
+            live.append(r)
+        if not live:
+            return
+        first = live[0]
+        max_new = max(r.max_tokens for r in live)
+        embeddings = [r.embedding for r in live]
+        started = time.monotonic()
+        tokens = self.model.generate_tokens([r.segments for r in live], embeddings, max_new_tokens=max_new,
+                                            do_sample=first.do_sample, temperature=first.temperature or 1.0,
+                                            top_p=first.top_p, seed=first.seed)
+        elapsed = time.monotonic() - started
+        self.batch_sizes.append(len(live))
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(live))
+            self.metrics.batch_seconds.observe(elapsed)
+            self.metrics.generated_tokens.inc(sum(min(len(t), r.max_tokens) for t, r in zip(tokens, live)))
+        log.debug("batch of %d rows, %d new tokens max, %.3fs", len(live), max_new, elapsed)
+        for r, toks in zip(live, tokens):
+            try:
+                r.future.set_result(self._finish(r, toks, len(live), started))
+            except Exception as exc:  # a decoding problem of one row must not fail the others
+                log.exception("post-processing a row failed")
+                r.future.set_exception(exc)
+
+    def _finish(self, r: GenRequest, toks: list[int], batch_size: int, started: float) -> GenResult:
+        finish = "length" if len(toks) >= r.max_tokens else "stop"
+        toks = toks[: r.max_tokens]
+        tok = self.model.tokenizer
+
+        def decode(ids: list[int]) -> str:
+            return tok.decode(ids, skip_special_tokens=True)
+
+        with self.tokenizer_lock:
+            text = decode(toks).strip()
+            text, stopped = _cut_at_stop(text, r.stops)
+            if stopped:
+                finish = "stop"
+            pieces = stream_pieces(decode, toks, text)
+        return GenResult(text=text, pieces=pieces, finish_reason=finish, completion_tokens=len(toks),
+                         prompt_tokens=len(r.segments.pre) + len(r.segments.post), batch_size=batch_size,
+                         queue_seconds=started - r.enqueued_at)

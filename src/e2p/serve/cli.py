@@ -1,0 +1,119 @@
+"""`e2p serve` and `e2p users ...` subcommands (registered by e2p.cli.build_parser via add_serve_commands)."""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import sys
+
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from ..store import EmbeddingStore
+    from .app import ServeConfig, create_app, load_model
+    from .logs import configure_json_logging
+
+    configure_json_logging(logging.DEBUG if args.verbose else logging.INFO)
+    api_keys = [k for k in (args.api_key or os.environ.get("E2P_API_KEY") or "").split(",") if k]
+    admin_key = args.admin_key or os.environ.get("E2P_ADMIN_KEY") or None
+    if not api_keys and not admin_key and not _is_loopback(args.host) and not args.no_auth:
+        raise ConfigError(f"refusing to serve on {args.host} without keys: set E2P_API_KEY / E2P_ADMIN_KEY "
+                          "(or --api-key / --admin-key), or pass --no-auth if the network is trusted")
+    if admin_key and admin_key in api_keys:
+        raise ConfigError("the admin key must differ from the API keys")
+    if not api_keys and not admin_key:
+        log.warning("no API keys: the server is open to anyone who can reach it")
+    model = load_model(args.projector, args.backbone, max_prompt_tokens=args.max_prompt_tokens)
+    name = args.model_name or (f"e2p-{os.path.basename(os.path.normpath(args.projector))}" if args.projector else "e2p")
+    store = EmbeddingStore(args.store)
+    config = ServeConfig(model_name=name, api_keys=api_keys, admin_key=admin_key, max_body_bytes=args.max_body_bytes,
+                         max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
+                         max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+                         request_timeout_s=args.request_timeout, allow_unknown_users=args.allow_unknown_users)
+    app = create_app(model, store, config)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
+                                           timeout_graceful_shutdown=args.graceful_timeout,
+                                           limit_concurrency=args.max_connections))
+    server.run()
+
+
+def cmd_users_import(args) -> None:
+    from ..store import EmbeddingStore, import_embeddings
+
+    dim = args.dim
+    if args.projector:
+        from ..config import E2PConfig
+
+        dim = E2PConfig.load(args.projector).embedding_dim or None
+    store = EmbeddingStore(args.store, dim=dim)
+    n = import_embeddings(args.file, store, ids_file=args.ids)
+    print(f"imported {n} embeddings into {args.store} ({len(store)} users, dimension {store.dim})")
+
+
+def cmd_users_list(args) -> None:
+    from ..store import EmbeddingStore
+
+    store = EmbeddingStore(args.store)
+    print(f"{len(store)} users, dimension {store.dim}")
+    for user in store.users(limit=args.limit):
+        rec = store.get(user)
+        if rec is not None:
+            print(f"{user}\tversion {rec.version}\tdim {rec.dim}")
+
+
+def add_serve_commands(sub) -> None:
+    """Add `serve` and `users` to the `e2p` subcommand parser."""
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a live user-embedding store")
+    s.add_argument("--projector", default=None, help="projector dir (omit: the plain backbone, no personalization)")
+    s.add_argument("--backbone", default=None, help="model dir or .gguf (default: bundled SmolLM2-135M-Instruct)")
+    s.add_argument("--store", required=True, help="SQLite embedding store (created if missing)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="inference key(s), comma separated (prefer env E2P_API_KEY)")
+    s.add_argument("--admin-key", default=None, help="key for embedding writes (prefer env E2P_ADMIN_KEY)")
+    s.add_argument("--no-auth", action="store_true", help="allow serving without keys on a non-loopback host")
+    s.add_argument("--model-name", default=None, help="model id clients send (default: e2p-<projector dir name>)")
+    s.add_argument("--max-batch-size", type=int, default=8)
+    s.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long the batcher waits for more requests")
+    s.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 429")
+    s.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for")
+    s.add_argument("--default-max-tokens", type=int, default=128)
+    s.add_argument("--max-prompt-tokens", type=int, default=1024)
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    s.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a request is answered 504")
+    s.add_argument("--graceful-timeout", type=float, default=60.0, help="seconds to finish in-flight requests on shutdown")
+    s.add_argument("--max-connections", type=int, default=None, help="uvicorn limit_concurrency (503 above it)")
+    s.add_argument("--allow-unknown-users", action="store_true", help="unknown `user`: answer unpersonalized, not 404")
+    s.set_defaults(func=cmd_serve)
+
+    u = sub.add_parser("users", help="manage the embedding store")
+    usub = u.add_subparsers(dest="users_command", required=True)
+    i = usub.add_parser("import", help="import embeddings from .parquet / .csv / .jsonl / .npz / .npy")
+    i.add_argument("file")
+    i.add_argument("--store", required=True)
+    i.add_argument("--projector", default=None, help="check the dimension against this projector's embedding_dim")
+    i.add_argument("--dim", type=int, default=None, help="expected embedding dimension")
+    i.add_argument("--ids", default=None, help="for a plain [N, E] .npy: a text file with one user id per line")
+    i.set_defaults(func=cmd_users_import)
+    ls = usub.add_parser("list", help="list stored users")
+    ls.add_argument("--store", required=True)
+    ls.add_argument("--limit", type=int, default=50)
+    ls.set_defaults(func=cmd_users_list)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use `e2p serve` / `e2p users`")

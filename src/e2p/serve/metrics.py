@@ -1,0 +1,28 @@
+"""Prometheus metrics, in a registry of their own (several apps can live in one process, e.g. in tests)."""
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("e2p_requests", "HTTP requests by route, method and status",
+                                ["route", "method", "status"], registry=r)
+        self.latency = Histogram("e2p_request_latency_seconds", "HTTP request latency by route", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("e2p_batch_size", "rows per generate call", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_seconds = Histogram("e2p_batch_seconds", "time of one batched generate call",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("e2p_queue_depth", "requests waiting for the batcher", registry=r)
+        self.generated_tokens = Counter("e2p_generated_tokens", "completion tokens returned", registry=r)
+        self.rejected = Counter("e2p_rejected", "requests refused before generation, by reason", ["reason"], registry=r)
+        self.personalized = Counter("e2p_generations", "generation requests by embedding source", ["source"], registry=r)
+        self.store_writes = Counter("e2p_store_writes", "embedding store writes by operation", ["op"], registry=r)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,346 @@
+"""`e2p serve` end to end: a tiny backbone in-process, uvicorn on a loopback port, the real `openai` client."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from conftest import make_backbone
+from e2p import Projector
+from e2p.model import E2PModel, new_config
+from e2p.serve import ServeConfig, create_app
+from e2p.store import EmbeddingStore
+
+API, ADMIN, MODEL = "test-key", "admin-key", "tiny-e2p"
+PROMPT = "hi how are you ?"
+
+
+def tiny_model() -> E2PModel:
+    """The conftest backbone with livelier random layers, so different users really get different greedy text."""
+    backbone = make_backbone()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in backbone.model.model.layers.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    projector = Projector(new_config(backbone, embedding_dim=8, num_prefix_tokens=2))
+    torch.nn.init.normal_(projector.mlp[-1].weight, std=0.5)
+    projector.eval()
+    return E2PModel(backbone, projector, autocast=False, max_prompt_tokens=48)
+
+
+class Server:
+    """uvicorn in a background thread on a free loopback port."""
+
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
+                                                    timeout_graceful_shutdown=30))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def vec(seed: int) -> list[float]:
+    return torch.randn(8, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    model = tiny_model()
+    store = EmbeddingStore(tmp_path_factory.mktemp("store") / "users.db")
+    config = ServeConfig(model_name=MODEL, api_keys=[API], admin_key=ADMIN, max_tokens_limit=32, default_max_tokens=8,
+                         max_body_bytes=64 * 1024, batch_wait_ms=50, max_batch_size=8)
+    app = create_app(model, store, config)
+    server = Server(app)
+    yield server, model, app
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served[0].url + "/v1", api_key=API, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def http(served):
+    with httpx.Client(base_url=served[0].url, headers={"authorization": f"Bearer {API}"}, timeout=30) as c:
+        yield c
+
+
+def admin_put(http, user, vector):
+    r = http.put(f"/v1/users/{user}/embedding", json={"embedding": vector}, headers={"authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def expected(model, prompt, vector, n=8):
+    emb = [torch.tensor(vector)] if vector is not None else [None]
+    return model.generate([prompt], emb, max_new_tokens=n)[0]
+
+
+def chat(client, user=None, extra_body=None, **kw):
+    kw = {"temperature": 0, "max_tokens": 8, **kw, **({"user": user} if user else {})}
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPT}],
+                                          extra_body=extra_body, **kw)
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None, param: str | None = None):
+    assert response.status_code == status, response.text
+    err = response.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if code is not None:
+        assert err["code"] == code
+    if param is not None:
+        assert err["param"] == param
+
+
+# --- OpenAI surface ------------------------------------------------------------------------------
+def test_models_health_and_metrics(served, client, http):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    health = httpx.get(served[0].url + "/healthz")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    chat(client)
+    metrics = httpx.get(served[0].url + "/metrics").text
+    for name in ("e2p_requests_total", "e2p_request_latency_seconds_bucket", "e2p_batch_size_bucket", "e2p_queue_depth"):
+        assert name in metrics
+    assert 'route="/v1/chat/completions"' in metrics
+
+
+def test_chat_and_completion_with_stored_user(served, client, http):
+    _, model, _ = served
+    admin_put(http, "alice", vec(1))
+    out = chat(client, user="alice")
+    assert out.choices[0].message.content == expected(model, PROMPT, vec(1))
+    assert out.choices[0].finish_reason in ("stop", "length") and out.usage.completion_tokens <= 8
+    plain = chat(client)
+    assert plain.choices[0].message.content == expected(model, PROMPT, None)
+    assert plain.choices[0].message.content != out.choices[0].message.content
+    comp = client.completions.create(model=MODEL, prompt="i like", max_tokens=6, temperature=0, user="alice")
+    from e2p.model import Segments
+
+    ids = model.tokenizer("i like", add_special_tokens=False)["input_ids"]
+    toks = model.generate_tokens([Segments([], ids)], [torch.tensor(vec(1))], max_new_tokens=6)[0]
+    assert comp.choices[0].text == model.tokenizer.decode(toks, skip_special_tokens=True).strip()
+    sampled = client.completions.create(model=MODEL, prompt="i like", max_tokens=6, temperature=0.8, top_p=0.9, seed=7)
+    again = client.completions.create(model=MODEL, prompt="i like", max_tokens=6, temperature=0.8, top_p=0.9, seed=7)
+    assert sampled.choices[0].text == again.choices[0].text  # a seeded request runs alone: reproducible
+
+
+def test_streaming_matches_non_streaming(served, client, http):
+    admin_put(http, "sam", vec(2))
+    whole = chat(client, user="sam").choices[0].message.content
+    parts, finish = [], None
+    for chunk in chat(client, user="sam", stream=True):
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    assert "".join(parts) == whole and finish in ("stop", "length") and len(parts) > 2
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="i like", max_tokens=6, temperature=0, user="sam", stream=True) if c.choices)
+    assert text == client.completions.create(model=MODEL, prompt="i like", max_tokens=6, temperature=0, user="sam").choices[0].text
+    raw = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                                  "stream": True, "max_tokens": 3, "stream_options": {"include_usage": True}})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in raw.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["usage"]["completion_tokens"] <= 3
+
+
+def test_live_update_and_inline_embedding(served, client, http):
+    _, model, _ = served
+    first = admin_put(http, "bob", vec(3))
+    r1 = client.chat.completions.with_raw_response.create(model=MODEL, messages=[{"role": "user", "content": PROMPT}],
+                                                          user="bob", temperature=0, max_tokens=8)
+    before = r1.parse().choices[0].message.content
+    second = admin_put(http, "bob", vec(4))
+    assert (first["version"], second["version"]) == (1, 2)
+    r2 = client.chat.completions.with_raw_response.create(model=MODEL, messages=[{"role": "user", "content": PROMPT}],
+                                                          user="bob", temperature=0, max_tokens=8)
+    after = r2.parse().choices[0].message.content
+    assert (r1.headers["x-e2p-embedding-version"], r2.headers["x-e2p-embedding-version"]) == ("1", "2")
+    assert before == expected(model, PROMPT, vec(3)) and after == expected(model, PROMPT, vec(4)) and before != after
+    inline = chat(client, extra_body={"e2p": {"embedding": vec(4)}})
+    assert inline.choices[0].message.content == after
+    meta = http.get("/v1/users/bob/embedding").json()
+    assert meta["version"] == 2 and meta["dim"] == 8 and "embedding" not in meta  # the vector only for the admin
+    full = http.get("/v1/users/bob/embedding", headers={"authorization": f"Bearer {ADMIN}"}).json()
+    assert full["embedding"] == pytest.approx(vec(4))
+    assert http.delete("/v1/users/bob/embedding", headers={"authorization": f"Bearer {ADMIN}"}).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        chat(client, user="bob")
+
+
+def test_concurrent_users_match_each_alone(served, client, http):
+    _, model, app = served
+    users = [f"c{i}" for i in range(5)]
+    for i, u in enumerate(users):
+        admin_put(http, u, vec(10 + i))
+    kinds = [dict(user=u) for u in users] + [dict(), dict(extra_body={"e2p": {"embedding": vec(99)}})]
+    alone = [chat(client, **k).choices[0].message.content for k in kinds]
+    app.state.batcher.batch_sizes.clear()
+    results = [None] * len(kinds)
+    barrier = threading.Barrier(len(kinds))
+
+    def run(i):
+        barrier.wait()
+        results[i] = chat(client, **kinds[i]).choices[0].message.content
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(kinds))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == alone
+    assert max(app.state.batcher.batch_sizes) > 1  # they really were generated together
+    assert len(set(alone)) > 3  # and the users really differ
+    assert alone[5] == expected(model, PROMPT, None) and alone[0] == expected(model, PROMPT, vec(10))
+
+
+# --- bad input ------------------------------------------------------------------------------------
+def test_every_bad_input_gets_an_openai_error(served, client, http):
+    url = "/v1/chat/completions"
+    msg = [{"role": "user", "content": "hi"}]
+    assert_error(http.post(url, json={"model": MODEL, "messages": msg, "user": "nobody"}), 404, "user_not_found", "user")
+    assert_error(http.post(url, json={"model": MODEL, "messages": msg, "e2p": {"embedding": [1.0, 2.0]}}), 400,
+                 "invalid_embedding", "e2p.embedding")
+    nan = '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "e2p": {"embedding": [NaN, 1, 1, 1, 1, 1, 1, 1]}}' % MODEL
+    assert_error(http.post(url, content=nan, headers={"content-type": "application/json"}), 400, "invalid_embedding")
+    assert_error(http.post(url, content=b'{"model": "x", "messages": [', headers={"content-type": "application/json"}),
+                 400, "invalid_json")
+    assert_error(http.post(url, json={"model": MODEL, "messages": [{"role": "user", "content": "hello " * 60}]}), 400,
+                 "context_length_exceeded")
+    assert_error(http.post("/v1/completions", json={"model": MODEL, "prompt": "hi " * 60}), 400, "context_length_exceeded")
+    assert_error(http.post(url, json={"model": MODEL, "messages": msg, "max_tokens": 1000}), 400, "invalid_value", "max_tokens")
+    assert_error(http.post(url, json={"model": MODEL, "messages": msg, "temperature": 5}), 400, "invalid_value", "temperature")
+    assert_error(http.post(url, json={"model": MODEL}), 400, "missing_required_parameter", "messages")
+    assert_error(http.post(url, json={"model": "gpt-9", "messages": msg}), 404, "model_not_found", "model")
+    assert_error(http.post(url, json={"model": MODEL, "messages": msg, "n": 2}), 400, param="n")
+    assert_error(http.post(url, content=b"x" * (70 * 1024), headers={"content-type": "application/json"}), 413,
+                 "request_too_large")
+    assert_error(http.get("/v1/nothing"), 404)
+    with pytest.raises(openai.NotFoundError) as exc:
+        chat(client, user="nobody")
+    assert exc.value.status_code == 404 and exc.value.code == "user_not_found"
+    with pytest.raises(openai.BadRequestError) as exc:
+        chat(client, extra_body={"e2p": {"embedding": [1.0]}})
+    assert exc.value.code == "invalid_embedding"
+    # writes are checked too
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    assert_error(http.put("/v1/users/x/embedding", json={"embedding": [1.0, 2.0]}, headers=admin), 400, "invalid_embedding")
+    assert_error(http.put("/v1/users/x/embedding", content='{"embedding": [NaN, 0, 0, 0, 0, 0, 0, 0]}',
+                          headers={**admin, "content-type": "application/json"}), 400, "invalid_embedding")
+    assert_error(http.get("/v1/users/x/embedding"), 404, "user_not_found")
+    # and the server keeps serving
+    assert chat(client).choices[0].message.content
+    assert httpx.get(served[0].url + "/healthz").status_code == 200
+
+
+def test_auth(served, http):
+    url = served[0].url
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert_error(httpx.post(url + "/v1/chat/completions", json=body), 401, "invalid_api_key")
+    assert_error(httpx.post(url + "/v1/chat/completions", json=body, headers={"authorization": "Bearer wrong"}), 401,
+                 "invalid_api_key")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+    # the inference key cannot write; the admin key can also do inference
+    assert_error(http.put("/v1/users/eve/embedding", json={"embedding": vec(5)}), 403, "permission_denied")
+    assert_error(http.delete("/v1/users/eve/embedding"), 403, "permission_denied")
+    assert httpx.post(url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {ADMIN}"}).status_code == 200
+
+
+# --- load shedding, timeouts, shutdown ----------------------------------------------------------------
+def test_queue_full_timeout_and_graceful_shutdown(tmp_path):
+    model = tiny_model()
+    gate, entered = threading.Event(), threading.Event()
+    real = model.generate_tokens
+
+    def gated(*args, **kwargs):
+        entered.set()
+        assert gate.wait(30)
+        return real(*args, **kwargs)
+
+    model.generate_tokens = gated
+    config = ServeConfig(model_name=MODEL, max_queue=2, max_batch_size=1, batch_wait_ms=1, request_timeout_s=1.0)
+    app = create_app(model, EmbeddingStore(tmp_path / "s.db"), config)
+    server = Server(app)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            responses = {}
+
+            def post(name):
+                responses[name] = c.post("/v1/chat/completions", json=body)
+
+            first = threading.Thread(target=post, args=("first",))
+            first.start()
+            assert entered.wait(10)  # the worker holds the first request
+            queued = [threading.Thread(target=post, args=(f"q{i}",)) for i in range(2)]
+            for t in queued:
+                t.start()
+            deadline = time.time() + 10
+            while app.state.batcher.depth() < 2:
+                assert time.time() < deadline
+                time.sleep(0.01)
+            assert_error(c.post("/v1/chat/completions", json=body), 429, "queue_full")
+            with pytest.raises(openai.RateLimitError):
+                openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "hi"}])
+            for t in queued:  # they time out while the worker is stuck
+                t.join(10)
+            for i in range(2):
+                assert_error(responses[f"q{i}"], 504, "timeout")
+            assert "e2p_queue_depth 0.0" in httpx.get(server.url + "/metrics").text
+            gate.set()
+            first.join(10)
+            assert_error(responses["first"], 504, "timeout")  # its own 1 s timeout passed while it was held
+            assert c.post("/v1/chat/completions", json=body).status_code == 200  # and the server keeps serving
+    finally:
+        gate.set()
+        server.stop()
+    assert not server.thread.is_alive()
+
+
+def test_graceful_shutdown_finishes_in_flight(tmp_path):
+    model = tiny_model()
+    gate, entered = threading.Event(), threading.Event()
+    real = model.generate_tokens
+
+    def gated(*args, **kwargs):
+        entered.set()
+        assert gate.wait(30)
+        return real(*args, **kwargs)
+
+    model.generate_tokens = gated
+    app = create_app(model, EmbeddingStore(tmp_path / "s.db"), ServeConfig(model_name=MODEL))
+    server = Server(app)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("r", httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)))
+    t.start()
+    assert entered.wait(10)
+    server.server.should_exit = True  # what SIGTERM does
+    time.sleep(0.3)
+    assert server.thread.is_alive()  # still finishing the request in flight
+    gate.set()
+    t.join(10)
+    server.thread.join(10)
+    assert result["r"].status_code == 200 and result["r"].json()["choices"][0]["message"]["content"] is not None
+    assert not server.thread.is_alive() and not app.state.batcher.alive
