@@ -91,6 +91,8 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
 
     out_dir = Path(out_dir)
     ckpt = out_dir / "checkpoint"
+    rank, world = _rank_world()
+    progress = progress and rank == 0
     projector: Projector = model.projector
     if cfg.freeze_shared:
         projector.shared.requires_grad_(False)
@@ -111,7 +113,7 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
     bar = tqdm(total=cfg.steps, initial=state["step"], desc=name, disable=not progress, dynamic_ncols=True)
 
     def validate(step: int) -> None:
-        if not val_items:
+        if not val_items or rank != 0:  # only rank 0 validates and writes
             return
         val = evaluate_loss(model, val_items, table, cfg.batch_size)
         shuf = evaluate_loss(model, val_items, table, cfg.batch_size, shuffle_people=True) if table is not None else val
@@ -121,7 +123,8 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
         bar.write(f"[{name}] step {step}: val loss {val:.4f}" + (f", shuffled {shuf:.4f}" if table is not None else ""))
         if state["best_val"] is None or val < state["best_val"]:
             state["best_val"] = val
-            projector.save_pretrained(out_dir)
+            if rank == 0:
+                projector.save_pretrained(out_dir)
 
     while state["step"] < cfg.steps:
         if cfg.minutes is not None and time.time() - start > cfg.minutes * 60:
@@ -135,20 +138,27 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
         torch.manual_seed(cfg.seed * 100003 + step)
         for g in optimizer.param_groups:
             g["lr"] = cfg.lr * schedule(step)
-        rows = [it.row for it in batch]
         emb = _batch_embeddings(batch, table)
+        other = None
         if cfg.contrastive_weight > 0 and emb is not None:
-            own_s, own_c = model.loss(rows, emb, reduction="none")
             people = torch.tensor([it.person for it in batch])
             other = emb[_shuffled_people(people, torch.Generator().manual_seed(step))]
-            shuf_s, _ = model.loss(rows, other, reduction="none")
-            own = own_s / own_c
-            gap = shuf_s / own_c - own
-            loss = own_s.sum() / own_c.sum() + cfg.contrastive_weight * torch.relu(cfg.margin - gap).mean()
-        else:
-            loss = model.loss(rows, emb)
+        mine = slice(rank, None, world)  # data parallel: this process's rows of the global batch
+        rows = [it.row for it in batch][mine]
+        emb = emb[mine] if emb is not None else None
+        own_s, own_c = model.loss(rows, emb, reduction="none")
+        total_tokens = _all_sum(own_c.sum().float(), world)
+        loss = own_s.sum() / total_tokens
+        if other is not None:
+            shuf_s, _ = model.loss(rows, other[mine], reduction="none")
+            gap = (shuf_s - own_s) / own_c
+            loss = loss + cfg.contrastive_weight * torch.relu(cfg.margin - gap).sum() / cfg.batch_size
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            for p in params:
+                torch.distributed.all_reduce(p.grad)
+            loss = _all_sum(loss.detach(), world)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         state["step"] = step + 1
@@ -161,16 +171,40 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             validate(step + 1)
             state["elapsed_s"] = time.time() - start
-            _save_checkpoint(projector, optimizer, state, ckpt)
+            if rank == 0:
+                _save_checkpoint(projector, optimizer, state, ckpt)
     bar.close()
     if not hist["val_step"] or hist["val_step"][-1] != state["step"]:
         validate(state["step"])
-    if not val_items:
-        projector.save_pretrained(out_dir)
     state["elapsed_s"] = time.time() - start
-    _save_checkpoint(projector, optimizer, state, ckpt)
-    save_curves(hist, out_dir, name, asdict(cfg))
+    if rank == 0:
+        if not val_items:
+            projector.save_pretrained(out_dir)
+        _save_checkpoint(projector, optimizer, state, ckpt)
+        save_curves(hist, out_dir, name, asdict(cfg))
+    _barrier(world)
     return state
+
+
+def _rank_world() -> tuple[int, int]:
+    """(rank, world size) under torchrun / accelerate launch, (0, 1) otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_sum(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
 
 
 def _save_checkpoint(projector: Projector, optimizer, state: dict, ckpt: Path) -> None:
