@@ -37,8 +37,10 @@ def _scaled_recipe(args):
 
 def cmd_train(args) -> None:
     from .data.persona import LoadReport, load_persona
+    from .distributed import init_distributed
     from .recipe import run_recipe
 
+    init_distributed()  # torchrun / accelerate launch: one process per worker, batches split across them
     report = LoadReport()
     path = Path(args.data)
     examples = load_persona(path, "train" if path.is_dir() else "all", report)
@@ -58,6 +60,9 @@ def cmd_eval(args) -> None:
     path = Path(args.data)
     examples = load_persona(path, "test" if path.is_dir() else "all", report)
     print(f"data: {report}")
+    if args.people_half is not None:  # two disjoint sets of people from one file, by person-id parity
+        examples = [e for e in examples if int(e.person_id, 16) % 2 == args.people_half]
+        print(f"people half {args.people_half}: {len(examples)} examples of {len({e.person_id for e in examples})} people")
     backbone, encoder = _load(args.backbone, args.encoder)
     results = evaluate_persona(backbone, encoder, examples, args.projector, args.out, limit=args.limit,
                                batch_size=args.batch_size, seed=args.seed)
@@ -149,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--encoder", default=None)
+    e.add_argument("--people-half", type=int, choices=[0, 1], default=None,
+                   help="evaluate only one of two disjoint halves of the people (by id parity)")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="reply to a message as one or more users")
