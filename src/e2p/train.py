@@ -127,7 +127,7 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
                 projector.save_pretrained(out_dir)
 
     while state["step"] < cfg.steps:
-        if cfg.minutes is not None and time.time() - start > cfg.minutes * 60:
+        if cfg.minutes is not None and _rank0_says(time.time() - start > cfg.minutes * 60, world):
             bar.write(f"[{name}] time budget of {cfg.minutes} min reached at step {state['step']}")
             break
         step = state["step"]
@@ -183,6 +183,10 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
         _save_checkpoint(projector, optimizer, state, ckpt)
         save_curves(hist, out_dir, name, asdict(cfg))
     _barrier(world)
+    if world > 1:  # only rank 0 validated: give every rank its best_val, so all return the same state
+        best = torch.tensor(float("nan") if state["best_val"] is None else state["best_val"], dtype=torch.float64)
+        torch.distributed.broadcast(best, 0)
+        state["best_val"] = None if math.isnan(float(best)) else float(best)
     return state
 
 
@@ -200,6 +204,15 @@ def _all_sum(x: torch.Tensor, world: int) -> torch.Tensor:
         x = x.clone()
         torch.distributed.all_reduce(x)
     return x
+
+
+def _rank0_says(flag: bool, world: int) -> bool:
+    """Rank 0's decision for every rank: ranks stopping at different steps would hang in all_reduce."""
+    if world <= 1:
+        return flag
+    x = torch.tensor(1.0 if flag else 0.0)
+    torch.distributed.broadcast(x, 0)
+    return bool(x.item())
 
 
 def _barrier(world: int) -> None:

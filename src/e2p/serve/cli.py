@@ -60,7 +60,8 @@ def cmd_users_import(args) -> None:
 
         dim = E2PConfig.load(args.projector).embedding_dim or None
     store = EmbeddingStore(args.store, dim=dim)
-    n = import_embeddings(args.file, store, ids_file=args.ids)
+    n = import_embeddings(args.file, store, ids_file=args.ids, chunk_rows=args.chunk_rows,
+                          user_column=args.user_column, embedding_column=args.embedding_column)
     print(f"imported {n} embeddings into {args.store} ({len(store)} users, dimension {store.dim})")
 
 
@@ -108,6 +109,9 @@ def add_serve_commands(sub) -> None:
     i.add_argument("--projector", default=None, help="check the dimension against this projector's embedding_dim")
     i.add_argument("--dim", type=int, default=None, help="expected embedding dimension")
     i.add_argument("--ids", default=None, help="for a plain [N, E] .npy: a text file with one user id per line")
+    i.add_argument("--user-column", default="user", help="Parquet / CSV / JSONL user id column (default: user)")
+    i.add_argument("--embedding-column", default="embedding", help="Parquet / CSV / JSONL vector column (default: embedding)")
+    i.add_argument("--chunk-rows", type=int, default=10_000, help="rows read and checked at a time (memory bound)")
     i.set_defaults(func=cmd_users_import)
     ls = usub.add_parser("list", help="list stored users")
     ls.add_argument("--store", required=True)
