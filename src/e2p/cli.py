@@ -56,6 +56,10 @@ def cmd_eval(args) -> None:
     from .data.persona import LoadReport, load_persona
     from .evaluate import evaluate_persona
 
+    if args.suite == "paper":
+        return cmd_eval_paper(args)
+    if args.projector is None:
+        raise E2PError("--projector is required for --suite persona")
     report = LoadReport()
     path = Path(args.data)
     examples = load_persona(path, "test" if path.is_dir() else "all", report)
@@ -66,6 +70,15 @@ def cmd_eval(args) -> None:
     backbone, encoder = _load(args.backbone, args.encoder)
     results = evaluate_persona(backbone, encoder, examples, args.projector, args.out, limit=args.limit,
                                batch_size=args.batch_size, seed=args.seed)
+    print((Path(args.out) / "REPORT.md").read_text())
+
+
+def cmd_eval_paper(args) -> None:
+    from .suite import SuiteConfig, run_suite
+
+    backbone, encoder = _load(args.backbone, args.encoder)
+    cfg = SuiteConfig.preset(quick=args.quick, seed=args.seed)
+    run_suite(backbone, encoder, args.data, args.out, cfg, projector=args.projector)
     print((Path(args.out) / "REPORT.md").read_text())
 
 
@@ -149,8 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="score every condition by reply perplexity on unseen people")
     common(e)
     e.add_argument("--data", required=True, help="persona file or folder (a folder means its test split)")
-    e.add_argument("--projector", required=True)
+    e.add_argument("--projector", default=None, help="trained projector (required for --suite persona; "
+                   "for --suite paper it replaces the persona projector the suite would train)")
     e.add_argument("--out", required=True)
+    e.add_argument("--suite", choices=["persona", "paper"], default="persona",
+                   help="persona: the persona conditions table; paper: the whole study (PENS and/or persona, "
+                        "fine-tuning references, drift, k curve) on the data folder")
+    e.add_argument("--quick", action="store_true", help="--suite paper with small budgets (< 10 min on 2 CPU cores)")
     e.add_argument("--limit", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--encoder", default=None)

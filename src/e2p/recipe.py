@@ -193,3 +193,70 @@ def _reconstruction_items(backbone, projector, examples, encoder, cfg: RecipeCon
     model = E2PModel(backbone, projector)
     items = [Item(model.format(RECONSTRUCT_PROMPT, reply=t, max_target_tokens=96), i) for i, t in enumerate(texts)]
     return items, table
+
+
+def train_prefix_stages(backbone, items, table: torch.Tensor | None, out_dir: str | Path, cfg: RecipeConfig,
+                        val_items=(), encoder_name: str = "", system_prompt: str | None = None,
+                        shared_dir: str | Path | None = None, progress: bool = True,
+                        minutes: float | None = None) -> dict:
+    """The shared_prefix -> e2p stages of :func:`run_recipe` for any task given as items.
+
+    `items` / `val_items`: ``(prompt, reply, person_index)`` tuples (prompt a string or chat messages;
+    person_index a row of `table`, -1 for none). `table`: ``[people, E]`` user embeddings (None: train the
+    shared prefix only). The shared prefix goes to ``out_dir/shared_prefix`` (or is loaded from `shared_dir`,
+    skipping that stage), the e2p projector to `out_dir`. Embeddings are centred on the mean of the people in
+    `items`. Returns a report with each stage's steps, best validation loss, seconds and parameters.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "recipe.json").write_text(json.dumps(asdict(cfg), indent=2))
+    train_shared = shared_dir is None or not (Path(shared_dir) / "config.json").is_file()
+    total_steps = (cfg.shared_steps if train_shared else 0) + (cfg.e2p_steps if table is not None else 0)
+    report: dict = {"train_items": len(items), "train_people": len({p for _, _, p in items if p >= 0}), "stages": {},
+                    "shared_dir": None, "e2p_dir": None}
+    t0 = time.time()
+
+    def rows(model: E2PModel, tuples) -> list[Item]:
+        return [Item(model.format(prompt, reply=reply, max_target_tokens=cfg.max_target_tokens), person)
+                for prompt, reply, person in tuples]
+
+    def stage(name: str, projector: Projector, folder: Path, steps: int, lr: float, tbl, freeze_shared=False,
+              contrastive=0.0) -> Projector:
+        model = E2PModel(backbone, projector)
+        tc = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=lr, eval_every=cfg.eval_every, seed=cfg.seed,
+                         contrastive_weight=contrastive, margin=cfg.margin, freeze_shared=freeze_shared,
+                         minutes=None if minutes is None else minutes * steps / max(total_steps, 1))
+        s = time.time()
+        state = train_projector(model, rows(model, items), tbl, folder, tc, val_items=rows(model, val_items),
+                                progress=progress, name=name)
+        report["stages"][name] = {"steps": state["step"], "best_val": state["best_val"], "seconds": time.time() - s,
+                                  "parameters": projector.num_parameters()}
+        return Projector.from_pretrained(folder)
+
+    overrides = {} if system_prompt is None else {"system_prompt": system_prompt}
+    base = dict(injection=cfg.injection, num_prefix_tokens=cfg.num_prefix_tokens, prefix_position=cfg.prefix_position,
+                hidden_dims=cfg.hidden_dims, dropout=cfg.dropout, encoder_name=encoder_name, **overrides)
+    if train_shared:
+        shared = Projector(new_config(backbone, embedding_dim=0, **base))
+        _init_shared(backbone, shared)
+        folder = out_dir / "shared_prefix"
+        if cfg.shared_steps > 0:
+            shared = stage("shared_prefix", shared, folder, cfg.shared_steps, cfg.shared_lr, None)
+        else:
+            shared.save_pretrained(folder)
+        report["shared_dir"] = str(folder)
+    else:
+        shared = Projector.from_pretrained(shared_dir, backbone)
+        report["shared_dir"] = str(shared_dir)
+    if table is not None and cfg.e2p_steps > 0:
+        people = sorted({p for _, _, p in items if p >= 0})
+        mean = table[people].mean(0) if cfg.center_embeddings and people else None
+        e2p = Projector(new_config(backbone, embedding_dim=table.shape[1],
+                                   embedding_mean=mean.tolist() if mean is not None else None, **base))
+        e2p.shared.data.copy_(shared.shared.data)
+        stage("e2p", e2p, out_dir, cfg.e2p_steps, cfg.e2p_lr, table, freeze_shared=cfg.freeze_shared,
+              contrastive=cfg.contrastive_weight)
+        report["e2p_dir"] = str(out_dir)
+    report["seconds"] = time.time() - t0
+    (out_dir / "training_report.json").write_text(json.dumps(report, indent=2))
+    return report
