@@ -75,3 +75,12 @@ def test_config_validation():
         E2PConfig(injection="sideways")
     with pytest.raises(ConfigError):
         E2PConfig(num_prefix_tokens=0)
+
+
+def test_half_precision_save_loads_back_as_float32(tiny, tmp_path):
+    p = Projector(new_config(tiny, embedding_dim=8))
+    torch.nn.init.normal_(p.mlp[-1].weight)
+    p.save_pretrained(tmp_path, dtype=torch.float16)
+    q = Projector.from_pretrained(tmp_path, tiny)
+    assert q.mlp[-1].weight.dtype == torch.float32
+    assert torch.allclose(q.mlp[-1].weight, p.mlp[-1].weight, atol=1e-2)

@@ -85,13 +85,14 @@ class Projector(nn.Module):
         return out
 
     # --- Hugging Face style persistence -------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
+        """config.json + model.safetensors; `dtype=torch.float16` halves the file (loads back as float32)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.state_dict().items()}
         tmp = directory / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt", "e2p": "projector"})
         tmp.replace(directory / WEIGHTS_NAME)

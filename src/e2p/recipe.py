@@ -39,21 +39,23 @@ class RecipeConfig:
     hidden_dims: list[int] = field(default_factory=lambda: [1024])
     dropout: float = 0.1
     center_embeddings: bool = True
-    history_turns: int = 3
+    history_turns: int = 2
     max_target_tokens: int = 32
     batch_size: int = 16
-    shared_steps: int = 150
+    shared_steps: int = 80
     shared_lr: float = 3e-3
-    reconstruct_steps: int = 0
-    e2p_steps: int = 200
-    e2p_lr: float = 1e-3
+    reconstruct_steps: int = 80
+    reconstruct_lr: float = 1e-3
+    reconstruct_mix: float = 0.3  # share of reconstruction items mixed into the e2p stage
+    e2p_steps: int = 60
+    e2p_lr: float = 5e-4
     contrastive_weight: float = 0.0
     margin: float = 0.1
     freeze_shared: bool = True
     text_steps: int = 0  # steps for each of shared_prefix_text and e2p_text (0: skip them)
     val_people: int = 40
-    val_examples: int = 96
-    eval_every: int = 50
+    val_examples: int = 48
+    eval_every: int = 20
     seed: int = 0
 
 
@@ -141,10 +143,18 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
         val_rec, val_table = _reconstruction_items(backbone, e2p, val_ex, encoder, cfg, augment=False)
         offset = len(rec_table)
         val_rec = [Item(it.row, it.person + offset) for it in val_rec]
-        e2p = stage("reconstruct", e2p, cfg.reconstruct_steps, cfg.e2p_lr, False, freeze_shared=True,
+        e2p = stage("reconstruct", e2p, cfg.reconstruct_steps, cfg.reconstruct_lr, False, freeze_shared=True,
                     items=rec_items, val_items=val_rec, tbl=torch.cat([rec_table, val_table])) or e2p
+    mixed, mixed_table = None, table
+    if cfg.reconstruct_steps > 0 and cfg.reconstruct_mix > 0 and cfg.e2p_steps > 0:
+        # keep restating the persona as a share of the reply batches, so replies don't erode the person part
+        n_replies = cfg.e2p_steps * cfg.batch_size
+        replies = make_items(E2PModel(backbone, e2p), _sample(train_ex, n_replies, cfg.seed + 3), index, cfg, False)
+        n_rec = int(n_replies * cfg.reconstruct_mix / (1 - cfg.reconstruct_mix))
+        rec = [Item(it.row, it.person + len(table)) for it in _sample(rec_items, n_rec, cfg.seed)]
+        mixed, mixed_table = replies + rec, torch.cat([table, rec_table])
     e2p = stage("e2p", e2p, cfg.e2p_steps, cfg.e2p_lr, False, freeze_shared=cfg.freeze_shared,
-                contrastive=cfg.contrastive_weight) or e2p
+                contrastive=cfg.contrastive_weight, items=mixed, tbl=mixed_table) or e2p
     if cfg.text_steps > 0:
         stage("shared_prefix_text", Projector.from_pretrained(out_dir / "shared_prefix"), cfg.text_steps, cfg.shared_lr / 3, True)
         stage("e2p_text", Projector.from_pretrained(out_dir), cfg.text_steps, cfg.e2p_lr / 3, True,
