@@ -21,7 +21,7 @@ def test_train_writes_best_checkpoint_and_curves(tmp_path):
                  "checkpoint/trainer_state.json"]:
         assert (out / name).is_file(), name
     curves = json.loads((out / "curves.json").read_text())
-    assert len(curves["train_loss"]) == 6 and curves["val_step"] == [2, 4, 6]
+    assert len(curves["train_loss"]) == 6 and curves["val_step"] == [0, 2, 4, 6]
     assert curves["val_loss"][-1] < curves["val_loss"][0]  # it learns
 
 

@@ -157,7 +157,10 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
                 contrastive=cfg.contrastive_weight, items=mixed, tbl=mixed_table) or e2p
     if cfg.text_steps > 0:
         stage("shared_prefix_text", Projector.from_pretrained(out_dir / "shared_prefix"), cfg.text_steps, cfg.shared_lr / 3, True)
-        stage("e2p_text", Projector.from_pretrained(out_dir), cfg.text_steps, cfg.e2p_lr / 3, True,
+        # the hybrid: the text-trained style (shared_prefix_text) plus E2P's person part, trained with the text
+        hybrid = Projector.from_pretrained(out_dir)
+        hybrid.shared.data.copy_(Projector.from_pretrained(out_dir / "shared_prefix_text").shared.data)
+        stage("e2p_text", hybrid, cfg.text_steps, cfg.e2p_lr, True, freeze_shared=True,
               contrastive=cfg.contrastive_weight)
     report["seconds"] = time.time() - t0
     (out_dir / "training_report.json").write_text(json.dumps(report, indent=2))

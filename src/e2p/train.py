@@ -126,6 +126,8 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
             if rank == 0:
                 projector.save_pretrained(out_dir)
 
+    if state["step"] == 0:
+        validate(0)  # the starting point counts: a stage never ends worse than it began on validation
     while state["step"] < cfg.steps:
         if cfg.minutes is not None and _rank0_says(time.time() - start > cfg.minutes * 60, world):
             bar.write(f"[{name}] time budget of {cfg.minutes} min reached at step {state['step']}")
