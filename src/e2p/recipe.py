@@ -44,11 +44,11 @@ class RecipeConfig:
     batch_size: int = 16
     shared_steps: int = 80
     shared_lr: float = 3e-3
-    reconstruct_steps: int = 80
+    reconstruct_steps: int = 60
     reconstruct_lr: float = 1e-3
-    reconstruct_mix: float = 0.3  # share of reconstruction items mixed into the e2p stage
-    e2p_steps: int = 60
-    e2p_lr: float = 5e-4
+    reconstruct_mix: float = 0.0  # share of reconstruction items mixed into the e2p stage
+    e2p_steps: int = 100
+    e2p_lr: float = 1e-3
     contrastive_weight: float = 0.0
     margin: float = 0.1
     freeze_shared: bool = True
