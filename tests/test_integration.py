@@ -43,7 +43,7 @@ def test_cli_train_generate_eval(shared_data, tmp_path):
     spc = shared_data / "synthetic_persona_chat"
     run = lambda *a: subprocess.run([sys.executable, "-m", "e2p.cli", *a], capture_output=True, text=True, timeout=900)
     r = run("train", "--data", str(spc / "Synthetic-Persona-Chat_valid.csv"), "--out", str(out), "--steps", "6",
-            "--batch-size", "4", "--text-steps", "1")
+            "--batch-size", "4", "--text-steps", "1", "--val-examples", "4")
     assert r.returncode == 0, r.stderr[-2000:]
     for sub in ["", "shared_prefix", "shared_prefix_text", "e2p_text"]:
         assert (out / sub / "config.json").is_file(), sub

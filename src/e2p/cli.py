@@ -23,7 +23,7 @@ def _scaled_recipe(args):
     from .recipe import RecipeConfig
 
     cfg = RecipeConfig(injection=args.injection, num_prefix_tokens=args.prefix_tokens, seed=args.seed,
-                       batch_size=args.batch_size, text_steps=args.text_steps)
+                       batch_size=args.batch_size, text_steps=args.text_steps, val_examples=args.val_examples)
     if args.steps is not None:  # --steps N: total over all stages, keeping the recipe's proportions
         stages = ["shared_steps", "reconstruct_steps", "e2p_steps"]
         total = sum(getattr(cfg, s) for s in stages) + 2 * cfg.text_steps
@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--injection", choices=["input", "deep"], default="deep")
     t.add_argument("--text-steps", type=int, default=0, help="also train shared_prefix_text and e2p_text for this many steps each")
     t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--val-examples", type=int, default=48, help="replies of held-out people scored at each validation")
     t.add_argument("--encoder", default=None)
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from DIR/*/checkpoint")
     t.set_defaults(func=cmd_train)

@@ -142,7 +142,7 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
         rec_items, rec_table = _reconstruction_items(backbone, e2p, train_ex, encoder, cfg)
         val_rec, val_table = _reconstruction_items(backbone, e2p, val_ex, encoder, cfg, augment=False)
         offset = len(rec_table)
-        val_rec = [Item(it.row, it.person + offset) for it in val_rec]
+        val_rec = _sample([Item(it.row, it.person + offset) for it in val_rec], cfg.val_examples, cfg.seed)
         e2p = stage("reconstruct", e2p, cfg.reconstruct_steps, cfg.reconstruct_lr, False, freeze_shared=True,
                     items=rec_items, val_items=val_rec, tbl=torch.cat([rec_table, val_table])) or e2p
     mixed, mixed_table = None, table
