@@ -135,10 +135,8 @@ def evaluate_persona(backbone, encoder, examples: list[PersonaExample], projecto
         rows = [model.format(ex.messages(history_turns), reply=ex.reply,
                              persona_text=ex.persona_text if cond.with_text else None,
                              max_target_tokens=max_target_tokens) for ex in examples]
-        persons = swap if cond.embeddings == "shuffled" else own
-        items = [Item(r, own[persons[i]] if cond.embeddings == "shuffled" else persons[i]) for i, r in enumerate(rows)]
-        if cond.embeddings == "shuffled":
-            items = [Item(r, own[swap[i]]) for i, r in enumerate(rows)]
+        persons = [own[j] for j in swap] if cond.embeddings == "shuffled" else own
+        items = [Item(r, persons[i]) for i, r in enumerate(rows)]
         use_table = table if (projector is not None and not projector.config.is_shared and cond.embeddings != "none") else None
         nll, cnt = score_condition(model, items, use_table, batch_size, bar)
         counts = cnt if counts is None else counts
