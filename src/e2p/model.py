@@ -237,11 +237,11 @@ class E2PModel(nn.Module):
             )
 
     # --- loss -----------------------------------------------------------------------------------
-    def loss(self, rows: Sequence[Segments], embeddings=None, reduction: str = "mean") -> torch.Tensor:
-        """Cross-entropy on target tokens only, logits computed only where a target is predicted.
+    def target_logits(self, rows: Sequence[Segments], embeddings=None):
+        """Float logits only where a target token is predicted: ([N, vocab], labels [N], row index [N]).
 
-        reduction "mean": mean over all target tokens; "none": ([B] summed NLL, [B] token counts).
-        """
+        Rows are flattened in order, so two models scoring the same targets (e.g. a teacher that sees the
+        persona text and a student that sees the embedding) give aligned tensors."""
         batch = self.build(rows, embeddings)
         hidden = self._hidden(batch).last_hidden_state
         predicts = batch["is_target"][:, 1:]  # position t predicts token t+1
@@ -249,10 +249,18 @@ class E2PModel(nn.Module):
         labels = batch["ids"][:, 1:][predicts]
         with self._autocast():
             logits = self.lm.get_output_embeddings()(h)
-        nll = F.cross_entropy(logits.float(), labels, reduction="none")
+        row = torch.arange(len(rows)).unsqueeze(1).expand_as(predicts)[predicts]
+        return logits.float(), labels, row
+
+    def loss(self, rows: Sequence[Segments], embeddings=None, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy on target tokens only, logits computed only where a target is predicted.
+
+        reduction "mean": mean over all target tokens; "none": ([B] summed NLL, [B] token counts).
+        """
+        logits, labels, row = self.target_logits(rows, embeddings)
+        nll = F.cross_entropy(logits, labels, reduction="none")
         if reduction == "mean":
             return nll.mean()
-        row = torch.arange(len(rows)).unsqueeze(1).expand_as(predicts)[predicts]
         sums = torch.zeros(len(rows), dtype=nll.dtype).index_add(0, row, nll)
         counts = torch.zeros(len(rows), dtype=torch.long).index_add(0, row, torch.ones_like(row))
         return sums, counts

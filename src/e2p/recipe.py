@@ -53,6 +53,8 @@ class RecipeConfig:
     margin: float = 0.1
     freeze_shared: bool = True
     text_steps: int = 0  # steps for each of shared_prefix_text and e2p_text (0: skip them)
+    distill_weight: float = 0.0  # e2p stage: share of KL(shared_prefix_text with the persona text || e2p)
+    persona_subsets: bool = False  # e2p stage with distillation: random subsets of each persona as augmentation
     val_people: int = 40
     val_examples: int = 48
     eval_every: int = 20
@@ -111,7 +113,8 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
               "val_people": len({e.person_id for e in val_ex}), "stages": {}}
     val_sample = _sample(val_ex, cfg.val_examples, cfg.seed)
 
-    def stage(name, projector, steps, lr, with_text, freeze_shared=False, contrastive=0.0, items=None, val_items=None, tbl=table):
+    def stage(name, projector, steps, lr, with_text, freeze_shared=False, contrastive=0.0, items=None, val_items=None, tbl=table,
+              teacher=None):
         if steps <= 0:
             return None
         model = E2PModel(backbone, projector)
@@ -121,11 +124,11 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
             val_items = make_items(model, val_sample, index, cfg, with_text)
         tc = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=lr, eval_every=cfg.eval_every, seed=cfg.seed,
                          contrastive_weight=contrastive, margin=cfg.margin, freeze_shared=freeze_shared,
-                         minutes=budget(steps))
+                         minutes=budget(steps), distill_weight=cfg.distill_weight if teacher is not None else 0.0)
         folder = out_dir if name == "e2p" else out_dir / name
         s = time.time()
         state = train_projector(model, items, None if projector.config.is_shared else tbl, folder, tc,
-                                val_items=val_items, resume=resume, progress=progress, name=name)
+                                val_items=val_items, resume=resume, progress=progress, name=name, teacher=teacher)
         report["stages"][name] = {"steps": state["step"], "best_val": state["best_val"], "seconds": time.time() - s,
                                   "parameters": projector.num_parameters()}
         return Projector.from_pretrained(folder)
@@ -135,6 +138,15 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
     shared = Projector(new_config(backbone, embedding_dim=0, **base))
     _init_shared(backbone, shared)
     shared = stage("shared_prefix", shared, cfg.shared_steps, cfg.shared_lr, False) or shared
+
+    teacher = None
+    if cfg.text_steps > 0 or cfg.distill_weight > 0:
+        if cfg.text_steps <= 0:
+            raise ValueError("distill_weight > 0 needs text_steps > 0: the teacher is the shared_prefix_text stage")
+        spt = stage("shared_prefix_text", Projector.from_pretrained(out_dir / "shared_prefix"), cfg.text_steps,
+                    cfg.shared_lr / 3, True)
+        if cfg.distill_weight > 0:
+            teacher = E2PModel(backbone, spt.eval())
 
     e2p = Projector(new_config(backbone, embedding_dim=table.shape[1], embedding_mean=mean.tolist() if mean is not None else None, **base))
     e2p.shared.data.copy_(shared.shared.data)
@@ -146,7 +158,13 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
         e2p = stage("reconstruct", e2p, cfg.reconstruct_steps, cfg.reconstruct_lr, False, freeze_shared=True,
                     items=rec_items, val_items=val_rec, tbl=torch.cat([rec_table, val_table])) or e2p
     mixed, mixed_table = None, table
-    if cfg.reconstruct_steps > 0 and cfg.reconstruct_mix > 0 and cfg.e2p_steps > 0:
+    if teacher is not None and cfg.e2p_steps > 0:
+        replies, reply_table = _distill_items(E2PModel(backbone, e2p), teacher,
+                                              _sample(train_ex, cfg.e2p_steps * cfg.batch_size, cfg.seed + 3), encoder, cfg)
+        # validation items index `table`; the reply items index their own rows behind it
+        mixed = [Item(it.row, it.person + len(table), it.teacher_row) for it in replies]
+        mixed_table = torch.cat([table, reply_table])
+    elif cfg.reconstruct_steps > 0 and cfg.reconstruct_mix > 0 and cfg.e2p_steps > 0:
         # keep restating the persona as a share of the reply batches, so replies don't erode the person part
         n_replies = cfg.e2p_steps * cfg.batch_size
         replies = make_items(E2PModel(backbone, e2p), _sample(train_ex, n_replies, cfg.seed + 3), index, cfg, False)
@@ -154,9 +172,8 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
         rec = [Item(it.row, it.person + len(table)) for it in _sample(rec_items, n_rec, cfg.seed)]
         mixed, mixed_table = replies + rec, torch.cat([table, rec_table])
     e2p = stage("e2p", e2p, cfg.e2p_steps, cfg.e2p_lr, False, freeze_shared=cfg.freeze_shared,
-                contrastive=cfg.contrastive_weight, items=mixed, tbl=mixed_table) or e2p
+                contrastive=cfg.contrastive_weight, items=mixed, tbl=mixed_table, teacher=teacher) or e2p
     if cfg.text_steps > 0:
-        stage("shared_prefix_text", Projector.from_pretrained(out_dir / "shared_prefix"), cfg.text_steps, cfg.shared_lr / 3, True)
         # the hybrid: the text-trained style (shared_prefix_text) plus E2P's person part, trained with the text
         hybrid = Projector.from_pretrained(out_dir)
         hybrid.shared.data.copy_(Projector.from_pretrained(out_dir / "shared_prefix_text").shared.data)
@@ -187,6 +204,28 @@ def _init_shared(backbone, projector: Projector, text: str = "Persona:") -> None
         projector.shared.data[: vec.shape[0]] = vec
         if vec.shape[0] < k:
             projector.shared.data[vec.shape[0]:] = vec[-1]
+
+
+def _distill_items(model: E2PModel, teacher: E2PModel, examples, encoder, cfg: RecipeConfig):
+    """Reply items whose teacher row carries the persona text the item's embedding was made from.
+
+    With `persona_subsets`, each example keeps a random subset (at least 2) of its persona sentences,
+    so the projector sees many more distinct embeddings and the teacher shows what each subset implies."""
+    rng = random.Random(cfg.seed + 7)
+    texts = []
+    for ex in examples:
+        sentences = list(ex.persona)
+        if cfg.persona_subsets and len(sentences) > 2 and rng.random() < 0.5:
+            sentences = rng.sample(sentences, rng.randint(2, len(sentences) - 1))
+        texts.append(" ".join(sentences))
+    table = torch.tensor(encoder.encode(texts), dtype=torch.float32)
+    items = []
+    for i, (ex, text) in enumerate(zip(examples, texts)):
+        msgs = ex.messages(cfg.history_turns)
+        items.append(Item(model.format(msgs, reply=ex.reply, max_target_tokens=cfg.max_target_tokens), i,
+                          teacher_row=teacher.format(msgs, reply=ex.reply, persona_text=text,
+                                                     max_target_tokens=cfg.max_target_tokens)))
+    return items, table
 
 
 def _reconstruction_items(backbone, projector, examples, encoder, cfg: RecipeConfig, augment: bool = True):

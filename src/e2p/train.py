@@ -32,6 +32,7 @@ class TrainConfig:
     contrastive_weight: float = 0.0  # weight of the margin term (own person vs another person)
     margin: float = 0.1  # nats per token the own embedding must beat another person's by
     freeze_shared: bool = False  # keep the shared (style) prefix fixed, learn only the person part
+    distill_weight: float = 0.0  # share of the loss that is KL(teacher || model) on the target tokens
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Item:
 
     row: Segments
     person: int
+    teacher_row: Segments | None = None  # the same example as the teacher sees it (e.g. with the persona text)
 
 
 def _batch_embeddings(items: Sequence[Item], table: torch.Tensor | None):
@@ -84,9 +86,13 @@ def evaluate_loss(model: E2PModel, items: Sequence[Item], table: torch.Tensor | 
 def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor | None, out_dir: str | Path,
                     cfg: TrainConfig, val_items: Sequence[Item] = (), resume: bool = False,
                     progress: bool = True, name: str = "train",
-                    on_step: Callable[[int, float], None] | None = None) -> dict:
+                    on_step: Callable[[int, float], None] | None = None, teacher: E2PModel | None = None) -> dict:
     """Train `model.projector` on `items`; write the best projector to `out_dir` and a resumable
-    checkpoint to `out_dir/checkpoint`. Returns the history (also saved as curves.json / curves.png)."""
+    checkpoint to `out_dir/checkpoint`. Returns the history (also saved as curves.json / curves.png).
+
+    With `teacher` and `cfg.distill_weight` > 0, each item's `teacher_row` is scored by the frozen teacher
+    and the model also matches the teacher's whole next-token distribution on the same target tokens
+    (far more signal per reply than the one sampled token)."""
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
@@ -148,9 +154,14 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
         mine = slice(rank, None, world)  # data parallel: this process's rows of the global batch
         rows = [it.row for it in batch][mine]
         emb = emb[mine] if emb is not None else None
-        own_s, own_c = model.loss(rows, emb, reduction="none")
-        total_tokens = _all_sum(own_c.sum().float(), world)
-        loss = own_s.sum() / total_tokens
+        if teacher is not None and cfg.distill_weight > 0:
+            own_s, own_c, kl_s = _distill_sums(model, teacher, rows, [it.teacher_row for it in batch][mine], emb)
+            total_tokens = _all_sum(own_c.sum().float(), world)
+            loss = ((1 - cfg.distill_weight) * own_s.sum() + cfg.distill_weight * kl_s.sum()) / total_tokens
+        else:
+            own_s, own_c = model.loss(rows, emb, reduction="none")
+            total_tokens = _all_sum(own_c.sum().float(), world)
+            loss = own_s.sum() / total_tokens
         if other is not None:
             shuf_s, _ = model.loss(rows, other[mine], reduction="none")
             gap = (shuf_s - own_s) / own_c
@@ -165,7 +176,7 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
         optimizer.step()
         state["step"] = step + 1
         hist["step"].append(step + 1)
-        hist["train_loss"].append(float(loss))
+        hist["train_loss"].append(float(loss.detach()))
         bar.update(1)
         bar.set_postfix(loss=f"{float(loss):.3f}")
         if on_step:
@@ -190,6 +201,26 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
         torch.distributed.broadcast(best, 0)
         state["best_val"] = None if math.isnan(float(best)) else float(best)
     return state
+
+
+def _distill_sums(model: E2PModel, teacher: E2PModel, rows, teacher_rows, emb):
+    """Per row: summed NLL, target-token count and summed KL(teacher || model) over the target tokens."""
+    if any(r is None for r in teacher_rows):
+        raise ValueError("distillation needs a teacher_row on every item")
+    logits, labels, row = model.target_logits(rows, emb)
+    with torch.no_grad():
+        t_logits, t_labels, _ = teacher.target_logits(teacher_rows, None)
+    if not torch.equal(labels, t_labels):
+        raise ValueError("teacher and model rows must have the same target tokens")
+    logp = torch.log_softmax(logits, -1)
+    t_logp = torch.log_softmax(t_logits, -1)
+    kl = (t_logp.exp() * (t_logp - logp)).sum(-1)
+    nll = -logp.gather(1, labels[:, None])[:, 0]
+    n = len(rows)
+    sums = torch.zeros(n, dtype=nll.dtype).index_add(0, row, nll)
+    kls = torch.zeros(n, dtype=kl.dtype).index_add(0, row, kl)
+    counts = torch.zeros(n, dtype=torch.long).index_add(0, row, torch.ones_like(row))
+    return sums, counts, kls
 
 
 def _rank_world() -> tuple[int, int]:
