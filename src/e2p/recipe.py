@@ -55,6 +55,7 @@ class RecipeConfig:
     text_steps: int = 0  # steps for each of shared_prefix_text and e2p_text (0: skip them)
     distill_weight: float = 0.0  # e2p stage: share of KL(shared_prefix_text with the persona text || e2p)
     persona_subsets: bool = False  # e2p stage with distillation: random subsets of each persona as augmentation
+    teacher_dir: str | None = None  # distill from this trained text-reading projector instead of this run's own
     val_people: int = 40
     val_examples: int = 48
     eval_every: int = 20
@@ -140,12 +141,14 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
     shared = stage("shared_prefix", shared, cfg.shared_steps, cfg.shared_lr, False) or shared
 
     teacher = None
-    if cfg.text_steps > 0 or cfg.distill_weight > 0:
+    if cfg.distill_weight > 0 and cfg.teacher_dir:
+        teacher = E2PModel(backbone, Projector.from_pretrained(cfg.teacher_dir, backbone).eval())
+    if cfg.text_steps > 0 or (cfg.distill_weight > 0 and teacher is None):
         if cfg.text_steps <= 0:
-            raise ValueError("distill_weight > 0 needs text_steps > 0: the teacher is the shared_prefix_text stage")
+            raise ValueError("distill_weight > 0 needs text_steps > 0 or teacher_dir: the teacher reads the persona text")
         spt = stage("shared_prefix_text", Projector.from_pretrained(out_dir / "shared_prefix"), cfg.text_steps,
                     cfg.shared_lr / 3, True)
-        if cfg.distill_weight > 0:
+        if cfg.distill_weight > 0 and teacher is None:
             teacher = E2PModel(backbone, spt.eval())
 
     e2p = Projector(new_config(backbone, embedding_dim=table.shape[1], embedding_mean=mean.tolist() if mean is not None else None, **base))
