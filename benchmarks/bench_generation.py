@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from common import MESSAGES, Context, embeddings, make_model, make_projector, persona_text, ratio, timed
+from common import MESSAGES, Context, embeddings, interleaved, make_model, make_projector, persona_text, ratio_median
 
 
 def _rows(model, n: int, with_persona: bool = False):
@@ -23,34 +23,46 @@ def _rows(model, n: int, with_persona: bool = False):
             for i in range(n)]
 
 
-def _tokens_per_s(ctx: Context, model, rows, emb, new_tokens: int) -> dict:
-    seconds, out = timed(lambda: model.generate_tokens(rows, emb, max_new_tokens=new_tokens), ctx.settings["repeats"])
-    n = sum(len(t) for t in out)
-    return {"seconds": round(seconds, 4), "tokens": n, "tokens_per_s": round(n / seconds, 2)}
+def _summary(res: dict, name: str) -> dict:
+    n = sum(len(t) for t in res[name]["result"])
+    sec = res[name]["seconds"]
+    return {"seconds": round(sec, 4), "tokens": n, "tokens_per_s": round(n / sec, 2)}
 
 
 def serving_overhead(ctx: Context, plain, e2p_input, e2p_deep) -> dict:
+    """Plain, input and deep timed in alternating rounds; the ratios are medians of per-round ratios
+    (every row generates the same number of tokens, so the time ratio is the tokens/s ratio). The plain
+    batch runs twice per round: their ratio is the noise floor of the machine."""
     s = ctx.settings
     B, N = s["batch"], s["new_tokens"]
     emb = embeddings(B)
-    res = {
-        "plain": _tokens_per_s(ctx, plain, _rows(plain, B), None, N),
-        "e2p_input": _tokens_per_s(ctx, e2p_input, _rows(e2p_input, B), emb, N),
-        "e2p_deep": _tokens_per_s(ctx, e2p_deep, _rows(e2p_deep, B), emb, N),
-    }
-    res["input_vs_plain_tokens_per_s"] = ratio(res["e2p_input"]["tokens_per_s"], res["plain"]["tokens_per_s"])
-    res["deep_vs_plain_tokens_per_s"] = ratio(res["e2p_deep"]["tokens_per_s"], res["plain"]["tokens_per_s"])
-    return res
+    rows = {"plain": _rows(plain, B), "e2p_input": _rows(e2p_input, B), "e2p_deep": _rows(e2p_deep, B)}
+    rows["plain_again"] = rows["plain"]
+    models = {"plain": (plain, None), "e2p_input": (e2p_input, emb), "e2p_deep": (e2p_deep, emb),
+              "plain_again": (plain, None)}
+    fns = {k: (lambda m=m, e=e, r=rows[k]: m.generate_tokens(r, e, max_new_tokens=N)) for k, (m, e) in models.items()}
+    res = interleaved(fns, s.get("overhead_rounds", s["repeats"]))
+    out = {k: _summary(res, k) for k in fns}
+    out["input_vs_plain_tokens_per_s"] = ratio_median(res, "plain", "e2p_input")
+    out["deep_vs_plain_tokens_per_s"] = ratio_median(res, "plain", "e2p_deep")
+    # the same plain batch timed twice per round: how far a ratio moves from 1.0 by noise alone
+    out["plain_vs_plain_tokens_per_s"] = ratio_median(res, "plain", "plain_again")
+    out["rounds"] = len(res["plain"]["times"])
+    return out
 
 
-def _ttft(ctx: Context, model, rows, emb) -> float:
-    """Median over requests (batch 1) of the median time of prefill + first token."""
-    per_request = []
-    for i, row in enumerate(rows):
-        e = emb[i:i + 1] if emb is not None else None
-        seconds, _ = timed(lambda: model.generate_tokens([row], e, max_new_tokens=1), ctx.settings["repeats"])
-        per_request.append(seconds)
-    return statistics.median(per_request)
+def _ttft(ctx: Context, e2p_input, e2p_rows, emb, plain, text_rows) -> tuple[float, float, float]:
+    """Prefill + first token at batch 1, E2P and persona text in alternating rounds per request.
+    -> (median E2P seconds, median text seconds, median over requests of the per-round ratio E2P / text)."""
+    t_e2p, t_text, ratios = [], [], []
+    for i in range(len(e2p_rows)):
+        res = interleaved({"e2p": lambda i=i: e2p_input.generate_tokens([e2p_rows[i]], emb[i:i + 1], max_new_tokens=1),
+                           "text": lambda i=i: plain.generate_tokens([text_rows[i]], None, max_new_tokens=1)},
+                          ctx.settings["repeats"])
+        t_e2p.append(res["e2p"]["seconds"])
+        t_text.append(res["text"]["seconds"])
+        ratios.append(1 / ratio_median(res, "text", "e2p"))
+    return statistics.median(t_e2p), statistics.median(t_text), statistics.median(ratios)
 
 
 def persona_as_text(ctx: Context, plain, e2p_input) -> dict:
@@ -60,18 +72,20 @@ def persona_as_text(ctx: Context, plain, e2p_input) -> dict:
     e2p_rows, text_rows = _rows(e2p_input, B), _rows(plain, B, with_persona=True)
     prompt_e2p = [len(r.pre) + len(r.post) + e2p_input.num_prefix_tokens for r in e2p_rows]
     prompt_text = [len(r.pre) + len(r.post) for r in text_rows]
-    ttft_e2p = _ttft(ctx, e2p_input, e2p_rows[:R], emb)
-    ttft_text = _ttft(ctx, plain, text_rows[:R], None)
+    ttft_e2p, ttft_text, ttft_ratio = _ttft(ctx, e2p_input, e2p_rows[:R], emb, plain, text_rows[:R])
+    res_tps = interleaved({"e2p_input": lambda: e2p_input.generate_tokens(e2p_rows, emb, max_new_tokens=N),
+                           "persona_text": lambda: plain.generate_tokens(text_rows, None, max_new_tokens=N)},
+                          s["repeats"])
     res = {
         "ttft_s": {"e2p_input": round(ttft_e2p, 5), "persona_text": round(ttft_text, 5)},
-        "ttft_e2p_vs_text": ratio(ttft_e2p, ttft_text),
+        "ttft_e2p_vs_text": round(ttft_ratio, 4),
         "prompt_tokens_mean": {"e2p_input (incl. k prefix)": statistics.mean(prompt_e2p),
                                "persona_text": statistics.mean(prompt_text)},
         "prompt_tokens_saved_per_request": statistics.mean(t - e for t, e in zip(prompt_text, prompt_e2p)),
-        "e2p_input": _tokens_per_s(ctx, e2p_input, e2p_rows, emb, N),
-        "persona_text": _tokens_per_s(ctx, plain, text_rows, None, N),
+        "e2p_input": _summary(res_tps, "e2p_input"),
+        "persona_text": _summary(res_tps, "persona_text"),
     }
-    res["e2p_vs_text_tokens_per_s"] = ratio(res["e2p_input"]["tokens_per_s"], res["persona_text"]["tokens_per_s"])
+    res["e2p_vs_text_tokens_per_s"] = ratio_median(res_tps, "persona_text", "e2p_input")
     return res
 
 
@@ -85,16 +99,13 @@ def mixed_users(ctx: Context, e2p_input) -> dict:
         return [e2p_input.generate_tokens([rows[i]], emb[i:i + 1], max_new_tokens=N)[0] for i in range(U)]
 
     e2p_input.generate_tokens([rows[0]], emb[:1], max_new_tokens=N)  # warm-up of the batch-1 path
-    t_seq, out_seq = timed(sequential, s["mixed_repeats"], warmup=0)
-    t_bat, out_bat = timed(lambda: e2p_input.generate_tokens(rows, emb, max_new_tokens=N), s["mixed_repeats"])
-    n_seq, n_bat = sum(map(len, out_seq)), sum(map(len, out_bat))
-    return {
-        "users": U, "new_tokens": N,
-        "sequential": {"seconds": round(t_seq, 4), "tokens": n_seq, "tokens_per_s": round(n_seq / t_seq, 2)},
-        "batched": {"seconds": round(t_bat, 4), "tokens": n_bat, "tokens_per_s": round(n_bat / t_bat, 2)},
-        "batched_vs_sequential_throughput": ratio(n_bat / t_bat, n_seq / t_seq),
-        "same_tokens_as_sequential": out_seq == out_bat,
-    }
+    res = interleaved({"sequential": sequential,
+                       "batched": lambda: e2p_input.generate_tokens(rows, emb, max_new_tokens=N)}, s["mixed_repeats"])
+    out = {"users": U, "new_tokens": N, "sequential": _summary(res, "sequential"), "batched": _summary(res, "batched")}
+    out["batched_vs_sequential_throughput"] = ratio_median(res, "sequential", "batched")
+    out["same_tokens_as_sequential"] = res["sequential"]["result"] == res["batched"]["result"]
+    out["rounds"] = len(res["batched"]["times"])
+    return out
 
 
 def run(ctx: Context) -> dict:

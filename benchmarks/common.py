@@ -90,6 +90,31 @@ def timed(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> tuple[
     return statistics.median(times), out
 
 
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 3, warmup: int = 1) -> dict:
+    """Time several paths in alternating rounds (A B C, B C A, ...), so a machine that speeds up or slows
+    down during the run (shared VMs do) affects every path alike. Returns, per name, the median seconds,
+    every round's seconds and the last result; `ratio_median(res, a, b)` gives the median per-round ratio."""
+    names = list(fns)
+    out: dict = {n: {"times": [], "result": None} for n in names}
+    for _ in range(warmup):
+        for n in names:
+            out[n]["result"] = fns[n]()
+    for r in range(max(1, repeats)):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            out[n]["result"] = fns[n]()
+            out[n]["times"].append(time.perf_counter() - t0)
+    for n in names:
+        out[n]["seconds"] = statistics.median(out[n]["times"])
+    return out
+
+
+def ratio_median(res: dict, slow: str, fast: str) -> float:
+    """Median over rounds of seconds(slow) / seconds(fast): > 1 means `fast` is faster."""
+    return round(statistics.median(a / b for a, b in zip(res[slow]["times"], res[fast]["times"])), 4)
+
+
 def peak_rss_mb() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return kb / 1024 / (1024 if sys.platform == "darwin" else 1)

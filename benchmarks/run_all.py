@@ -32,8 +32,8 @@ from common import Context, get_backbone, machine  # noqa: E402
 # sizes per mode; written into the JSON ("settings")
 SETTINGS = {
     "quick": {
-        "generation": dict(repeats=3, batch=8, new_tokens=16, ttft_requests=4, mixed_users=16, mixed_new_tokens=16,
-                           mixed_repeats=2),
+        "generation": dict(repeats=5, overhead_rounds=9, batch=8, new_tokens=16, ttft_requests=4, mixed_users=16, mixed_new_tokens=16,
+                           mixed_repeats=3),
         "train_step": dict(repeats=3, batch=4, rss_steps=3),
         "scaling": dict(repeats=1, batches=[1, 2, 4], train_seq_len=64, train_batch=2, train_seq_lens=[32, 64, 128],
                         gen_batches=[1, 2, 4, 8], gen_prompt_len=64, gen_batch=4, gen_prompt_lens=[32, 128, 256],
@@ -94,6 +94,7 @@ def main(argv=None) -> dict:
         g = results["generation"]
         headline["e2p_vs_plain_tokens_per_s"] = g["serving_overhead"]["input_vs_plain_tokens_per_s"]
         headline["e2p_deep_vs_plain_tokens_per_s"] = g["serving_overhead"]["deep_vs_plain_tokens_per_s"]
+        headline["plain_vs_plain_tokens_per_s"] = g["serving_overhead"]["plain_vs_plain_tokens_per_s"]
         headline["ttft_e2p_vs_text"] = g["persona_as_text"]["ttft_e2p_vs_text"]
         headline["prompt_tokens_saved_per_request"] = g["persona_as_text"]["prompt_tokens_saved_per_request"]
         headline["batched_vs_sequential_throughput"] = g["mixed_users"]["batched_vs_sequential_throughput"]
