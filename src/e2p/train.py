@@ -178,9 +178,9 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
         hist["step"].append(step + 1)
         hist["train_loss"].append(float(loss.detach()))
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         if on_step:
-            on_step(step + 1, float(loss))
+            on_step(step + 1, float(loss.detach()))
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             validate(step + 1)
             state["elapsed_s"] = time.time() - start
