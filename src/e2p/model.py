@@ -261,9 +261,7 @@ class E2PModel(nn.Module):
         nll = F.cross_entropy(logits, labels, reduction="none")
         if reduction == "mean":
             return nll.mean()
-        sums = torch.zeros(len(rows), dtype=nll.dtype).index_add(0, row, nll)
-        counts = torch.zeros(len(rows), dtype=torch.long).index_add(0, row, torch.ones_like(row))
-        return sums, counts
+        return per_row_sum(nll, row, len(rows)), per_row_sum(torch.ones_like(row), row, len(rows))
 
     # --- generation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -325,3 +323,8 @@ class E2PModel(nn.Module):
             sorted_p = sorted_p * keep
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(1)
+
+
+def per_row_sum(values: torch.Tensor, row: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Sum flattened per-token `values` back into their rows (`row` from :meth:`E2PModel.target_logits`)."""
+    return torch.zeros(n_rows, dtype=values.dtype).index_add(0, row, values)

@@ -72,14 +72,15 @@ def person_table(examples: list[PersonaExample], encoder) -> tuple[dict[str, int
     return {pid: i for i, pid in enumerate(ids)}, torch.tensor(vectors, dtype=torch.float32)
 
 
+def _reply_row(model: E2PModel, ex: PersonaExample, cfg: RecipeConfig, persona_text: str | None = None):
+    """One reply as the recipe formats it: the last `history_turns` turns, at most `max_target_tokens` targets."""
+    return model.format(ex.messages(cfg.history_turns), reply=ex.reply, persona_text=persona_text,
+                        max_target_tokens=cfg.max_target_tokens)
+
+
 def make_items(model: E2PModel, examples, index: dict[str, int], cfg: RecipeConfig, with_text: bool) -> list[Item]:
-    return [
-        Item(model.format(ex.messages(cfg.history_turns), reply=ex.reply,
-                          persona_text=ex.persona_text if with_text else None,
-                          max_target_tokens=cfg.max_target_tokens),
-             index.get(ex.person_id, -1))
-        for ex in examples
-    ]
+    return [Item(_reply_row(model, ex, cfg, ex.persona_text if with_text else None), index.get(ex.person_id, -1))
+            for ex in examples]
 
 
 def split_people(examples: list[PersonaExample], n_val: int, seed: int):
@@ -179,7 +180,7 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
     if cfg.text_steps > 0:
         # the hybrid: the text-trained style (shared_prefix_text) plus E2P's person part, trained with the text
         hybrid = Projector.from_pretrained(out_dir)
-        hybrid.shared.data.copy_(Projector.from_pretrained(out_dir / "shared_prefix_text").shared.data)
+        hybrid.shared.data.copy_(spt.shared.data)
         stage("e2p_text", hybrid, cfg.text_steps, cfg.e2p_lr, True, freeze_shared=True,
               contrastive=cfg.contrastive_weight)
     report["seconds"] = time.time() - t0
@@ -222,12 +223,8 @@ def _distill_items(model: E2PModel, teacher: E2PModel, examples, encoder, cfg: R
             sentences = rng.sample(sentences, rng.randint(2, len(sentences) - 1))
         texts.append(" ".join(sentences))
     table = torch.tensor(encoder.encode(texts), dtype=torch.float32)
-    items = []
-    for i, (ex, text) in enumerate(zip(examples, texts)):
-        msgs = ex.messages(cfg.history_turns)
-        items.append(Item(model.format(msgs, reply=ex.reply, max_target_tokens=cfg.max_target_tokens), i,
-                          teacher_row=teacher.format(msgs, reply=ex.reply, persona_text=text,
-                                                     max_target_tokens=cfg.max_target_tokens)))
+    items = [Item(_reply_row(model, ex, cfg), i, teacher_row=_reply_row(teacher, ex, cfg, text))
+             for i, (ex, text) in enumerate(zip(examples, texts))]
     return items, table
 
 

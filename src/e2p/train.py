@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_optimizer, save_optimizer
-from .model import E2PModel, Segments
+from .model import E2PModel, Segments, per_row_sum
 from .projector import Projector
 
 log = logging.getLogger(__name__)
@@ -156,12 +156,11 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
         emb = emb[mine] if emb is not None else None
         if teacher is not None and cfg.distill_weight > 0:
             own_s, own_c, kl_s = _distill_sums(model, teacher, rows, [it.teacher_row for it in batch][mine], emb)
-            total_tokens = _all_sum(own_c.sum().float(), world)
-            loss = ((1 - cfg.distill_weight) * own_s.sum() + cfg.distill_weight * kl_s.sum()) / total_tokens
+            objective = (1 - cfg.distill_weight) * own_s.sum() + cfg.distill_weight * kl_s.sum()
         else:
             own_s, own_c = model.loss(rows, emb, reduction="none")
-            total_tokens = _all_sum(own_c.sum().float(), world)
-            loss = own_s.sum() / total_tokens
+            objective = own_s.sum()
+        loss = objective / _all_sum(own_c.sum().float(), world)
         if other is not None:
             shuf_s, _ = model.loss(rows, other[mine], reduction="none")
             gap = (shuf_s - own_s) / own_c
@@ -217,10 +216,7 @@ def _distill_sums(model: E2PModel, teacher: E2PModel, rows, teacher_rows, emb):
     kl = (t_logp.exp() * (t_logp - logp)).sum(-1)
     nll = -logp.gather(1, labels[:, None])[:, 0]
     n = len(rows)
-    sums = torch.zeros(n, dtype=nll.dtype).index_add(0, row, nll)
-    kls = torch.zeros(n, dtype=kl.dtype).index_add(0, row, kl)
-    counts = torch.zeros(n, dtype=torch.long).index_add(0, row, torch.ones_like(row))
-    return sums, counts, kls
+    return per_row_sum(nll, row, n), per_row_sum(torch.ones_like(row), row, n), per_row_sum(kl, row, n)
 
 
 def _rank_world() -> tuple[int, int]:
