@@ -10,7 +10,7 @@ import json
 import logging
 
 from e2p.backbone import load_backbone
-from e2p.data.persona import load_persona
+from e2p.data.persona import persona_split
 from e2p.encoders import TextEncoder
 from e2p.recipe import RecipeConfig, run_recipe
 
@@ -24,7 +24,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO)
     cfg = RecipeConfig(**json.loads(args.fields))
     print(cfg, flush=True)
-    report = run_recipe(load_backbone(), TextEncoder(), load_persona(args.data, "train"), args.out, cfg,
+    train, _ = persona_split(args.data, include_msc=cfg.include_msc)
+    report = run_recipe(load_backbone(), TextEncoder(), train, args.out, cfg,
                         progress=True, resume=True)
     print(json.dumps(report, indent=1))
 

@@ -72,3 +72,21 @@ def test_real_split_is_leakage_free(shared_data):
     assert len(train) > 10000 and len(test) > 5000
     assert not {e.person_id for e in train} & {e.person_id for e in test}
     assert all("test" in e.source.lower() for e in test)
+
+
+def test_split_drops_test_sentences_and_can_add_msc(tmp_path):
+    (tmp_path / "c_valid.txt").write_text(CONVAI)
+    (tmp_path / "s_test.csv").write_text(SPC)  # its personas share "I like dogs." / "I am a nurse." with ConvAI2
+    init = [["i sail boats."], ["i bake bread."]]
+    s2 = {"personas": [["i sail boats."], ["i bake bread.", "I am a nurse."]], "init_personas": init,
+          "dialog": [{"id": "Speaker 1", "text": "hey again"}, {"id": "Speaker 2", "text": "good to see you"}]}
+    (tmp_path / "msc_dialogue_session_2_valid.txt").write_text(json.dumps(s2) + "\n")
+    train, test = persona_split(tmp_path)
+    test_sentences = {s.lower().rstrip(".") for e in test for s in e.persona}
+    assert all(s.lower().rstrip(".") not in test_sentences for e in train for s in e.persona)
+    assert not any(e.source.startswith("msc") for e in train)
+    # people whose whole persona is test sentences are gone ("i like dogs." + "i am a nurse."; "i play guitar.")
+    assert {e.persona for e in train} == {("i love cats.",)}
+    with_msc, _ = persona_split(tmp_path, include_msc=True)
+    msc = [e for e in with_msc if e.source.startswith("msc")]
+    assert [e.persona for e in msc] == [("i bake bread.",)]  # its test sentence removed, the rest kept

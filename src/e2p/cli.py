@@ -36,16 +36,17 @@ def _scaled_recipe(args):
 
 
 def cmd_train(args) -> None:
-    from .data.persona import LoadReport, load_persona
+    from .data.persona import LoadReport, load_persona, persona_split
     from .distributed import init_distributed
     from .recipe import run_recipe
 
     init_distributed()  # torchrun / accelerate launch: one process per worker, batches split across them
     report = LoadReport()
     path = Path(args.data)
-    examples = load_persona(path, "train" if path.is_dir() else "all", report)
-    print(f"data: {report}")
     cfg = _scaled_recipe(args)
+    # a folder: its training split, leakage-free (persona_split); a file: all of it
+    examples = persona_split(path, cfg.include_msc, report)[0] if path.is_dir() else load_persona(path, "all", report)
+    print(f"data: {report}")
     backbone, encoder = _load(args.backbone, args.encoder)
     result = run_recipe(backbone, encoder, examples, args.out, cfg, resume=args.resume, minutes=args.minutes)
     print(json.dumps(result["stages"], indent=2))

@@ -47,6 +47,8 @@ class RecipeConfig:
     reconstruct_steps: int = 60
     reconstruct_lr: float = 1e-3
     reconstruct_mix: float = 0.0  # share of reconstruction items mixed into the e2p stage
+    reconstruct_sentences: int = 0  # 0: restate the whole persona; N: restate N random sentences of it (cheaper, one item per persona)
+    include_msc: bool = False  # train on MSC's grown personas too (e2p train / scripts/run_recipe.py load them)
     e2p_steps: int = 100
     e2p_lr: float = 1e-3
     contrastive_weight: float = 0.0
@@ -62,11 +64,17 @@ class RecipeConfig:
     seed: int = 0
 
 
-def person_table(examples: list[PersonaExample], encoder) -> tuple[dict[str, int], torch.Tensor]:
-    """One embedding per person: the encoder applied to the persona sentences joined."""
+def persona_key(ex: PersonaExample) -> str:
+    """One row per persona *version*: MSC gives one person (one id) a persona that grows between sessions."""
+    return f"{ex.person_id}:{ex.persona_text}"
+
+
+def person_table(examples: list[PersonaExample], encoder, key=None) -> tuple[dict[str, int], torch.Tensor]:
+    """One embedding per person (or per `key(example)`): the encoder applied to the persona sentences joined."""
+    key = key or (lambda ex: ex.person_id)
     texts: dict[str, str] = {}
     for ex in examples:
-        texts.setdefault(ex.person_id, ex.persona_text)
+        texts.setdefault(key(ex), ex.persona_text)
     ids = list(texts)
     vectors = encoder.encode([texts[i] for i in ids], show_progress_bar=False)
     return {pid: i for i, pid in enumerate(ids)}, torch.tensor(vectors, dtype=torch.float32)
@@ -79,7 +87,7 @@ def _reply_row(model: E2PModel, ex: PersonaExample, cfg: RecipeConfig, persona_t
 
 
 def make_items(model: E2PModel, examples, index: dict[str, int], cfg: RecipeConfig, with_text: bool) -> list[Item]:
-    return [Item(_reply_row(model, ex, cfg, ex.persona_text if with_text else None), index.get(ex.person_id, -1))
+    return [Item(_reply_row(model, ex, cfg, ex.persona_text if with_text else None), index.get(persona_key(ex), -1))
             for ex in examples]
 
 
@@ -109,8 +117,8 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
         return None if minutes is None else minutes * steps / max(total_steps, 1)
 
     train_ex, val_ex = split_people(examples, cfg.val_people, cfg.seed)
-    index, table = person_table(train_ex + val_ex, encoder)
-    mean = table[[index[p] for p in {e.person_id for e in train_ex}]].mean(0) if cfg.center_embeddings else None
+    index, table = person_table(train_ex + val_ex, encoder, key=persona_key)
+    mean = table[[index[p] for p in {persona_key(e) for e in train_ex}]].mean(0) if cfg.center_embeddings else None
     report = {"train_examples": len(train_ex), "train_people": len({e.person_id for e in train_ex}),
               "val_people": len({e.person_id for e in val_ex}), "stages": {}}
     val_sample = _sample(val_ex, cfg.val_examples, cfg.seed)
@@ -229,21 +237,33 @@ def _distill_items(model: E2PModel, teacher: E2PModel, examples, encoder, cfg: R
 
 
 def _reconstruction_items(backbone, projector, examples, encoder, cfg: RecipeConfig, augment: bool = True):
-    """(prefix, 'Tell me about yourself.') -> the persona sentences; with random subsets as augmentation."""
+    """(prefix, 'Tell me about yourself.') -> persona sentences from the prefix alone.
+
+    reconstruct_sentences 0: the whole persona, plus random subsets of it as augmentation.
+    N > 0: one item per distinct persona; the embedding is of the persona (a random 4-6 sentence view of a
+    longer one, as MSC's grown personas are) and the target is N random sentences of it, so every fact
+    must be in the prefix while each item stays short and many more distinct personas fit in the steps."""
     rng = random.Random(cfg.seed)
     personas = {}
     for ex in examples:
-        personas.setdefault(ex.person_id, list(ex.persona))
-    texts = []
+        personas.setdefault(persona_key(ex), list(ex.persona))
+    texts, targets = [], []
     for sentences in personas.values():
+        if cfg.reconstruct_sentences > 0:
+            view = sentences if len(sentences) <= 6 else (rng.sample(sentences, rng.randint(4, 6)) if augment else sentences[:5])
+            picked = rng.sample(view, min(cfg.reconstruct_sentences, len(view))) if augment else view[:cfg.reconstruct_sentences]
+            texts.append(" ".join(view))
+            targets.append(" ".join(picked))
+            continue
         texts.append(" ".join(sentences))
         if augment and len(sentences) > 2:
             for _ in range(2):
                 sub = rng.sample(sentences, rng.randint(2, len(sentences) - 1))
                 texts.append(" ".join(sub))
+    targets = targets or texts
     table = torch.tensor(encoder.encode(texts), dtype=torch.float32)
     model = E2PModel(backbone, projector)
-    items = [Item(model.format(RECONSTRUCT_PROMPT, reply=t, max_target_tokens=96), i) for i, t in enumerate(texts)]
+    items = [Item(model.format(RECONSTRUCT_PROMPT, reply=t, max_target_tokens=96), i) for i, t in enumerate(targets)]
     return items, table
 
 

@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import DataError
@@ -49,9 +49,13 @@ class LoadReport:
         return f"{self.examples} examples from {self.dialogues} dialogues in {len(self.files)} files; skipped: {skipped}"
 
 
+def normalize_sentence(sentence: str) -> str:
+    return re.sub(r"\s+", " ", sentence.strip().lower().rstrip("."))
+
+
 def person_id(persona) -> str:
     """Same persona sentences (any order, case, spacing) -> same id, across files and formats."""
-    norm = sorted(re.sub(r"\s+", " ", s.strip().lower().rstrip(".")) for s in persona if s.strip())
+    norm = sorted(normalize_sentence(s) for s in persona if s.strip())
     return hashlib.sha1("\n".join(norm).encode()).hexdigest()[:12]
 
 
@@ -186,9 +190,10 @@ def _loader_for(path: Path):
     return None
 
 
-def persona_files(path: str | Path, split: str = "all") -> list[Path]:
+def persona_files(path: str | Path, split: str = "all", include_msc: bool = False) -> list[Path]:
     """Persona files under `path`. split "test": files named *test* (all files if none is);
-    "train": the others, MSC excluded (kept for drift studies); "all": everything."""
+    "train": the others, MSC excluded unless `include_msc` (its grown personas add thousands of
+    distinct persona sentences); "all": everything."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path} does not exist: pass a persona file or a folder of them")
@@ -199,16 +204,17 @@ def persona_files(path: str | Path, split: str = "all") -> list[Path]:
         tests = [p for p in files if "test" in p.name.lower()]
         return tests or files
     if split == "train":
-        files = [p for p in files if "test" not in p.name.lower() and not p.name.lower().startswith("msc")]
+        files = [p for p in files if "test" not in p.name.lower() and (include_msc or not p.name.lower().startswith("msc"))]
     return files
 
 
-def load_persona(path: str | Path, split: str = "all", report: LoadReport | None = None) -> list[PersonaExample]:
+def load_persona(path: str | Path, split: str = "all", report: LoadReport | None = None,
+                 include_msc: bool = False) -> list[PersonaExample]:
     """Load every persona file under `path` (see persona_files for `split`), de-duplicated."""
     report = report if report is not None else LoadReport()
     seen = set()
     out: list[PersonaExample] = []
-    for f in persona_files(path, split):
+    for f in persona_files(path, split, include_msc):
         loader = _loader_for(f)
         if loader is None:
             continue
@@ -226,9 +232,19 @@ def load_persona(path: str | Path, split: str = "all", report: LoadReport | None
     return out
 
 
-def persona_split(path: str | Path) -> tuple[list[PersonaExample], list[PersonaExample]]:
-    """The leakage-free split of the data README: (train, test), with test people removed from train."""
-    train = load_persona(path, "train")
+def persona_split(path: str | Path, include_msc: bool = False,
+                  report: LoadReport | None = None) -> tuple[list[PersonaExample], list[PersonaExample]]:
+    """The leakage-free split of the data README: (train, test). Test people are removed from train,
+    and so is every persona sentence that also occurs in a test persona (a person left with none is dropped)."""
+    train = load_persona(path, "train", report, include_msc=include_msc)
     test = load_persona(path, "test")
     test_ids = {e.person_id for e in test}
-    return [e for e in train if e.person_id not in test_ids], test
+    test_sentences = {normalize_sentence(s) for e in test for s in e.persona}
+    out = []
+    for e in train:
+        if e.person_id in test_ids:
+            continue
+        kept = tuple(s for s in e.persona if normalize_sentence(s) not in test_sentences)
+        if kept:
+            out.append(e if len(kept) == len(e.persona) else replace(e, persona=kept))
+    return out, test
