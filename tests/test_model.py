@@ -20,7 +20,8 @@ def _model(tiny, injection="input", position="start", k=2, seed=0):
     return E2PModel(tiny, p, autocast=False)
 
 
-@pytest.mark.parametrize("injection,position", [("input", "start"), ("input", "after_system"), ("deep", "start")])
+@pytest.mark.parametrize("injection,position", [("input", "start"), ("input", "after_system"), ("deep", "start"),
+                                                ("input", "after_sink"), ("deep", "after_sink")])
 def test_padded_mixed_batch_matches_rows_alone(tiny, injection, position):
     m = _model(tiny, injection, position)
     rows = [m.format(msgs, reply=r) for msgs, r in CONVS]
@@ -59,6 +60,36 @@ def test_prefix_equal_to_token_embedding_matches_token_id(tiny):
 
     as_token = plain.loss([Segments(pre=[], post=[word] + row.post, target=row.target)], reduction="none")[0]
     assert torch.allclose(with_prefix, as_token, atol=1e-5)
+
+
+@pytest.mark.parametrize("injection", ["input", "deep"])
+def test_after_sink_prefix_acts_like_a_token_behind_the_first_one(tiny, injection):
+    """"after_sink": [first prompt token][prefix][prompt]. A prefix equal to a real token's embedding (input) or to
+    that token's keys/values at position 1 (deep) must score exactly like the token given by id there."""
+    from e2p.model import Segments
+
+    cfg = new_config(tiny, embedding_dim=0, num_prefix_tokens=1, output_norm=False, injection=injection,
+                     prefix_position="after_sink")
+    p = Projector(cfg)
+    plain = E2PModel(tiny, None, config=cfg, autocast=False)
+    row = plain.format(CONVS[0][0], reply=CONVS[0][1])
+    first, word = row.post[0], tiny.tokenizer.convert_tokens_to_ids("dogs")
+    with torch.no_grad():
+        if injection == "input":
+            p.shared.copy_(tiny.model.get_input_embeddings().weight[word].unsqueeze(0))
+        else:
+            cache = tiny.model.model(input_ids=torch.tensor([[first, word]]), use_cache=True).past_key_values
+            kv = [torch.stack([cache.layers[i].keys[0, :, 1].reshape(-1), cache.layers[i].values[0, :, 1].reshape(-1)])
+                  for i in range(tiny.num_layers)]
+            p.shared.copy_(torch.stack(kv).reshape(1, -1))
+    m = E2PModel(tiny, p, autocast=False)
+    with_prefix = m.loss([m.format(CONVS[0][0], reply=CONVS[0][1])], reduction="none")[0]
+    as_tokens = plain.loss([Segments(pre=[], post=[first, word] + row.post, target=row.target)], reduction="none")[0]
+    assert torch.allclose(with_prefix, as_tokens, atol=1e-5)
+    shifted = E2PModel(tiny, Projector(new_config(tiny, embedding_dim=0, num_prefix_tokens=1, output_norm=False,
+                                                  injection=injection)), autocast=False)
+    shifted.projector.shared.data.copy_(p.shared.data)
+    assert not torch.allclose(shifted.loss([row], reduction="none")[0], as_tokens, atol=1e-3)  # "start" differs
 
 
 def test_loss_only_on_target_tokens(tiny):

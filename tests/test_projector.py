@@ -75,6 +75,8 @@ def test_config_validation():
         E2PConfig(injection="sideways")
     with pytest.raises(ConfigError):
         E2PConfig(num_prefix_tokens=0)
+    with pytest.raises(ConfigError, match="after_sink"):
+        E2PConfig(injection="deep", prefix_position="after_system")
 
 
 def test_half_precision_save_loads_back_as_float32(tiny, tmp_path):

@@ -38,7 +38,7 @@ def test_encoding_is_vllms():
     assert torch.equal(back, x) and torch.equal(decode_tensor(tensor2base64(x)), x)
 
 
-@pytest.mark.parametrize("position", ["start", "after_system"])
+@pytest.mark.parametrize("position", ["start", "after_system", "after_sink"])
 def test_prompt_embeds_equal_the_models_inputs_embeds(tiny, position):
     model = _model(tiny, position)
     model.projector.train()  # the exporter must use eval mode (no dropout) and restore the mode
@@ -82,6 +82,11 @@ def test_chat_body_carries_the_prefix_as_a_content_part(tiny, position, where):
     with torch.no_grad():
         assert prefix.shape == (2, 64) and torch.allclose(prefix, model.projector(user.unsqueeze(0))[0], atol=1e-6)
     assert sum(isinstance(m["content"], list) for m in msgs) == 1 and MESSAGES[0]["content"] == "hi , how are you ?"
+
+
+def test_after_sink_chat_body_is_refused_with_advice(tiny):
+    with pytest.raises(ConfigError, match="completion_body"):
+        VLLMExporter(_model(tiny, "after_sink")).chat_body("tiny", MESSAGES, torch.randn(8))
 
 
 def test_deep_injection_is_refused_with_advice(tiny):

@@ -23,6 +23,7 @@ def _scaled_recipe(args):
     from .recipe import RecipeConfig
 
     cfg = RecipeConfig(injection=args.injection, num_prefix_tokens=args.prefix_tokens, seed=args.seed,
+                       prefix_position=args.prefix_position, include_msc=args.with_msc,
                        batch_size=args.batch_size, text_steps=args.text_steps, val_examples=args.val_examples)
     if args.steps is not None:  # --steps N: total over all stages, keeping the recipe's proportions
         stages = ["shared_steps", "reconstruct_steps", "e2p_steps"]
@@ -154,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--minutes", type=float, default=None, help="wall-clock budget, split across stages")
     t.add_argument("--prefix-tokens", type=int, default=1)
     t.add_argument("--injection", choices=["input", "deep"], default="deep")
+    t.add_argument("--prefix-position", choices=["start", "after_sink", "after_system"], default="start",
+                   help="start: position 0 (measured best); after_sink: behind the prompt's first token; after_system: input only")
+    t.add_argument("--with-msc", action="store_true", help="also train on the folder's MSC files (grown personas)")
     t.add_argument("--text-steps", type=int, default=0, help="also train shared_prefix_text and e2p_text for this many steps each")
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--val-examples", type=int, default=48, help="replies of held-out people scored at each validation")

@@ -8,7 +8,7 @@ from pathlib import Path
 from .errors import ConfigError
 
 INJECTIONS = ("input", "deep")
-POSITIONS = ("start", "after_system")
+POSITIONS = ("start", "after_system", "after_sink")
 
 
 @dataclass
@@ -25,7 +25,9 @@ class E2PConfig:
     dropout: float = 0.1
     output_norm: bool = True
     injection: str = "input"  # "input": soft tokens; "deep": a key/value prefix in every layer
-    prefix_position: str = "start"  # "start" (before the chat template) or "after_system"
+    # "start": before the chat template (the prefix takes position 0, where the model keeps its attention sink);
+    # "after_sink": behind one copy of the prompt's first token, which stays the sink; "after_system" (input only)
+    prefix_position: str = "start"
     backbone_name: str = ""
     backbone_hidden_size: int = 0
     backbone_num_layers: int = 0
@@ -40,6 +42,9 @@ class E2PConfig:
             raise ConfigError(f"injection must be one of {INJECTIONS}, got {self.injection!r}")
         if self.prefix_position not in POSITIONS:
             raise ConfigError(f"prefix_position must be one of {POSITIONS}, got {self.prefix_position!r}")
+        if self.prefix_position == "after_system" and self.injection != "input":
+            raise ConfigError("prefix_position 'after_system' needs injection 'input' (a deep prefix's keys sit in the cache "
+                              "before the prompt): use 'start' or 'after_sink'")
         if self.num_prefix_tokens < 1:
             raise ConfigError(f"num_prefix_tokens must be >= 1, got {self.num_prefix_tokens}")
         if self.embedding_dim < 0:

@@ -140,6 +140,8 @@ class E2PModel(nn.Module):
             system_part = self._render(head, add_generation_prompt=False)
             if prompt.startswith(system_part):
                 pre, post = self._encode(system_part), self._encode(prompt[len(system_part):])
+        elif self.config.prefix_position == "after_sink" and self.config.injection == "input" and self.projector is not None:
+            pre = post[:1]  # a copy of the first token takes position 0 (deep injection puts its keys in the cache)
         target: list[int] = []
         if reply is not None:
             full = self._render(head + messages + [{"role": "assistant", "content": reply}], add_generation_prompt=False)
@@ -204,13 +206,29 @@ class E2PModel(nn.Module):
         embeds = self.lm.get_input_embeddings()(ids)
         if prefix is not None and not deep and is_prefix.any():
             embeds = embeds.masked_scatter(is_prefix.unsqueeze(-1), prefix[has].to(embeds.dtype).reshape(-1))
-        offset = (has.long() * k).unsqueeze(1) if deep else 0
+        if deep and prefix is not None and self.config.prefix_position == "after_sink":
+            prefix = torch.cat([self._sink_kv(rows).to(prefix.dtype).expand(B, 1, -1), prefix], dim=1)
+        n_cache = prefix.shape[1] if deep and prefix is not None else 0
+        offset = (has.long() * n_cache).unsqueeze(1) if deep else 0
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0) + offset
         batch = dict(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, ids=ids, is_target=is_target)
         if deep and prefix is not None:
             batch["past_key_values"] = self._deep_cache(prefix)
-            batch["attention_mask"] = torch.cat([has.long().unsqueeze(1).expand(B, k), mask], dim=1)
+            batch["attention_mask"] = torch.cat([has.long().unsqueeze(1).expand(B, n_cache), mask], dim=1)
         return batch
+
+    def _sink_kv(self, rows: Sequence[Segments]) -> torch.Tensor:
+        """[1, 1, L*2*kv]: every layer's key/value of the prompt's first token at position 0 (frozen, cached),
+        so that with "after_sink" the model's attention sink stays a real token and the prefix sits behind it."""
+        first = (rows[0].pre or rows[0].post)[:1]
+        if getattr(self, "_sink", None) is None or self._sink[0] != first:
+            with torch.no_grad():
+                out = self.lm.model(input_ids=torch.tensor([first]), use_cache=True)
+                cache = _output_cache(out)
+                layers = [torch.stack([cache.layers[i].keys[0, :, 0].reshape(-1), cache.layers[i].values[0, :, 0].reshape(-1)])
+                          for i in range(self.lm.config.num_hidden_layers)]
+            self._sink = (first, torch.stack(layers).reshape(1, 1, -1))
+        return self._sink[1]
 
     def _deep_cache(self, prefix: torch.Tensor):
         """[B, k, L*2*kv] -> a DynamicCache holding each layer's prefix keys and values."""

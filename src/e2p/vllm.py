@@ -113,6 +113,9 @@ class VLLMExporter:
         prefix = self.prefix_embeds(embedding)
         if prefix is None:
             return messages
+        if self.model.config.prefix_position == "after_sink":
+            raise ConfigError("an after_sink prefix sits behind the template's first token, which a chat message cannot "
+                              "express: send the whole prompt with completion_body (prompt_embeds) instead")
         part = {"type": "prompt_embeds", "data": tensor2base64(prefix)}
         want = "user" if self.model.config.prefix_position == "after_system" else "system"
         target = next((m for m in messages if m.get("role") == want), None) or next(m for m in messages if m.get("role") == "user")
