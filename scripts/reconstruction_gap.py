@@ -36,10 +36,10 @@ def main() -> None:
     projector = Projector.from_pretrained(args.projector, backbone).eval()
     train, test = persona_split(args.data)  # without MSC: the same people with and without it
     rest, val = split_people(train, cfg.val_people, cfg.seed)
+    model = E2PModel(backbone, projector)
     for name, examples in [("train", _sample(rest, 3000, 2)), ("val", val), ("test", _sample(test, 3000, 1))]:
         items, table = _reconstruction_items(backbone, projector, examples, encoder, cfg, augment=False)
         items = _sample(items, args.n, 0)
-        model = E2PModel(backbone, projector)
         t = time.time()
         own = evaluate_loss(model, items, table)
         shuffled = evaluate_loss(model, items, table, shuffle_people=True)

@@ -222,12 +222,7 @@ class E2PModel(nn.Module):
         so that with "after_sink" the model's attention sink stays a real token and the prefix sits behind it."""
         first = (rows[0].pre or rows[0].post)[:1]
         if getattr(self, "_sink", None) is None or self._sink[0] != first:
-            with torch.no_grad():
-                out = self.lm.model(input_ids=torch.tensor([first]), use_cache=True)
-                cache = _output_cache(out)
-                layers = [torch.stack([cache.layers[i].keys[0, :, 0].reshape(-1), cache.layers[i].values[0, :, 0].reshape(-1)])
-                          for i in range(self.lm.config.num_hidden_layers)]
-            self._sink = (first, torch.stack(layers).reshape(1, 1, -1))
+            self._sink = (first, token_keys_values(self.lm, first).unsqueeze(0))
         return self._sink[1]
 
     def _deep_cache(self, prefix: torch.Tensor):
@@ -341,6 +336,16 @@ class E2PModel(nn.Module):
             sorted_p = sorted_p * keep
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(1)
+
+
+@torch.no_grad()
+def token_keys_values(lm: nn.Module, ids: Sequence[int]) -> torch.Tensor:
+    """[t, L*2*kv]: every layer's keys and values of `ids` (from position 0), laid out as a deep prefix."""
+    cache = _output_cache(lm.model(input_ids=torch.tensor([list(ids)]), use_cache=True))
+    layers = [torch.stack([cache.layers[i].keys[0].permute(1, 0, 2).flatten(1),  # [n_kv, t, hd] -> [t, n_kv*hd]
+                           cache.layers[i].values[0].permute(1, 0, 2).flatten(1)], dim=1)
+              for i in range(lm.config.num_hidden_layers)]
+    return torch.stack(layers, dim=1).reshape(len(ids), -1)
 
 
 def per_row_sum(values: torch.Tensor, row: torch.Tensor, n_rows: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .data.persona import PersonaExample
-from .model import E2PModel, new_config
+from .model import E2PModel, new_config, token_keys_values
 from .projector import Projector
 from .train import Item, TrainConfig, train_projector
 
@@ -205,19 +205,9 @@ def _init_shared(backbone, projector: Projector, text: str = "Persona:") -> None
         if projector.config.injection == "input":
             vec = backbone.model.get_input_embeddings()(ids)[0]
         else:
-            skip = 0
-            if projector.config.prefix_position == "after_sink":  # the prefix sits behind the prompt's first token
-                first = E2PModel(backbone, projector).format("hi").post[:1]
-                ids, skip = torch.cat([torch.tensor([first]), ids], dim=1), 1
-            out = backbone.model(input_ids=ids, use_cache=True)
-            cache = getattr(out, "cache", None) or out.past_key_values
-            layers = []
-            for layer in range(backbone.num_layers):
-                key = cache.layers[layer].keys[:, :, skip:]  # [1, n_kv, t, hd]
-                value = cache.layers[layer].values[:, :, skip:]
-                layers.append(torch.stack([key[0].permute(1, 0, 2).reshape(key.shape[2], -1),
-                                           value[0].permute(1, 0, 2).reshape(value.shape[2], -1)], dim=1))
-            vec = torch.stack(layers, dim=1).reshape(ids.shape[1] - skip, -1)  # [t, L*2*kv]
+            # after_sink: the prefix sits behind the prompt's first token, so take its keys/values from there
+            sink = E2PModel(backbone, projector).format("hi").post[:1] if projector.config.prefix_position == "after_sink" else []
+            vec = token_keys_values(backbone.model, sink + ids[0].tolist())[len(sink):]  # [t, L*2*kv]
         projector.shared.data[: vec.shape[0]] = vec
         if vec.shape[0] < k:
             projector.shared.data[vec.shape[0]:] = vec[-1]
