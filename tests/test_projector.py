@@ -86,3 +86,19 @@ def test_half_precision_save_loads_back_as_float32(tiny, tmp_path):
     q = Projector.from_pretrained(tmp_path, tiny)
     assert q.mlp[-1].weight.dtype == torch.float32
     assert torch.allclose(q.mlp[-1].weight, p.mlp[-1].weight, atol=1e-2)
+
+
+def test_person_scale_moves_between_shared_and_full_person_part(tiny, tmp_path):
+    p = Projector(new_config(tiny, embedding_dim=8, injection="deep")).eval()
+    torch.nn.init.normal_(p.mlp[-1].weight)
+    e = torch.randn(3, 8)
+    full = p(e)
+    p.config.person_scale = 0.0  # the shared prefix exactly
+    assert torch.equal(p(e), p.shared.unsqueeze(0).expand(3, -1, -1))
+    p.config.person_scale = 0.5
+    half = p(e)
+    assert torch.allclose(half - p.shared, 0.5 * (full - p.shared), atol=1e-6)
+    p.save_pretrained(tmp_path / "p")  # the scale is part of the saved projector
+    assert torch.allclose(Projector.from_pretrained(tmp_path / "p").eval()(e), half)
+    with pytest.raises(ConfigError, match="person_scale"):
+        new_config(tiny, embedding_dim=8, person_scale=float("nan"))

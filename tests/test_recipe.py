@@ -3,8 +3,10 @@ import torch
 
 from e2p import Projector
 from e2p.data.persona import PersonaExample
-from e2p.model import new_config
-from e2p.recipe import RecipeConfig, _reconstruction_items, person_table, persona_key
+from e2p.model import E2PModel, new_config
+from e2p.recipe import (RecipeConfig, _reconstruction_items, calibrate_person_scale, person_table, persona_key,
+                        split_people)
+from e2p.train import Item
 
 
 class CountingEncoder:
@@ -44,3 +46,26 @@ def test_sentence_reconstruction_targets_come_from_the_embedded_view(tiny):
         sentences = [s.strip() + "." for s in target.replace(" .", ".").split(".") if s.strip()]
         assert len(sentences) == 2 and all(s in view for s in sentences), (target, view)
     assert 4 <= enc.seen[0].count(".") <= 6  # a long persona is embedded as a 4-6 sentence view
+
+
+def test_novel_sentence_validation_strips_validation_sentences_from_training():
+    shared = "i have two dogs."
+    examples = [_ex(f"p{i}", [shared if i % 2 else f"i was born in {i}.", f"my number is {i}."]) for i in range(10)]
+    train, val = split_people(examples, 3, seed=0, novel_sentences=True)
+    val_sentences = {s for e in val for s in e.persona}
+    assert {e.person_id for e in train}.isdisjoint({e.person_id for e in val})
+    assert not any(s in val_sentences for e in train for s in e.persona)  # new people with new sentences
+    plain, _ = split_people(examples, 3, seed=0)
+    if any(shared in e.persona for e in val):  # without it, training keeps the sentence validation people share
+        assert any(shared in e.persona for e in plain)
+
+
+def test_person_scale_calibration_picks_the_lowest_validation_loss(tiny):
+    projector = Projector(new_config(tiny, embedding_dim=8, injection="deep"))
+    torch.nn.init.normal_(projector.mlp[-1].weight, std=5.0)  # a wildly over-confident person part
+    model = E2PModel(tiny, projector)
+    items = [Item(model.format("hi", reply=f"hello number {i}"), i % 4) for i in range(8)]
+    report = calibrate_person_scale(tiny, projector, items, torch.randn(4, 8), [0.5, 1.0])
+    losses = {float(k): v for k, v in report["validation_loss"].items()}
+    assert set(losses) == {0.0, 0.5, 1.0}  # the shared prefix is always a candidate
+    assert projector.config.person_scale == report["chosen"] == min(losses, key=losses.get)

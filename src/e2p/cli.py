@@ -51,6 +51,15 @@ def cmd_train(args) -> None:
     backbone, encoder = _load(args.backbone, args.encoder)
     result = run_recipe(backbone, encoder, examples, args.out, cfg, resume=args.resume, minutes=args.minutes)
     print(json.dumps(result["stages"], indent=2))
+    scale = result.get("person_scale")
+    if scale:
+        print(f"person_scale {scale['chosen']} (validation loss by scale: "
+              + ", ".join(f"{k}: {v:.4f}" for k, v in scale["validation_loss"].items()) + ")")
+        if scale["chosen"] == 0:
+            print("warning: on validation people (new people, new persona sentences) every share of the person part made "
+                  "replies worse, so the projector equals its shared prefix. The embeddings do not carry what these "
+                  "replies need about new people: try embeddings that describe the person more richly, more people "
+                  "to train on, or compare `e2p eval` against the shared prefix before serving it.")
     print(f"projector saved to {args.out} (load it with Projector.from_pretrained({str(args.out)!r}))")
 
 

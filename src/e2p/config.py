@@ -36,6 +36,7 @@ class E2PConfig:
     encoder_name: str = ""
     system_prompt: str = "You are chatting with someone you just met. Reply briefly."
     embedding_mean: list[float] | None = None  # centering learned from the training embeddings
+    person_scale: float = 1.0  # multiplies the person part (shared + scale * person); calibrated on validation people
 
     def __post_init__(self) -> None:
         if self.injection not in INJECTIONS:
@@ -47,6 +48,8 @@ class E2PConfig:
                               "before the prompt): use 'start' or 'after_sink'")
         if self.num_prefix_tokens < 1:
             raise ConfigError(f"num_prefix_tokens must be >= 1, got {self.num_prefix_tokens}")
+        if not (0.0 <= self.person_scale < float("inf")):
+            raise ConfigError(f"person_scale must be a finite number >= 0, got {self.person_scale!r}")
         if self.embedding_dim < 0:
             raise ConfigError(f"embedding_dim must be >= 0, got {self.embedding_dim}")
 

@@ -124,6 +124,8 @@ def evaluate_persona(backbone, encoder, examples: list[PersonaExample], projecto
     skipped = [c.name for c in persona_conditions(projector_dir) if c not in conditions]
     results: dict = {"conditions": {}, "examples": len(examples), "people": len(set(people)), "skipped_conditions": skipped,
                      "projector": str(projector_dir), "history_turns": history_turns, "max_target_tokens": max_target_tokens}
+    if (projector_dir / "config.json").is_file():  # 0: calibration found the person part only hurt validation people
+        results["person_scale"] = json.loads((projector_dir / "config.json").read_text()).get("person_scale", 1.0)
     per_example: dict[str, np.ndarray] = {}
     counts = None
     bar = tqdm(total=len(examples) * len(conditions), desc="eval", disable=not progress, dynamic_ncols=True)
@@ -199,6 +201,9 @@ def persona_report(results: dict) -> str:
                      f"{c['trainable_parameters']:,} | {c['bytes_per_user']} |")
     if results.get("skipped_conditions"):
         lines += ["", f"Not trained in this projector folder (skipped): {', '.join(results['skipped_conditions'])}."]
+    if results.get("person_scale") == 0:
+        lines += ["", "The projector's person_scale is 0: calibration on validation people found that the person part only "
+                      "hurt, so `e2p` and `shuffled` are the shared prefix."]
     lines += ["", "## Paired comparisons (95% interval from a bootstrap over people)", "",
               "| comparison | perplexity change | 95% interval |", "|---|---|---|"]
     for key, v in results["comparisons"].items():

@@ -15,11 +15,13 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 class Projector(nn.Module):
-    """prefix = shared + MLP(x) - MLP(0), x the centered, normalized embedding, reshaped to (k, prefix_dim).
+    """prefix = shared + s * (MLP(x) - MLP(0)), x the centered, normalized embedding, reshaped to (k, prefix_dim).
 
     `shared` holds what every user has in common (the data set's style); the MLP's last layer
     starts at zero so a projector initialised from a trained shared prefix starts exactly there
-    and learns only what differs between people.
+    and learns only what differs between people. s (config.person_scale, 1 while training) is set
+    afterwards on validation people: a person part fitted on a few thousand people is over-confident
+    about new ones, and shrinking it toward the shared prefix is the cheapest cure.
     """
 
     def __init__(self, config: E2PConfig):
@@ -79,7 +81,7 @@ class Projector(nn.Module):
             e = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-6)
             # the person part is zero for the average person, so style stays in `shared` alone
             person = self.mlp(torch.cat([e, torch.zeros_like(e[:1])])).view(-1, k, d)
-            out = self.shared.unsqueeze(0) + person[:-1] - person[-1:]
+            out = self.shared.unsqueeze(0) + self.config.person_scale * (person[:-1] - person[-1:])
         if self.config.output_norm and self.config.injection == "input":
             out = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-6) * self.config.token_embedding_norm
         return out

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.persona import PersonaExample
+from .data.persona import PersonaExample, without_people_of
 from .model import E2PModel, new_config, token_keys_values
 from .projector import Projector
-from .train import Item, TrainConfig, train_projector
+from .train import Item, TrainConfig, evaluate_loss, train_projector
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ class RecipeConfig:
     teacher_dir: str | None = None  # distill from this trained text-reading projector instead of this run's own
     val_people: int = 40
     val_examples: int = 48
+    novel_val_sentences: bool = True  # strip the validation people's persona sentences from training personas
+    person_scales: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # calibrated on validation
     eval_every: int = 20
     seed: int = 0
 
@@ -91,11 +93,16 @@ def make_items(model: E2PModel, examples, index: dict[str, int], cfg: RecipeConf
             for ex in examples]
 
 
-def split_people(examples: list[PersonaExample], n_val: int, seed: int):
+def split_people(examples: list[PersonaExample], n_val: int, seed: int, novel_sentences: bool = False):
+    """(train, validation) by person. `novel_sentences`: training personas also lose every sentence of a
+    validation persona, so validation people are new people with new sentences, like the test people; without
+    it, validation rewards memorising the training split's sentences, which new people do not share."""
     people = sorted({e.person_id for e in examples})
     random.Random(seed).shuffle(people)
     val = set(people[:n_val])
-    return [e for e in examples if e.person_id not in val], [e for e in examples if e.person_id in val]
+    held_out = [e for e in examples if e.person_id in val]
+    train = without_people_of(examples, held_out) if novel_sentences else [e for e in examples if e.person_id not in val]
+    return train, held_out
 
 
 def _sample(examples: list, n: int, seed: int) -> list:
@@ -116,7 +123,7 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
     def budget(steps: int) -> float | None:  # split a wall-clock budget across stages by their steps
         return None if minutes is None else minutes * steps / max(total_steps, 1)
 
-    train_ex, val_ex = split_people(examples, cfg.val_people, cfg.seed)
+    train_ex, val_ex = split_people(examples, cfg.val_people, cfg.seed, cfg.novel_val_sentences)
     index, table = person_table(train_ex + val_ex, encoder, key=persona_key)
     mean = table[[index[p] for p in {persona_key(e) for e in train_ex}]].mean(0) if cfg.center_embeddings else None
     report = {"train_examples": len(train_ex), "train_people": len({e.person_id for e in train_ex}),
@@ -185,6 +192,12 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
         mixed, mixed_table = replies + rec, torch.cat([table, rec_table])
     e2p = stage("e2p", e2p, cfg.e2p_steps, cfg.e2p_lr, False, freeze_shared=cfg.freeze_shared,
                 contrastive=cfg.contrastive_weight, items=mixed, tbl=mixed_table, teacher=teacher) or e2p
+    if cfg.e2p_steps > 0 and len(cfg.person_scales) > 1:
+        # fresh validation replies (not those the checkpoint was picked on), so the choice is not the same noise twice
+        rest = [e for e in val_ex if e not in val_sample] or val_ex
+        calib = make_items(E2PModel(backbone, e2p), _sample(rest, 2 * cfg.val_examples, cfg.seed + 11), index, cfg, False)
+        report["person_scale"] = calibrate_person_scale(backbone, e2p, calib, table, cfg.person_scales)
+        e2p.save_pretrained(out_dir)
     if cfg.text_steps > 0:
         # the hybrid: the text-trained style (shared_prefix_text) plus E2P's person part, trained with the text
         hybrid = Projector.from_pretrained(out_dir)
@@ -194,6 +207,22 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
     report["seconds"] = time.time() - t0
     (out_dir / "training_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def calibrate_person_scale(backbone, projector: Projector, items: list[Item], table: torch.Tensor,
+                           scales: list[float]) -> dict:
+    """Set projector.config.person_scale to the scale with the lowest loss on `items` (validation people).
+
+    The shared prefix (scale 0) is always a candidate, so calibration can only move E2P toward its control."""
+    model = E2PModel(backbone, projector)
+    losses = {}
+    for scale in sorted({0.0, *scales}):
+        projector.config.person_scale = scale
+        losses[scale] = evaluate_loss(model, items, table)
+    best = min(losses, key=losses.get)
+    projector.config.person_scale = best
+    log.info("person_scale %s (validation loss by scale: %s)", best, {k: round(v, 4) for k, v in losses.items()})
+    return {"chosen": best, "validation_loss": {str(k): v for k, v in losses.items()}, "items": len(items)}
 
 
 def _init_shared(backbone, projector: Projector, text: str = "Persona:") -> None:

@@ -238,13 +238,19 @@ def persona_split(path: str | Path, include_msc: bool = False,
     and so is every persona sentence that also occurs in a test persona (a person left with none is dropped)."""
     train = load_persona(path, "train", report, include_msc=include_msc)
     test = load_persona(path, "test")
-    test_ids = {e.person_id for e in test}
-    test_sentences = {normalize_sentence(s) for e in test for s in e.persona}
+    return without_people_of(train, test), test
+
+
+def without_people_of(examples: list[PersonaExample], held_out: list[PersonaExample]) -> list[PersonaExample]:
+    """`examples` minus the held-out people and minus every persona sentence that also occurs in a held-out persona
+    (a person left with none is dropped), so the held-out people are new people with new sentences."""
+    ids = {e.person_id for e in held_out}
+    sentences = {normalize_sentence(s) for e in held_out for s in e.persona}
     out = []
-    for e in train:
-        if e.person_id in test_ids:
+    for e in examples:
+        if e.person_id in ids:
             continue
-        kept = tuple(s for s in e.persona if normalize_sentence(s) not in test_sentences)
+        kept = tuple(s for s in e.persona if normalize_sentence(s) not in sentences)
         if kept:
             out.append(e if len(kept) == len(e.persona) else replace(e, persona=kept))
-    return out, test
+    return out
