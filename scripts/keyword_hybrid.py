@@ -16,12 +16,12 @@ import random
 import torch
 
 from e2p.backbone import load_backbone
-from e2p.data.persona import persona_split
+from e2p.data.persona import people_half, persona_split
 from e2p.encoders import TextEncoder
 from e2p.evaluate import derangement, paired_bootstrap, score_condition
 from e2p.model import E2PModel
 from e2p.projector import Projector
-from e2p.recipe import _sample, split_people
+from e2p.recipe import RecipeConfig, _reply_row, _sample, split_people
 from e2p.train import Item, TrainConfig, train_projector
 from persona_ceiling import nearest_words, unit
 
@@ -40,16 +40,15 @@ def main() -> None:
     rest, val = split_people(train, 40, 0)  # the recipe's validation people (seed 0)
     model = E2PModel(backbone, Projector.from_pretrained(args.shared, backbone))
 
-    def rows(examples, texts):
-        return [Item(model.format(e.messages(2), reply=e.reply, persona_text=t, max_target_tokens=32), -1)
-                for e, t in zip(examples, texts)]
+    def rows(model, examples, texts):  # the recipe's reply rows (2 turns of history, 32 target tokens)
+        return [Item(_reply_row(model, e, RecipeConfig(), t), -1) for e, t in zip(examples, texts)]
 
     tr, vs = _sample(rest, args.steps * 16, len("shared_prefix_text")), _sample(val, 48, 0)
-    train_projector(model, rows(tr, words([e.persona_text for e in tr])), None, args.out,
+    train_projector(model, rows(model, tr, words([e.persona_text for e in tr])), None, args.out,
                     TrainConfig(steps=args.steps, batch_size=16, lr=1e-3, eval_every=10, seed=0),
-                    val_items=rows(vs, words([e.persona_text for e in vs])), name="shared_prefix_kw")
+                    val_items=rows(model, vs, words([e.persona_text for e in vs])), name="shared_prefix_kw")
     for half in (0, 1):
-        examples = random.Random(0).sample([e for e in test if int(e.person_id, 16) % 2 == half], 160)
+        examples = random.Random(0).sample(people_half(test, half), 160)
         people = [e.person_id for e in examples]
         swap = derangement(people, 0)
         texts = [e.persona_text for e in examples]
@@ -60,9 +59,7 @@ def main() -> None:
                                       ("text", args.text_trained, texts), ("text_other", args.text_trained, other(texts)),
                                       ("words", args.out, kws), ("words_other", args.out, other(kws))]:
             m = E2PModel(backbone, Projector.from_pretrained(folder, backbone).eval())
-            items = [Item(m.format(e.messages(2), reply=e.reply, persona_text=x, max_target_tokens=32), -1)
-                     for e, x in zip(examples, persona)]
-            scores[name] = score_condition(m, items, None, 16)
+            scores[name] = score_condition(m, rows(m, examples, persona), None, 16)
         counts = scores["shared_prefix"][1]
         ppl = {k: math.exp(v[0].sum() / counts.sum()) for k, v in scores.items()}
         print(f"half {half}: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))

@@ -22,10 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from e2p.backbone import load_backbone
-from e2p.data.persona import load_persona, normalize_sentence, persona_split
+from e2p.data.persona import normalize_sentence, people_half, persona_split
 from e2p.encoders import TextEncoder
 from e2p.evaluate import derangement, paired_bootstrap, score_condition
 from e2p.model import E2PModel
+from e2p.recipe import RecipeConfig, _reply_row
 from e2p.train import Item
 
 
@@ -65,7 +66,7 @@ def main() -> None:
     backbone, encoder = load_backbone(), TextEncoder()
     train, test = persona_split(args.data, include_msc=True)
     if args.people_half is not None:
-        test = [e for e in test if int(e.person_id, 16) % 2 == args.people_half]
+        test = people_half(test, args.people_half)
     examples = random.Random(args.seed).sample(test, min(args.limit, len(test)))
     people = [e.person_id for e in examples]
     swap = derangement(people, args.seed)
@@ -78,8 +79,7 @@ def main() -> None:
     model = E2PModel(backbone)
 
     def score(texts):
-        items = [Item(model.format(e.messages(2), reply=e.reply, persona_text=t, max_target_tokens=32), -1)
-                 for e, t in zip(examples, texts)]
+        items = [Item(_reply_row(model, e, RecipeConfig(), t), -1) for e, t in zip(examples, texts)]
         return score_condition(model, items, None, 16)
 
     bar = tqdm(total=1 + 2 * len(sources), desc="conditions")

@@ -90,3 +90,14 @@ def test_split_drops_test_sentences_and_can_add_msc(tmp_path):
     with_msc, _ = persona_split(tmp_path, include_msc=True)
     msc = [e for e in with_msc if e.source.startswith("msc")]
     assert [e.persona for e in msc] == [("i bake bread.",)]  # its test sentence removed, the rest kept
+
+
+def test_people_halves_are_disjoint_and_cover_everyone():
+    from e2p.data.persona import PersonaExample, people_half, person_id
+
+    examples = [PersonaExample(person_id([f"i like thing {i}."]), (f"i like thing {i}.",), (("user", "hi"),), "ok")
+                for i in range(20)]
+    halves = [people_half(examples, h) for h in (0, 1)]
+    ids = [{e.person_id for e in half} for half in halves]
+    assert ids[0] and ids[1] and not ids[0] & ids[1]
+    assert len(halves[0]) + len(halves[1]) == len(examples)

@@ -64,7 +64,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .data.persona import LoadReport, load_persona
+    from .data.persona import LoadReport, load_persona, people_half
     from .evaluate import evaluate_persona
 
     if args.suite == "paper":
@@ -76,7 +76,7 @@ def cmd_eval(args) -> None:
     examples = load_persona(path, "test" if path.is_dir() else "all", report)
     print(f"data: {report}")
     if args.people_half is not None:  # two disjoint sets of people from one file, by person-id parity
-        examples = [e for e in examples if int(e.person_id, 16) % 2 == args.people_half]
+        examples = people_half(examples, args.people_half)
         print(f"people half {args.people_half}: {len(examples)} examples of {len({e.person_id for e in examples})} people")
     backbone, encoder = _load(args.backbone, args.encoder)
     results = evaluate_persona(backbone, encoder, examples, args.projector, args.out, limit=args.limit,

@@ -125,7 +125,7 @@ def evaluate_persona(backbone, encoder, examples: list[PersonaExample], projecto
     results: dict = {"conditions": {}, "examples": len(examples), "people": len(set(people)), "skipped_conditions": skipped,
                      "projector": str(projector_dir), "history_turns": history_turns, "max_target_tokens": max_target_tokens}
     if (projector_dir / "config.json").is_file():  # 0: calibration found the person part only hurt validation people
-        results["person_scale"] = json.loads((projector_dir / "config.json").read_text()).get("person_scale", 1.0)
+        results["person_scale"] = _plain_config(projector_dir).person_scale
     per_example: dict[str, np.ndarray] = {}
     counts = None
     bar = tqdm(total=len(examples) * len(conditions), desc="eval", disable=not progress, dynamic_ncols=True)

@@ -241,6 +241,11 @@ def persona_split(path: str | Path, include_msc: bool = False,
     return without_people_of(train, test), test
 
 
+def people_half(examples: list[PersonaExample], half: int) -> list[PersonaExample]:
+    """One of two disjoint halves of the people (by person-id parity), for two independent test figures."""
+    return [e for e in examples if int(e.person_id, 16) % 2 == half]
+
+
 def without_people_of(examples: list[PersonaExample], held_out: list[PersonaExample]) -> list[PersonaExample]:
     """`examples` minus the held-out people and minus every persona sentence that also occurs in a held-out persona
     (a person left with none is dropped), so the held-out people are new people with new sentences."""
