@@ -102,3 +102,58 @@ def test_person_scale_moves_between_shared_and_full_person_part(tiny, tmp_path):
     assert torch.allclose(Projector.from_pretrained(tmp_path / "p").eval()(e), half)
     with pytest.raises(ConfigError, match="person_scale"):
         new_config(tiny, embedding_dim=8, person_scale=float("nan"))
+
+
+class OneHotEncoder:
+    """Sentence -> a one-hot vector picked by its length (distinct, predictable embeddings)."""
+    dim = 4
+    name = "one-hot"
+
+    def encode(self, texts, **_):
+        import numpy as np
+
+        return np.stack([np.eye(self.dim, dtype=np.float32)[len(t) % self.dim] for t in texts])
+
+
+def test_sentence_slot_encoder_lays_out_one_vector_per_sentence():
+    from e2p.encoders import SentenceSlotEncoder, split_sentences
+
+    assert split_sentences("I am a cat. I like dogs! Really? yes") == ["I am a cat.", "I like dogs!", "Really?", "yes"]
+    enc = SentenceSlotEncoder(OneHotEncoder(), 3)
+    assert enc.dim == 12 and enc.name == "one-hot"
+    v = enc.encode(["aaaa. bbbbb. cc. ddddd.", "one"]).reshape(2, 3, 4)
+    assert torch.allclose(torch.tensor(v[0, 0]), torch.tensor([0, 0.7071068, 0.7071068, 0]))  # sentences 0 and 3 share slot 0
+    assert v[0, 1].tolist() == [0, 0, 1, 0] and v[0, 2].tolist() == [0, 0, 0, 1]
+    assert v[1, 0].tolist() == [0, 0, 0, 1] and not v[1, 1:].any()  # one sentence: slots 1-2 unused (zeros)
+    with pytest.raises(ConfigError):
+        SentenceSlotEncoder(OneHotEncoder(), 1)
+
+
+def test_slot_projector_gives_each_sentence_its_own_prefix_token(tiny, tmp_path):
+    cfg = new_config(tiny, embedding_dim=12, num_prefix_tokens=3, embedding_slots=3, output_norm=False)
+    p = Projector(cfg)
+    torch.nn.init.normal_(p.mlp[-1].weight)
+    p.eval()
+    x = torch.nn.functional.normalize(torch.randn(2, 3, 4), dim=-1)
+    x[1, 2] = 0  # an unused slot
+    out = p(x.reshape(2, 12))
+    assert out.shape == (2, 3, cfg.prefix_dim)
+    assert torch.equal(out[1, 2], p.shared[2]) and not torch.equal(out[0, 2], p.shared[2])
+    y = x.clone()
+    y[0, 1] = torch.nn.functional.normalize(torch.randn(4), dim=-1)  # change one sentence: only its token moves
+    moved = p(y.reshape(2, 12))
+    assert torch.equal(moved[0, 0], out[0, 0]) and torch.equal(moved[0, 2], out[0, 2]) and not torch.equal(moved[0, 1], out[0, 1])
+    p.save_pretrained(tmp_path)
+    again = Projector.from_pretrained(tmp_path, tiny).eval()
+    assert torch.equal(again(x.reshape(2, 12)), out)
+    with pytest.raises(EmbeddingError, match="SentenceSlotEncoder"):
+        p(torch.randn(1, 4))  # one joined-persona vector where the projector expects three slots
+
+
+def test_slot_config_validation(tiny):
+    with pytest.raises(ConfigError, match="num_prefix_tokens to 3"):
+        new_config(tiny, embedding_dim=12, num_prefix_tokens=1, embedding_slots=3)
+    with pytest.raises(ConfigError, match="multiple"):
+        new_config(tiny, embedding_dim=10, num_prefix_tokens=3, embedding_slots=3)
+    with pytest.raises(ConfigError):
+        new_config(tiny, embedding_dim=12, embedding_slots=0)

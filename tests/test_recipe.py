@@ -69,3 +69,39 @@ def test_person_scale_calibration_picks_the_lowest_validation_loss(tiny):
     losses = {float(k): v for k, v in report["validation_loss"].items()}
     assert set(losses) == {0.0, 0.5, 1.0}  # the shared prefix is always a candidate
     assert projector.config.person_scale == report["chosen"] == min(losses, key=losses.get)
+
+
+class SentenceEncoder:
+    """Distinct, deterministic vectors per sentence (a stand-in for MiniLM in tiny runs)."""
+    dim = 8
+    name = "fake-sentences"
+
+    def encode(self, texts, **_):
+        import numpy as np
+
+        out = []
+        for t in texts:
+            v = np.random.default_rng(sum(map(ord, t))).standard_normal(self.dim).astype("float32")
+            out.append(v / np.linalg.norm(v))
+        return np.stack(out)
+
+
+def test_recipe_with_sentence_slots_trains_one_prefix_token_per_sentence(tiny, tmp_path):
+    from e2p.encoders import SentenceSlotEncoder
+    from e2p.recipe import run_recipe
+
+    facts = ["i like dogs.", "i am a nurse.", "i love music.", "i live in ohio.", "i drive a truck.", "i hate rain."]
+    examples = [_ex(f"p{i}", [facts[i % 6], facts[(i + 1) % 6], facts[(i + 3) % 6]], reply=f"hello number {i}")
+                for i in range(12)]
+    cfg = RecipeConfig(embedding_slots=3, shared_steps=2, reconstruct_steps=2, e2p_steps=2, batch_size=4, eval_every=1,
+                       val_people=3, val_examples=4, novel_val_sentences=False, hidden_dims=[16])
+    run_recipe(tiny, SentenceEncoder(), examples, tmp_path, cfg, progress=False)
+    projector = Projector.from_pretrained(tmp_path)
+    assert projector.config.embedding_slots == 3 and projector.config.num_prefix_tokens == 3
+    assert projector.config.embedding_dim == 24 and len(projector.config.embedding_mean) == 8
+    vectors = torch.tensor(SentenceSlotEncoder(SentenceEncoder(), 3).encode(["i like dogs. i am a nurse."]))
+    assert vectors.shape == (1, 24) and vectors[0, 16:].abs().sum() == 0  # two sentences: the third slot is unused
+    projector.eval()
+    prefix = projector(vectors)
+    assert prefix.shape == (1, 3, projector.config.prefix_dim)
+    assert torch.equal(prefix[0, 2], projector.shared[2])  # an unused slot gets no person part

@@ -24,7 +24,8 @@ def _scaled_recipe(args):
 
     cfg = RecipeConfig(injection=args.injection, num_prefix_tokens=args.prefix_tokens, seed=args.seed,
                        prefix_position=args.prefix_position, include_msc=args.with_msc,
-                       batch_size=args.batch_size, text_steps=args.text_steps, val_examples=args.val_examples)
+                       batch_size=args.batch_size, text_steps=args.text_steps, val_examples=args.val_examples,
+                       embedding_slots=args.embedding_slots)
     if args.steps is not None:  # --steps N: total over all stages, keeping the recipe's proportions
         stages = ["shared_steps", "reconstruct_steps", "e2p_steps"]
         total = sum(getattr(cfg, s) for s in stages) + 2 * cfg.text_steps
@@ -125,10 +126,9 @@ def cmd_generate(args) -> None:
     vectors = []
     personas = [v for kind, v in users if kind == "persona"]
     if personas:
-        from .encoders import TextEncoder
+        from .encoders import encoder_for
 
-        encoder = TextEncoder(projector.config.encoder_name or None)
-        vectors += list(torch.tensor(encoder.encode(personas)))
+        vectors += list(torch.tensor(encoder_for(projector.config).encode(personas)))
     vectors += [torch.tensor(_read_embedding(v)) for kind, v in users if kind == "embedding"]
     prompts = [args.message] * len(users)
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=None, help="total optimizer steps over all stages (default: the recipe's)")
     t.add_argument("--minutes", type=float, default=None, help="wall-clock budget, split across stages")
     t.add_argument("--prefix-tokens", type=int, default=1)
+    t.add_argument("--embedding-slots", type=int, default=1,
+                   help="> 1: embed each persona sentence on its own, in this many slots, one prefix token per slot "
+                        "(the user's embedding becomes slots x the encoder's size; --prefix-tokens is then ignored)")
     t.add_argument("--injection", choices=["input", "deep"], default="deep")
     t.add_argument("--prefix-position", choices=["start", "after_sink", "after_system"], default="start",
                    help="start: position 0 (measured best); after_sink: behind the prompt's first token; after_system: input only")

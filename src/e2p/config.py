@@ -37,6 +37,9 @@ class E2PConfig:
     system_prompt: str = "You are chatting with someone you just met. Reply briefly."
     embedding_mean: list[float] | None = None  # centering learned from the training embeddings
     person_scale: float = 1.0  # multiplies the person part (shared + scale * person); calibrated on validation people
+    # > 1: the embedding is `embedding_slots` blocks (one per persona sentence, encoders.SentenceSlotEncoder), each
+    # block gives one prefix token through the same MLP, an all-zero block none
+    embedding_slots: int = 1
 
     def __post_init__(self) -> None:
         if self.injection not in INJECTIONS:
@@ -52,10 +55,23 @@ class E2PConfig:
             raise ConfigError(f"person_scale must be a finite number >= 0, got {self.person_scale!r}")
         if self.embedding_dim < 0:
             raise ConfigError(f"embedding_dim must be >= 0, got {self.embedding_dim}")
+        if self.embedding_slots < 1:
+            raise ConfigError(f"embedding_slots must be >= 1, got {self.embedding_slots}")
+        if self.embedding_slots > 1 and not self.is_shared:
+            if self.embedding_dim % self.embedding_slots:
+                raise ConfigError(f"embedding_dim {self.embedding_dim} is not a multiple of embedding_slots {self.embedding_slots}")
+            if self.num_prefix_tokens != self.embedding_slots:
+                raise ConfigError(f"with embedding_slots {self.embedding_slots} each slot gives one prefix token: set "
+                                  f"num_prefix_tokens to {self.embedding_slots}, got {self.num_prefix_tokens}")
 
     @property
     def is_shared(self) -> bool:
         return self.embedding_dim == 0
+
+    @property
+    def slot_dim(self) -> int:
+        """Size of one slot's embedding (the whole embedding when there is one slot)."""
+        return self.embedding_dim // self.embedding_slots
 
     @property
     def prefix_dim(self) -> int:

@@ -21,7 +21,7 @@ def find_data(explicit: str | None) -> Path:
 
 def run_demo(args) -> None:
     from .data.persona import LoadReport, load_persona, persona_split
-    from .encoders import TextEncoder
+    from .encoders import TextEncoder, encoder_for
     from .evaluate import evaluate_persona
     from .backbone import load_backbone
     from .model import E2PModel
@@ -51,7 +51,7 @@ def run_demo(args) -> None:
             people.setdefault(ex.person_id, ex)
     chosen = random.Random(args.seed).sample(sorted(people.values(), key=lambda e: e.person_id), 3)
     model = E2PModel(backbone, projector)
-    vectors = list(encoder.encode([ex.persona_text for ex in chosen]))
+    vectors = list(encoder_for(projector.config, encoder).encode([ex.persona_text for ex in chosen]))
     import torch
 
     plain = model.generate([DEMO_MESSAGE], embeddings=[None], max_new_tokens=40)[0]

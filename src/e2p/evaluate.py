@@ -24,6 +24,7 @@ import torch
 from .data.persona import PersonaExample
 from .model import E2PModel
 from .projector import Projector
+from .encoders import encoder_for
 from .recipe import person_table
 from .train import Item
 
@@ -116,7 +117,8 @@ def evaluate_persona(backbone, encoder, examples: list[PersonaExample], projecto
     max_target_tokens = max_target_tokens or recipe.get("max_target_tokens", 32)
     if limit and limit < len(examples):
         examples = random.Random(seed).sample(examples, limit)
-    index, table = person_table(examples, encoder)
+    # embed the people the way the projector was trained to read them (one vector, or one per sentence in slots)
+    index, table = person_table(examples, encoder_for(_plain_config(projector_dir), encoder))
     people = [ex.person_id for ex in examples]
     own = [index[p] for p in people]
     swap = derangement(people, seed)

@@ -33,17 +33,17 @@ class Projector(nn.Module):
         self.shared = nn.Parameter(torch.randn(k, d) * 0.02)
         self.register_buffer(
             "embedding_mean",
-            torch.tensor(config.embedding_mean, dtype=torch.float32) if config.embedding_mean else torch.zeros(config.embedding_dim),
+            torch.tensor(config.embedding_mean, dtype=torch.float32) if config.embedding_mean else torch.zeros(config.slot_dim),
         )
         if config.is_shared:
             self.mlp = None
         else:
             layers: list[nn.Module] = []
-            width = config.embedding_dim
+            width = config.slot_dim
             for h in config.hidden_dims:
                 layers += [nn.Linear(width, h), nn.GELU(), nn.Dropout(config.dropout)]
                 width = h
-            last = nn.Linear(width, k * d)
+            last = nn.Linear(width, d if config.embedding_slots > 1 else k * d)  # slots: one token per slot
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
             layers.append(last)
@@ -61,6 +61,8 @@ class Projector(nn.Module):
             raise EmbeddingError(
                 f"expected embeddings of size {self.config.embedding_dim} (encoder {self.config.encoder_name or 'unknown'}), "
                 f"got shape {tuple(e.shape)}: embed users with the same encoder the projector was trained with"
+                + (f" (one vector per sentence in {self.config.embedding_slots} slots: "
+                   f"e2p.encoders.SentenceSlotEncoder(encoder, {self.config.embedding_slots}))" if self.config.embedding_slots > 1 else "")
             )
         if not torch.isfinite(e).all():
             raise EmbeddingError("embeddings contain NaN or inf values: recompute them before use")
@@ -77,11 +79,15 @@ class Projector(nn.Module):
             if embeddings is None:
                 raise EmbeddingError("this projector needs a user embedding; use a shared prefix for users without one")
             e = self.check_embeddings(embeddings).to(self.shared.device)
+            slots = self.config.embedding_slots
+            e = e.view(-1, self.config.slot_dim)  # [B * slots, slot_dim]
+            used = e.abs().sum(-1, keepdim=True) > 0 if slots > 1 else torch.ones_like(e[:, :1], dtype=torch.bool)
             e = e - self.embedding_mean
             e = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-            # the person part is zero for the average person, so style stays in `shared` alone
-            person = self.mlp(torch.cat([e, torch.zeros_like(e[:1])])).view(-1, k, d)
-            out = self.shared.unsqueeze(0) + self.config.person_scale * (person[:-1] - person[-1:])
+            # the person part is zero for the average person (and for an unused slot), so style stays in `shared` alone
+            person = self.mlp(torch.cat([e, torch.zeros_like(e[:1])]))
+            person = ((person[:-1] - person[-1:]) * used).view(-1, k, d)
+            out = self.shared.unsqueeze(0) + self.config.person_scale * person
         if self.config.output_norm and self.config.injection == "input":
             out = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-6) * self.config.token_embedding_norm
         return out
@@ -141,3 +147,11 @@ def check_backbone(config: E2PConfig, backbone) -> None:
 def parameter_summary(projector: Projector) -> str:
     n = projector.num_parameters()
     return f"{n:,} parameters ({n * 4 / 2**20:.2f} MiB float32)"
+
+
+def embedding_center(table: torch.Tensor, slots: int = 1) -> torch.Tensor:
+    """The mean a projector subtracts from its inputs: over users, or with slots over every used slot."""
+    if slots == 1:
+        return table.mean(0)
+    blocks = table.reshape(-1, table.shape[-1] // slots)
+    return blocks[blocks.abs().sum(-1) > 0].mean(0)

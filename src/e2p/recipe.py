@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from .data.persona import PersonaExample, without_people_of
+from .encoders import SentenceSlotEncoder
 from .model import E2PModel, new_config, token_keys_values
-from .projector import Projector
+from .projector import Projector, embedding_center
 from .train import Item, TrainConfig, evaluate_loss, train_projector
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class RecipeConfig:
     teacher_dir: str | None = None  # distill from this trained text-reading projector instead of this run's own
     val_people: int = 40
     val_examples: int = 48
+    embedding_slots: int = 1  # > 1: one embedding per persona sentence in this many slots, one prefix token each
     novel_val_sentences: bool = True  # strip the validation people's persona sentences from training personas
     person_scales: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # calibrated on validation
     eval_every: int = 20
@@ -123,9 +125,13 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
     def budget(steps: int) -> float | None:  # split a wall-clock budget across stages by their steps
         return None if minutes is None else minutes * steps / max(total_steps, 1)
 
+    slots = cfg.embedding_slots
+    if slots > 1:
+        encoder = SentenceSlotEncoder(encoder, slots)
     train_ex, val_ex = split_people(examples, cfg.val_people, cfg.seed, cfg.novel_val_sentences)
     index, table = person_table(train_ex + val_ex, encoder, key=persona_key)
-    mean = table[[index[p] for p in {persona_key(e) for e in train_ex}]].mean(0) if cfg.center_embeddings else None
+    train_rows = table[[index[p] for p in {persona_key(e) for e in train_ex}]]
+    mean = embedding_center(train_rows, slots) if cfg.center_embeddings else None
     report = {"train_examples": len(train_ex), "train_people": len({e.person_id for e in train_ex}),
               "val_people": len({e.person_id for e in val_ex}), "stages": {}}
     val_sample = _sample(val_ex, cfg.val_examples, cfg.seed)
@@ -150,8 +156,9 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
                                   "parameters": projector.num_parameters()}
         return Projector.from_pretrained(folder)
 
-    base = dict(injection=cfg.injection, num_prefix_tokens=cfg.num_prefix_tokens, prefix_position=cfg.prefix_position,
-                hidden_dims=cfg.hidden_dims, dropout=cfg.dropout, encoder_name=getattr(encoder, "name", ""))
+    base = dict(injection=cfg.injection, num_prefix_tokens=slots if slots > 1 else cfg.num_prefix_tokens,
+                prefix_position=cfg.prefix_position, hidden_dims=cfg.hidden_dims, dropout=cfg.dropout,
+                encoder_name=getattr(encoder, "name", ""))
     shared = Projector(new_config(backbone, embedding_dim=0, **base))
     _init_shared(backbone, shared)
     shared = stage("shared_prefix", shared, cfg.shared_steps, cfg.shared_lr, False) or shared
@@ -167,7 +174,8 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
         if cfg.distill_weight > 0 and teacher is None:
             teacher = E2PModel(backbone, spt.eval())
 
-    e2p = Projector(new_config(backbone, embedding_dim=table.shape[1], embedding_mean=mean.tolist() if mean is not None else None, **base))
+    e2p = Projector(new_config(backbone, embedding_dim=table.shape[1], embedding_mean=mean.tolist() if mean is not None else None,
+                               embedding_slots=slots, **base))
     e2p.shared.data.copy_(shared.shared.data)
     if cfg.reconstruct_steps > 0:
         rec_items, rec_table = _reconstruction_items(backbone, e2p, train_ex, encoder, cfg)
