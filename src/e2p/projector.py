@@ -22,6 +22,8 @@ class Projector(nn.Module):
     and learns only what differs between people. s (config.person_scale, 1 while training) is set
     afterwards on validation people: a person part fitted on a few thousand people is over-confident
     about new ones, and shrinking it toward the shared prefix is the cheapest cure.
+    With config.embedding_slots = N > 1 the embedding is N blocks (one per persona sentence) and block j gives
+    prefix token j through the same MLP, so every fact keeps a token of its own for attention to pick.
     """
 
     def __init__(self, config: E2PConfig):
