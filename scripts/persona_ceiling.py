@@ -41,10 +41,14 @@ def unit(encoder, texts: list[str]) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.tensor(encoder.encode(texts, batch_size=128), dtype=torch.float32), dim=-1)
 
 
+def whole_words(backbone) -> set[str]:
+    """The backbone vocabulary's whole words (a leading-space token of 3+ letters), lower-cased."""
+    return {t[1:].lower() for t in backbone.tokenizer.get_vocab() if t.startswith("Ġ") and re.fullmatch(r"[a-zA-Z]{3,}", t[1:])}
+
+
 def nearest_words(backbone, encoder, queries: torch.Tensor, n: int = 12) -> list[str]:
     """The n backbone vocabulary words (whole words, 3+ letters) nearest each query embedding."""
-    vocab = backbone.tokenizer.get_vocab()
-    words = sorted({t[1:].lower() for t in vocab if t.startswith("Ġ") and re.fullmatch(r"[a-zA-Z]{3,}", t[1:])})
+    words = sorted(whole_words(backbone))
     table = unit(encoder, words)
     return [" ".join(words[j] for j in row) for row in (queries @ table.T).topk(n, dim=-1).indices.tolist()]
 
@@ -74,8 +78,7 @@ class BagOfWords:
     the words the text contains. What a small learned decoder can read lexically out of one embedding."""
 
     def __init__(self, backbone, encoder, personas: list[tuple[str, ...]], seed: int = 0, epochs: int = 12):
-        vocab = backbone.tokenizer.get_vocab()
-        self.vocab = {t[1:].lower() for t in vocab if t.startswith("Ġ") and re.fullmatch(r"[a-zA-Z]{3,}", t[1:])}
+        self.vocab = whole_words(backbone)
         counts: dict[str, int] = {}
         for p in personas:
             for w in set(self.tokens(" ".join(p))):
@@ -168,13 +171,13 @@ def main() -> None:
         make["bow_words"] = lambda: [" ".join(w) for w in bow.decode(queries, 12)]
         make["bow_per_sentence"] = lambda: [" ".join(dict.fromkeys(w for ws in bow.decode(unit(encoder, list(e.persona)), 3)
                                                                    for w in ws)) for e in examples]
-        for name in ("bow_words", "bow_per_sentence"):
-            if name in args.sources:
-                hits = [len(set(t.split()) & set(bow.content(e.persona_text))) for t, e in zip(make[name](), examples)]
-                print(f"{name}: {sum(len(t.split()) for t in make[name]()) / len(examples):.1f} words per person, "
-                      f"{sum(hits) / len(hits):.2f} of them the persona's own content words "
-                      f"(it has {sum(len(bow.content(e.persona_text)) for e in examples) / len(examples):.1f})")
     sources = {name: make[name]() for name in args.sources}
+    for name in ("bow_words", "bow_per_sentence"):
+        if name in sources:
+            hits = [len(set(t.split()) & set(bow.content(e.persona_text))) for t, e in zip(sources[name], examples)]
+            print(f"{name}: {sum(len(t.split()) for t in sources[name]) / len(examples):.1f} words per person, "
+                  f"{sum(hits) / len(hits):.2f} of them the persona's own content words "
+                  f"(it has {sum(len(bow.content(e.persona_text)) for e in examples) / len(examples):.1f})")
     for i in range(2):
         print(f"example {i}: " + " | ".join(f"{k}: {v[i]}" for k, v in sources.items()))
     model = E2PModel(backbone)

@@ -118,7 +118,8 @@ def evaluate_persona(backbone, encoder, examples: list[PersonaExample], projecto
     if limit and limit < len(examples):
         examples = random.Random(seed).sample(examples, limit)
     # embed the people the way the projector was trained to read them (one vector, or one per sentence in slots)
-    index, table = person_table(examples, encoder_for(_plain_config(projector_dir), encoder))
+    config = _plain_config(projector_dir)
+    index, table = person_table(examples, encoder_for(config, encoder))
     people = [ex.person_id for ex in examples]
     own = [index[p] for p in people]
     swap = derangement(people, seed)
@@ -127,13 +128,13 @@ def evaluate_persona(backbone, encoder, examples: list[PersonaExample], projecto
     results: dict = {"conditions": {}, "examples": len(examples), "people": len(set(people)), "skipped_conditions": skipped,
                      "projector": str(projector_dir), "history_turns": history_turns, "max_target_tokens": max_target_tokens}
     if (projector_dir / "config.json").is_file():  # 0: calibration found the person part only hurt validation people
-        results["person_scale"] = _plain_config(projector_dir).person_scale
+        results["person_scale"] = config.person_scale
     per_example: dict[str, np.ndarray] = {}
     counts = None
     bar = tqdm(total=len(examples) * len(conditions), desc="eval", disable=not progress, dynamic_ncols=True)
     for cond in conditions:
         projector = Projector.from_pretrained(cond.projector_dir, backbone) if cond.projector_dir else None
-        model = E2PModel(backbone, projector, config=None if projector else _plain_config(projector_dir))
+        model = E2PModel(backbone, projector, config=None if projector else config)
         if projector is not None:
             projector.eval()
         rows = [model.format(ex.messages(history_turns), reply=ex.reply,

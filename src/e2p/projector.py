@@ -81,15 +81,15 @@ class Projector(nn.Module):
             if embeddings is None:
                 raise EmbeddingError("this projector needs a user embedding; use a shared prefix for users without one")
             e = self.check_embeddings(embeddings).to(self.shared.device)
-            slots = self.config.embedding_slots
-            e = e.view(-1, self.config.slot_dim)  # [B * slots, slot_dim]
-            used = e.abs().sum(-1, keepdim=True) > 0 if slots > 1 else torch.ones_like(e[:, :1], dtype=torch.bool)
-            e = e - self.embedding_mean
+            blocks = e.view(-1, self.config.slot_dim)  # [B * slots, slot_dim]
+            e = blocks - self.embedding_mean
             e = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-            # the person part is zero for the average person (and for an unused slot), so style stays in `shared` alone
+            # the person part is zero for the average person, so style stays in `shared` alone
             person = self.mlp(torch.cat([e, torch.zeros_like(e[:1])]))
-            person = ((person[:-1] - person[-1:]) * used).view(-1, k, d)
-            out = self.shared.unsqueeze(0) + self.config.person_scale * person
+            person = person[:-1] - person[-1:]
+            if self.config.embedding_slots > 1:  # and for an unused (all-zero) slot
+                person = person * used_slots(blocks).unsqueeze(-1)
+            out = self.shared.unsqueeze(0) + self.config.person_scale * person.view(-1, k, d)
         if self.config.output_norm and self.config.injection == "input":
             out = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-6) * self.config.token_embedding_norm
         return out
@@ -151,9 +151,14 @@ def parameter_summary(projector: Projector) -> str:
     return f"{n:,} parameters ({n * 4 / 2**20:.2f} MiB float32)"
 
 
+def used_slots(blocks: torch.Tensor) -> torch.Tensor:
+    """[N, slot_dim] -> [N] bool: the slot holds a sentence (SentenceSlotEncoder leaves unused slots all zero)."""
+    return blocks.abs().sum(-1) > 0
+
+
 def embedding_center(table: torch.Tensor, slots: int = 1) -> torch.Tensor:
     """The mean a projector subtracts from its inputs: over users, or with slots over every used slot."""
     if slots == 1:
         return table.mean(0)
     blocks = table.reshape(-1, table.shape[-1] // slots)
-    return blocks[blocks.abs().sum(-1) > 0].mean(0)
+    return blocks[used_slots(blocks)].mean(0)

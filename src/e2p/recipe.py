@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .data.persona import PersonaExample, without_people_of
-from .encoders import SentenceSlotEncoder
+from .encoders import encoder_for
 from .model import E2PModel, new_config, token_keys_values
 from .projector import Projector, embedding_center
 from .train import Item, TrainConfig, evaluate_loss, train_projector
@@ -126,8 +126,7 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
         return None if minutes is None else minutes * steps / max(total_steps, 1)
 
     slots = cfg.embedding_slots
-    if slots > 1:
-        encoder = SentenceSlotEncoder(encoder, slots)
+    encoder = encoder_for(cfg, encoder)  # slots > 1: one vector per persona sentence
     train_ex, val_ex = split_people(examples, cfg.val_people, cfg.seed, cfg.novel_val_sentences)
     index, table = person_table(train_ex + val_ex, encoder, key=persona_key)
     train_rows = table[[index[p] for p in {persona_key(e) for e in train_ex}]]
