@@ -59,6 +59,25 @@ def test_msc_sessions_keep_person_id(tmp_path):
     assert person_id(["I play guitar"]) == person_id(["i play guitar."])
 
 
+def test_msc_worker_id_speaker_is_inferred_from_alternation(tmp_path):
+    """Real MSC session files label some first turns with a crowd worker's id instead of "Speaker 1"."""
+    init = [["i like dogs."], ["i play guitar."]]
+    ok = {"personas": init, "init_personas": init,
+          "dialog": [{"id": "42306", "text": "what dogs?"}, {"id": "Speaker 2", "text": "a terrier."},
+                     {"id": "Speaker 1", "text": "nice."}]}
+    bad = {"personas": init, "init_personas": init,  # no neighbour says who 777 is
+           "dialog": [{"id": "777", "text": "a"}, {"id": "888", "text": "b"}]}
+    (tmp_path / "msc_dialogue_session_2_valid.txt").write_text(json.dumps(ok) + "\n" + json.dumps(bad) + "\n")
+    r = LoadReport()
+    ex = load_persona(tmp_path, report=r)
+    by_reply = {e.reply: e for e in ex}
+    assert by_reply["a terrier."].persona == ("i play guitar.",)  # Speaker 2 answers the worker-id turn
+    assert by_reply["nice."].history == (("assistant", "what dogs?"), ("user", "a terrier."))  # Speaker 1 again
+    assert r.repaired == {"msc turns labelled with a worker id (speaker inferred from alternation)": 1}
+    assert r.skipped == {"malformed msc lines": 1}
+    assert "repaired: 1" in str(r)
+
+
 def test_empty_or_missing_folder(tmp_path):
     with pytest.raises(DataError):
         load_persona(tmp_path / "nope")

@@ -40,13 +40,20 @@ class LoadReport:
     dialogues: int = 0
     examples: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    repaired: dict[str, int] = field(default_factory=dict)
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
+    def repair(self, reason: str) -> None:
+        self.repaired[reason] = self.repaired.get(reason, 0) + 1
+
     def __str__(self) -> str:
         skipped = ", ".join(f"{n} {why}" for why, n in self.skipped.items()) or "none"
-        return f"{self.examples} examples from {self.dialogues} dialogues in {len(self.files)} files; skipped: {skipped}"
+        text = f"{self.examples} examples from {self.dialogues} dialogues in {len(self.files)} files; skipped: {skipped}"
+        if self.repaired:
+            text += "; repaired: " + ", ".join(f"{n} {why}" for why, n in self.repaired.items())
+        return text
 
 
 def normalize_sentence(sentence: str) -> str:
@@ -160,13 +167,7 @@ def load_msc(path: Path, report: LoadReport) -> list[PersonaExample]:
             obj = json.loads(line)
             init = obj.get("init_personas") or obj.get("init_personachat", {}).get("init_personas")
             personas = obj.get("personas") or init
-            turns = []
-            for t in obj["dialog"]:
-                sid = t["id"]
-                speaker = 0 if sid in ("bot_0", "Speaker 1") else 1 if sid in ("bot_1", "Speaker 2") else None
-                if speaker is None:
-                    raise ValueError(f"unknown speaker {sid!r}")
-                turns.append((speaker, t["text"].strip()))
+            turns = _msc_turns(obj["dialog"], report)
             if not personas or len(personas) != 2 or len(turns) < 2:
                 raise ValueError("needs two personas and two turns")
         except (ValueError, KeyError, TypeError, AttributeError):
@@ -175,6 +176,24 @@ def load_msc(path: Path, report: LoadReport) -> list[PersonaExample]:
         ids = (person_id(init[0]), person_id(init[1])) if init and len(init) == 2 else (None, None)
         examples.extend(_dialogue_examples(personas[0], personas[1], turns, path.name, report, *ids))
     return examples
+
+
+MSC_SPEAKERS = {"bot_0": 0, "Speaker 1": 0, "bot_1": 1, "Speaker 2": 1}
+
+
+def _msc_turns(dialog: list[dict], report: LoadReport) -> list[tuple[int, str]]:
+    """(speaker, text) turns. Some MSC sessions label one turn with a crowd worker's numeric id instead of
+    "Speaker 1/2"; speakers alternate, so such a turn takes the speaker its neighbours imply (counted)."""
+    speakers = [MSC_SPEAKERS.get(t["id"]) for t in dialog]
+    for i, sp in enumerate(speakers):
+        if sp is not None:
+            continue
+        neighbours = {1 - speakers[j] for j in (i - 1, i + 1) if 0 <= j < len(speakers) and speakers[j] is not None}
+        if len(neighbours) != 1:
+            raise ValueError(f"unknown speaker {dialog[i]['id']!r}")
+        speakers[i] = neighbours.pop()
+        report.repair("msc turns labelled with a worker id (speaker inferred from alternation)")
+    return [(sp, t["text"].strip()) for sp, t in zip(speakers, dialog)]
 
 
 def _loader_for(path: Path):
