@@ -163,6 +163,74 @@ def test_streaming_matches_non_streaming(served, client, http):
     assert json.loads(events[-2][6:])["usage"]["completion_tokens"] <= 3
 
 
+def test_row_text_sends_only_settled_text():
+    """Deltas never include what a later token could change: trailing spaces, a half-decoded character or
+    the start of a stop string; they always add up to the final (stripped, cut) text."""
+    from e2p.serve.batching import RowText
+
+    pieces = [" Hel", "lo", " wor", "ld", " ", "\ufffd", "é", " ST", "AR", " ST", "OP", " more"]
+    decode = lambda ids: "".join(pieces[i] for i in ids).replace("\ufffdé", "é")  # a character in two tokens
+    row = RowText(decode, ["STOP"])
+    deltas = [row.add(i) for i in range(len(pieces)) if not row.stopped]
+    assert deltas == ["Hel", "lo", " wor", "ld", "", "", " é", " ", "STAR", " ", ""]
+    final, last = row.finish()
+    assert row.stopped and final == "Hello world é STAR " and "".join(deltas) + last == final
+    plain = RowText(decode, [])
+    for i in range(5):
+        plain.add(i)
+    assert plain.sent == "Hello world" and plain.finish() == ("Hello world", "")
+
+
+def slowed(model: E2PModel, seconds: float) -> E2PModel:
+    """Each generation step takes `seconds` longer, so that streaming can be told from buffering."""
+    real = model.generate_tokens
+
+    def slow(*args, on_step=None, **kwargs):
+        def step(new):
+            time.sleep(seconds)
+            return on_step(new) if on_step else None
+        return real(*args, on_step=step, **kwargs)
+
+    model.generate_tokens = slow
+    return model
+
+
+def test_stream_arrives_while_generating_and_stops_early(tmp_path):
+    model = slowed(tiny_model(), 0.05)
+    app = create_app(model, EmbeddingStore(tmp_path / "s.db"), ServeConfig(model_name=MODEL, max_tokens_limit=64))
+    server = Server(app)
+    body = {"model": MODEL, "prompt": "i like", "max_tokens": 24, "temperature": 0, "stream": True}
+    try:
+        whole = httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=30).json()
+        assert whole["usage"]["completion_tokens"] > 12, "the tiny model should write a while"
+        arrivals, texts = [], []
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                    arrivals.append(time.monotonic())
+                    texts.append(json.loads(line[6:])["choices"][0]["text"])
+        assert "".join(texts) == whole["choices"][0]["text"]
+        assert arrivals[-1] - arrivals[0] > 0.3  # ~24 steps of 50 ms: the first text came long before the last
+        # a stop string ends the row at once (fewer tokens generated), streamed or not
+        words = whole["choices"][0]["text"].split()
+        stop = words[len(words) // 3]
+        cut = whole["choices"][0]["text"][: whole["choices"][0]["text"].find(stop)]
+        stopped = httpx.post(server.url + "/v1/completions", json={**body, "stream": False, "stop": [stop]}, timeout=30).json()
+        assert stopped["choices"][0]["text"] == cut and stopped["choices"][0]["finish_reason"] == "stop"
+        assert stopped["usage"]["completion_tokens"] < whole["usage"]["completion_tokens"]
+        # a client that leaves mid-stream frees its row: the batch ends long before 24 slow steps
+        started = time.monotonic()
+        with httpx.stream("POST", server.url + "/v1/completions", json={**body, "max_tokens": 64}, timeout=30) as r:
+            next(line for line in r.iter_lines() if line.startswith("data: {"))
+        deadline = time.monotonic() + 10
+        while app.state.batcher.busy:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert time.monotonic() - started < 64 * 0.05
+    finally:
+        server.stop()
+
+
 def test_live_update_and_inline_embedding(served, client, http):
     _, model, _ = served
     first = admin_put(http, "bob", vec(3))

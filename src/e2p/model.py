@@ -5,7 +5,7 @@ import contextlib
 import functools
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -289,8 +289,14 @@ class E2PModel(nn.Module):
     @torch.no_grad()
     def generate_tokens(self, rows: Sequence[Segments], embeddings=None, max_new_tokens: int = 64,
                         do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                        seed: int | None = None) -> list[list[int]]:
-        """Token-level batched decoding with a KV cache; each row stops at EOS."""
+                        seed: int | None = None,
+                        on_step: Callable[[list[int | None]], Iterable[int] | None] | None = None) -> list[list[int]]:
+        """Token-level batched decoding with a KV cache; each row stops at EOS.
+
+        `on_step`, if given, is called after every step with each row's new token (None for a row that has
+        finished or just produced EOS) and may return indices of rows to finish now: a server streams tokens
+        as they come and stops a row at its stop string, its own token limit or when its client leaves.
+        """
         from transformers import DynamicCache
 
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -313,7 +319,11 @@ class E2PModel(nn.Module):
             for i in range(B):
                 if not done[i]:
                     result[i].append(int(nxt[i]))
+            new = [None if done[i] or bool(torch.isin(nxt[i], eos)) else int(nxt[i]) for i in range(B)]
             done |= torch.isin(nxt, eos)
+            if on_step is not None:
+                for i in on_step(new) or ():
+                    done[i] = True
             if done.all():
                 break
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)

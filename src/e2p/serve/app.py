@@ -298,12 +298,12 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
             raise APIError(400, "the prompt is empty: send some text", param=param, code="invalid_value")
         return segments
 
-    async def generate(segments: Segments, embedding, req, max_tokens: int) -> GenResult:
+    def submit(segments: Segments, embedding, req, max_tokens: int, on_delta=None) -> GenRequest:
         job = GenRequest(segments=segments, embedding=embedding, max_tokens=max_tokens, temperature=req.temperature,
-                         top_p=req.top_p, seed=req.seed, stops=req.stop_list(),
+                         top_p=req.top_p, seed=req.seed, stops=req.stop_list(), on_delta=on_delta,
                          deadline=time.monotonic() + config.request_timeout_s)
         try:
-            future = batcher.submit(job)
+            batcher.submit(job)
         except QueueFullError:
             metrics.rejected.labels("queue_full").inc()
             raise APIError(429, f"the server is busy ({config.max_queue} requests queued): retry after a short wait",
@@ -311,8 +311,13 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
         except ShuttingDownError:
             raise APIError(503, "the server is shutting down: retry on another instance", type="server_error",
                            code="shutting_down") from None
+        return job
+
+    async def settle(job: GenRequest, awaitable):
+        """Await a step of `job` within its deadline, turning timeouts and shutdowns into API errors; a client
+        that leaves (cancellation) or times out frees the job's place in the queue or its row in the batch."""
         try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout=config.request_timeout_s)
+            return await asyncio.wait_for(awaitable, timeout=max(job.deadline - time.monotonic(), 0.001))
         except asyncio.CancelledError:  # the client went away
             batcher.discard(job)
             raise
@@ -324,6 +329,43 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
         except ShuttingDownError:
             raise APIError(503, "the server is shutting down: retry on another instance", type="server_error",
                            code="shutting_down") from None
+
+    async def generate(segments: Segments, embedding, req, max_tokens: int) -> GenResult:
+        job = submit(segments, embedding, req, max_tokens)
+        return await settle(job, asyncio.shield(asyncio.wrap_future(job.future)))
+
+    class TextStream:
+        """A streamed job: its text deltas as the batch produces them, then its GenResult. `start` waits for the
+        first delta (or the end), so that a request failing before any text still gets its HTTP error status."""
+
+        def __init__(self, segments: Segments, embedding, req, max_tokens: int):
+            loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
+            put = lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.job = submit(segments, embedding, req, max_tokens, on_delta=put)
+            self.job.future.add_done_callback(lambda _: put(None))  # after every delta: the end
+
+        async def next(self) -> str | None:
+            item = await settle(self.job, self.queue.get())
+            if item is None:
+                await self.result()  # raises the job's error, if it failed
+            return item
+
+        async def result(self) -> GenResult:
+            return await settle(self.job, asyncio.shield(asyncio.wrap_future(self.job.future)))
+
+        async def start(self) -> "TextStream":
+            self.first = await self.next()
+            return self
+
+        async def deltas(self) -> AsyncIterator[str]:
+            item = self.first
+            while item is not None:
+                yield item
+                item = await self.next()
+
+        def close(self) -> None:
+            if not self.job.future.done():
+                batcher.discard(self.job)
 
     def usage_of(result: GenResult) -> Usage:
         return Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
@@ -342,10 +384,21 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
     def sse(obj: dict | str) -> str:
         return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n"
 
-    def stream(chunks: list[dict], headers: dict) -> StreamingResponse:
+    def stream(text: TextStream, head: list[dict], delta_chunk, tail, headers: dict) -> StreamingResponse:
+        """Server-sent events: `head` chunks, one chunk per text delta as it is generated, then `tail(result)`.
+        An error after the first byte (the status is sent) ends the stream with an OpenAI error event."""
         async def events() -> AsyncIterator[str]:
-            for chunk in chunks:
-                yield sse(chunk)
+            try:
+                for chunk in head:
+                    yield sse(chunk)
+                async for delta in text.deltas():
+                    yield sse(delta_chunk(delta))
+                for chunk in tail(await text.result()):
+                    yield sse(chunk)
+            except APIError as exc:
+                yield sse({"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}})
+            finally:
+                text.close()
             yield sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream",
@@ -368,23 +421,26 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
         embedding, headers = await resolve_embedding(req)
         segments = await segments_of(_format_chat, messages, "messages")
-        result = await generate(segments, embedding, req, max_tokens)
         if not req.stream:
+            result = await generate(segments, embedding, req, max_tokens)
             body = ChatCompletion(model=config.model_name, usage=usage_of(result), choices=[
                 ChatChoice(message=ChatChoiceMessage(content=result.text), finish_reason=result.finish_reason)])
             return JSONResponse(dump(body), headers=headers)
+        text = await TextStream(segments, embedding, req, max_tokens).start()
         cid, now = new_id("chatcmpl"), int(time.time())
 
         def chunk(delta: ChatDelta, finish=None, choices=True, usage=None) -> dict:
             return dump(ChatCompletionChunk(id=cid, created=now, model=config.model_name, usage=usage,
                                             choices=[ChatChunkChoice(delta=delta, finish_reason=finish)] if choices else []))
 
-        chunks = [chunk(ChatDelta(role="assistant", content=""))]
-        chunks += [chunk(ChatDelta(content=p)) for p in result.pieces]
-        chunks.append(chunk(ChatDelta(), finish=result.finish_reason))
-        if req.stream_options is not None and req.stream_options.include_usage:
-            chunks.append(chunk(ChatDelta(), choices=False, usage=usage_of(result)))
-        return stream(chunks, headers)
+        def tail(result: GenResult) -> list[dict]:
+            chunks = [chunk(ChatDelta(), finish=result.finish_reason)]
+            if req.stream_options is not None and req.stream_options.include_usage:
+                chunks.append(chunk(ChatDelta(), choices=False, usage=usage_of(result)))
+            return chunks
+
+        return stream(text, [chunk(ChatDelta(role="assistant", content=""))],
+                      lambda delta: chunk(ChatDelta(content=delta)), tail, headers)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -399,23 +455,26 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
             prompt = prompt[0]
         embedding, headers = await resolve_embedding(req)
         segments = await segments_of(_format_raw, prompt, "prompt")
-        result = await generate(segments, embedding, req, max_tokens)
         prefix = prompt if req.echo else ""
         if not req.stream:
+            result = await generate(segments, embedding, req, max_tokens)
             body = Completion(model=config.model_name, usage=usage_of(result),
                               choices=[CompletionChoice(text=prefix + result.text, finish_reason=result.finish_reason)])
             return JSONResponse(dump(body), headers=headers)
+        text = await TextStream(segments, embedding, req, max_tokens).start()
         cid, now = new_id("cmpl"), int(time.time())
 
         def chunk(text: str, finish=None, usage=None, choices=True) -> dict:
             return dump(Completion(id=cid, created=now, model=config.model_name, usage=usage,
                                    choices=[CompletionChoice(text=text, finish_reason=finish)] if choices else []))
 
-        pieces = ([prefix] if prefix else []) + result.pieces
-        chunks = [chunk(p) for p in pieces] + [chunk("", finish=result.finish_reason)]
-        if req.stream_options is not None and req.stream_options.include_usage:
-            chunks.append(chunk("", usage=usage_of(result), choices=False))
-        return stream(chunks, headers)
+        def tail(result: GenResult) -> list[dict]:
+            chunks = [chunk("", finish=result.finish_reason)]
+            if req.stream_options is not None and req.stream_options.include_usage:
+                chunks.append(chunk("", usage=usage_of(result), choices=False))
+            return chunks
+
+        return stream(text, [chunk(prefix)] if prefix else [], chunk, tail, headers)
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -14,18 +14,21 @@ Design
     the server is doing (a shared generator would make it depend on the batch);
   - in every case `max_tokens` is rounded up to a power of two (the "bucket") and only rows of the same
     bucket batch together, so a 16-token request never waits for a 512-token one. The batch generates
-    the largest `max_tokens` of its rows and each row is cut to its own.
+    the largest `max_tokens` of its rows and each row leaves it at its own.
   Incompatible requests keep their place in the queue and go in a later batch.
-* Streaming: the batch is generated in full, then the row's text is sent as server-sent events, one
-  event per token (pieces are computed here, from the decoded text, so they always add up to the
-  non-streamed text).
-* A request whose deadline passed while it waited, or whose client gave up, is dropped before it costs
-  compute.
+* Streaming: every step of the batch hands each streamed row's new text to its `on_delta` callback at
+  once, while the other rows go on. A delta is only text that cannot change any more (held back: trailing
+  spaces, a half-decoded character, a tail that may begin a stop string), so the deltas always add up to
+  the non-streamed text.
+* A row leaves the batch as soon as it is done: at EOS, at its own `max_tokens`, at a stop string, or when
+  its client gave up (`discard`). A request whose deadline passed while it waited, or whose client gave up,
+  is dropped before it costs compute.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -69,8 +72,10 @@ class GenRequest:
     seed: int | None = None
     stops: list[str] = field(default_factory=list)
     deadline: float = float("inf")  # time.monotonic() value
+    on_delta: Callable[[str], None] | None = None  # streaming: called from the worker with each new piece of text
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     enqueued_at: float = field(default_factory=time.monotonic)
+    cancelled: bool = False  # the client left: stop generating this row
 
     @property
     def do_sample(self) -> bool:
@@ -101,23 +106,46 @@ def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def stream_pieces(decode: Callable[[list[int]], str], tokens: list[int], final: str) -> list[str]:
-    """One delta per token whose decoded prefix adds text; the deltas add up to `final` exactly."""
-    pieces, sent = [], 0
-    for i in range(1, len(tokens) + 1):
-        partial = decode(tokens[:i]).lstrip()
-        n = 0
-        limit = min(len(partial), len(final))
-        while n < limit and partial[n] == final[n]:
-            n += 1
-        if n > sent:
-            pieces.append(final[sent:n])
-            sent = n
-        if sent >= len(final):
-            break
-    if sent < len(final):
-        pieces.append(final[sent:])
-    return pieces
+class RowText:
+    """One row's text as its tokens arrive: the final text is `decode(tokens).strip()` cut at the first stop
+    string; `add` returns only new text that no later token can change, so the deltas add up to it exactly."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: list[str]):
+        self.decode = decode
+        self.stops = [x for x in stops if x]
+        self.tokens: list[int] = []
+        self.sent = ""
+        self.pieces: list[str] = []
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        """Take one token; -> the new delta ("" if nothing is certain yet). Sets `stopped` at a stop string."""
+        self.tokens.append(token)
+        text = self.decode(self.tokens).lstrip()
+        cut, self.stopped = _cut_at_stop(text, self.stops)
+        return self._emit(cut if self.stopped else self._settled(text))
+
+    def finish(self) -> tuple[str, str]:
+        """-> (the final text, the last delta that completes what was sent)."""
+        final, _ = _cut_at_stop(self.decode(self.tokens).strip(), self.stops)
+        if not final.startswith(self.sent):  # cannot happen with a byte-level tokenizer; never send a wrong text
+            log.warning("streamed text %r is not a prefix of the final text %r", self.sent, final)
+            return final, ""
+        return final, self._emit(final)
+
+    def _settled(self, text: str) -> str:
+        text = re.sub(r"[\s\ufffd]+$", "", text)  # trailing spaces may be stripped; a character may be half decoded
+        for k in range(min(len(text), max((len(x) for x in self.stops), default=0)), 0, -1):
+            if any(x.startswith(text[-k:]) for x in self.stops):
+                return text[:-k]  # may be the start of a stop string
+        return text
+
+    def _emit(self, text: str) -> str:
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        self.pieces.append(delta)
+        return delta
 
 
 class Batcher:
@@ -184,7 +212,8 @@ class Batcher:
         return req.future
 
     def discard(self, req: GenRequest) -> None:
-        """Drop a request that is still queued (its client timed out or left), freeing its place."""
+        """Drop a request whose client timed out or left: freed from the queue, or stopped at the next step."""
+        req.cancelled = True
         req.future.cancel()
         with self._cond:
             try:
@@ -251,38 +280,57 @@ class Batcher:
         first = live[0]
         max_new = max(r.max_tokens for r in live)
         embeddings = [r.embedding for r in live]
-        started = time.monotonic()
-        tokens = self.model.generate_tokens([r.segments for r in live], embeddings, max_new_tokens=max_new,
-                                            do_sample=first.do_sample, temperature=first.temperature or 1.0,
-                                            top_p=first.top_p, seed=first.seed)
-        elapsed = time.monotonic() - started
-        self.batch_sizes.append(len(live))
-        if self.metrics is not None:
-            self.metrics.batch_size.observe(len(live))
-            self.metrics.batch_seconds.observe(elapsed)
-            self.metrics.generated_tokens.inc(sum(min(len(t), r.max_tokens) for t, r in zip(tokens, live)))
-        log.debug("batch of %d rows, %d new tokens max, %.3fs", len(live), max_new, elapsed)
-        for r, toks in zip(live, tokens):
-            try:
-                r.future.set_result(self._finish(r, toks, len(live), started))
-            except Exception as exc:  # a decoding problem of one row must not fail the others
-                log.exception("post-processing a row failed")
-                r.future.set_exception(exc)
-
-    def _finish(self, r: GenRequest, toks: list[int], batch_size: int, started: float) -> GenResult:
-        finish = "length" if len(toks) >= r.max_tokens else "stop"
-        toks = toks[: r.max_tokens]
         tok = self.model.tokenizer
 
         def decode(ids: list[int]) -> str:
             return tok.decode(ids, skip_special_tokens=True)
 
+        texts = [RowText(decode, r.stops) for r in live]
+        counts = [0] * len(live)
+
+        def on_step(new: list[int | None]) -> list[int]:
+            """Stream new text and say which rows are done (own token limit, stop string, client gone)."""
+            finished = []
+            for i, (r, t) in enumerate(zip(live, new)):
+                if t is None:
+                    continue
+                counts[i] += 1
+                if r.on_delta is not None or r.stops:
+                    with self.tokenizer_lock:
+                        delta = texts[i].add(t)
+                    if delta and r.on_delta is not None:
+                        r.on_delta(delta)
+                if counts[i] >= r.max_tokens or texts[i].stopped or r.cancelled:
+                    finished.append(i)
+            return finished
+
+        started = time.monotonic()
+        tokens = self.model.generate_tokens([r.segments for r in live], embeddings, max_new_tokens=max_new,
+                                            do_sample=first.do_sample, temperature=first.temperature or 1.0,
+                                            top_p=first.top_p, seed=first.seed, on_step=on_step)
+        elapsed = time.monotonic() - started
+        self.batch_sizes.append(len(live))
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(live))
+            self.metrics.batch_seconds.observe(elapsed)
+            self.metrics.generated_tokens.inc(sum(len(t) for t in tokens))
+        log.debug("batch of %d rows, %d new tokens max, %.3fs", len(live), max_new, elapsed)
+        for r, row, toks in zip(live, texts, tokens):
+            try:
+                r.future.set_result(self._finish(r, row, toks, len(live), started))
+            except Exception as exc:  # a decoding problem of one row must not fail the others
+                log.exception("post-processing a row failed")
+                r.future.set_exception(exc)
+
+    def _finish(self, r: GenRequest, row: RowText, toks: list[int], batch_size: int, started: float) -> GenResult:
+        toks = toks[: r.max_tokens]
+        if row.tokens != toks:  # not decoded step by step (no stream, no stop string): decode once now
+            row.tokens = list(toks)
         with self.tokenizer_lock:
-            text = decode(toks).strip()
-            text, stopped = _cut_at_stop(text, r.stops)
-            if stopped:
-                finish = "stop"
-            pieces = stream_pieces(decode, toks, text)
-        return GenResult(text=text, pieces=pieces, finish_reason=finish, completion_tokens=len(toks),
+            text, delta = row.finish()
+        if delta and r.on_delta is not None:
+            r.on_delta(delta)
+        finish = "stop" if row.stopped or len(toks) < r.max_tokens else "length"
+        return GenResult(text=text, pieces=row.pieces, finish_reason=finish, completion_tokens=len(toks),
                          prompt_tokens=len(r.segments.pre) + len(r.segments.post), batch_size=batch_size,
                          queue_seconds=started - r.enqueued_at)
