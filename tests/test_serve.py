@@ -412,3 +412,47 @@ def test_graceful_shutdown_finishes_in_flight(tmp_path):
     server.thread.join(10)
     assert result["r"].status_code == 200 and result["r"].json()["choices"][0]["message"]["content"] is not None
     assert not server.thread.is_alive() and not app.state.batcher.alive
+
+
+# --- text -> embedding with the projector's own encoder --------------------------------------------------
+def test_embeddings_endpoint_and_text_puts_use_the_projectors_encoder(tmp_path):
+    """`POST /v1/embeddings` (the real openai client, base64 by default) and `PUT ... {"text"}` embed with the
+    real all-MiniLM-L6-v2, laid out as the projector reads it (one block per sentence with slots)."""
+    from e2p.encoders import SentenceSlotEncoder, TextEncoder
+
+    backbone = make_backbone()
+    projector = Projector(new_config(backbone, embedding_dim=2 * 384, embedding_slots=2, num_prefix_tokens=2)).eval()
+    app = create_app(E2PModel(backbone, projector, autocast=False), EmbeddingStore(tmp_path / "s.db"),
+                     ServeConfig(model_name=MODEL, api_keys=[API], admin_key=ADMIN, max_tokens_limit=8))
+    server = Server(app)
+    texts = ["I love dogs. I play chess.", "I am a nurse."]
+    expected = SentenceSlotEncoder(TextEncoder(), 2).encode(texts)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=API, max_retries=0)
+        got = client.embeddings.create(model=MODEL, input=texts)
+        assert [d.index for d in got.data] == [0, 1] and got.usage.prompt_tokens > 8
+        assert torch.allclose(torch.tensor([d.embedding for d in got.data]), torch.from_numpy(expected), atol=1e-5)
+        as_floats = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts[1], encoding_format="float")
+        assert torch.allclose(torch.tensor(as_floats.data[0].embedding), torch.from_numpy(expected[1]), atol=1e-5)
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            admin = {"authorization": f"Bearer {ADMIN}"}
+            r = http.put("/v1/users/ann/embedding", json={"text": texts[0]}, headers=admin)
+            assert r.status_code == 200, r.text
+            stored = http.get("/v1/users/ann/embedding", headers=admin).json()["embedding"]
+            assert torch.allclose(torch.tensor(stored), torch.from_numpy(expected[0]), atol=1e-5)
+            reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                   user="ann", max_tokens=4, temperature=0)
+            assert reply.usage.completion_tokens >= 1
+            auth = {"authorization": f"Bearer {API}"}
+            assert_error(http.post("/v1/embeddings", json={"model": MODEL, "input": []}, headers=auth), 400, "invalid_value", "input")
+            assert_error(http.post("/v1/embeddings", json={"model": MODEL, "input": ["ok", " "]}, headers=auth), 400, "invalid_value", "input")
+            assert_error(http.post("/v1/embeddings", json={"model": MODEL, "input": "x", "dimensions": 384}, headers=auth),
+                         400, "invalid_value", "dimensions")
+            assert_error(http.post("/v1/embeddings", json={"model": "gpt-4", "input": "x"}, headers=auth), 404, "model_not_found")
+            assert_error(http.post("/v1/embeddings", json={"model": MODEL, "input": [[1, 2]]}, headers=auth), 400, "invalid_value")
+            assert_error(http.put("/v1/users/bo/embedding", json={"text": "x", "embedding": [0.0] * 768}, headers=admin), 400)
+            assert_error(http.put("/v1/users/bo/embedding", json={}, headers=admin), 400)
+            assert_error(http.put("/v1/users/bo/embedding", json={"text": "x"}, headers=auth), 403, "permission_denied")
+            assert http.get("/v1/users/bo/embedding", headers=admin).status_code == 404  # nothing half-written
+    finally:
+        server.stop()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import logging
@@ -19,13 +20,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import EmbeddingError
+from ..errors import ConfigError, EmbeddingError
 from ..model import E2PModel, PromptTooLongError, Segments
 from ..store import EmbeddingStore, StoreError, as_vector, check_user_id
+from .embedder import TextEmbeddingError, UserEmbedder
 from .batching import Batcher, GenRequest, GenResult, QueueFullError, RequestTimeoutError, ShuttingDownError
 from .metrics import Metrics
 from .schemas import (ChatChoice, ChatChoiceMessage, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
                       ChatCompletionRequest, ChatDelta, Completion, CompletionChoice, CompletionRequest, EmbeddingPut,
+                      EmbeddingsRequest,
                       ModelCard, ModelList, Usage, dump, new_id)
 
 log = logging.getLogger("e2p.serve")
@@ -120,8 +123,11 @@ def _param(loc: tuple) -> str | None:
     return ".".join(parts) or None
 
 
-def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | None = None) -> FastAPI:
-    """The app around a loaded E2PModel (with its projector) and an embedding store. The batcher starts with the app."""
+def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | None = None, encoder=None) -> FastAPI:
+    """The app around a loaded E2PModel (with its projector) and an embedding store. The batcher starts with the app.
+
+    `encoder`: the text encoder for `/v1/embeddings` and `{"text": ...}` puts (default: the projector's own,
+    loaded on first use)."""
     config = config or ServeConfig()
     metrics = Metrics()
     tokenizer_lock = threading.Lock()
@@ -131,6 +137,7 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
     embedding_dim = projector.config.embedding_dim if projector is not None and not projector.config.is_shared else None
     if embedding_dim is not None:
         store._claim_dim(embedding_dim)  # refuses a store of another encoder at start-up
+    embedder = UserEmbedder(projector.config, encoder) if embedding_dim is not None else None
     created = int(time.time())
 
     @asynccontextmanager
@@ -494,14 +501,45 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
         except EmbeddingError as exc:
             raise APIError(400, str(exc), param="user", code="invalid_value") from None
 
+    async def embed_texts(texts: list[str], param: str):
+        """-> ([N, embedding_dim] vectors, input tokens), with the projector's own encoder."""
+        if embedder is None:
+            raise APIError(400, "this server's projector reads no user embedding (none, or a shared prefix): there is "
+                                "nothing to embed", param=param, code="no_user_embedding")
+        try:
+            return await run_in_threadpool(embedder.embed, texts)
+        except TextEmbeddingError as exc:
+            raise APIError(400, str(exc), param=param, code="invalid_value") from None
+        except ConfigError as exc:
+            raise APIError(503, f"the text encoder is unavailable: {exc}", type="server_error",
+                           code="encoder_unavailable") from None
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingsRequest, request: Request):
+        """OpenAI's embeddings endpoint: the vectors to store for users (or send inline as `e2p.embedding`)."""
+        authorize(request)
+        if embedder is None or req.model != embedder.name:  # the encoder's own name is accepted too
+            check_model(req.model)
+        texts = [req.input] if isinstance(req.input, str) else list(req.input)
+        if req.dimensions is not None and req.dimensions != embedding_dim:
+            raise APIError(400, f"dimensions must be {embedding_dim} (what the projector reads) or omitted",
+                           param="dimensions", code="invalid_value")
+        vectors, tokens = await embed_texts(texts, "input")
+        encode = ((lambda v: base64.b64encode(v.astype("<f4").tobytes()).decode()) if req.encoding_format == "base64"
+                  else (lambda v: [float(x) for x in v]))
+        return {"object": "list", "model": req.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]}
+
     @app.put("/v1/users/{user_id}/embedding")
     async def put_embedding(user_id: str, body: EmbeddingPut, request: Request):
+        """Store a user's vector, or embed their profile text with the projector's encoder and store that."""
         authorize(request, admin=True)
         user_param(user_id)
+        vector = body.embedding if body.text is None else (await embed_texts([body.text], "text"))[0][0].tolist()
         try:
             if embedding_dim is not None:
-                as_vector(body.embedding, embedding_dim)
-            record = await run_in_threadpool(store.put, user_id, body.embedding)
+                as_vector(vector, embedding_dim)
+            record = await run_in_threadpool(store.put, user_id, vector)
         except (EmbeddingError, StoreError) as exc:
             raise APIError(400, str(exc), param="embedding", code="invalid_embedding") from None
         metrics.store_writes.labels("put").inc()

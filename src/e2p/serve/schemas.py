@@ -5,7 +5,7 @@ import time
 import uuid
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class E2PExtra(BaseModel):
@@ -159,8 +159,28 @@ class ModelList(BaseModel):
 
 
 class EmbeddingPut(BaseModel):
+    """A user's embedding, or a profile text the server embeds with the projector's own encoder."""
+
     model_config = ConfigDict(extra="forbid")
-    embedding: list[float]
+    embedding: list[float] | None = None
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.embedding is None) == (self.text is None):
+            raise ValueError("send exactly one of `embedding` (a vector) or `text` (a profile the server embeds)")
+        return self
+
+
+class EmbeddingsRequest(BaseModel):
+    """OpenAI's `POST /v1/embeddings`: text -> the user embedding this server's projector reads."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    input: Union[str, list[str]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
 
 
 class ErrorBody(BaseModel):
