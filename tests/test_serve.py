@@ -138,6 +138,9 @@ def test_chat_and_completion_with_stored_user(served, client, http):
     ids = model.tokenizer("i like", add_special_tokens=False)["input_ids"]
     toks = model.generate_tokens([Segments([], ids)], [torch.tensor(vec(1))], max_new_tokens=6)[0]
     assert comp.choices[0].text == model.tokenizer.decode(toks, skip_special_tokens=True).strip()
+    assert comp.usage.prompt_tokens == len(ids) + 2  # the user's two soft tokens take context like text tokens
+    plain_comp = client.completions.create(model=MODEL, prompt="i like", max_tokens=6, temperature=0)
+    assert plain_comp.usage.prompt_tokens == len(ids)
     sampled = client.completions.create(model=MODEL, prompt="i like", max_tokens=6, temperature=0.8, top_p=0.9, seed=7)
     again = client.completions.create(model=MODEL, prompt="i like", max_tokens=6, temperature=0.8, top_p=0.9, seed=7)
     assert sampled.choices[0].text == again.choices[0].text  # a seeded request runs alone: reproducible

@@ -101,6 +101,13 @@ class E2PModel(nn.Module):
     def num_prefix_tokens(self) -> int:
         return self.projector.config.num_prefix_tokens if self.projector is not None else 0
 
+    def prefix_length(self, has_embedding: bool) -> int:
+        """Soft tokens a row gets (they occupy context positions like text tokens): k with a user embedding or a
+        shared prefix, else 0."""
+        if self.projector is None:
+            return 0
+        return self.num_prefix_tokens if (has_embedding or self.projector.config.is_shared) else 0
+
     # --- formatting -------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

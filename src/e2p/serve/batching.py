@@ -332,5 +332,6 @@ class Batcher:
             r.on_delta(delta)
         finish = "stop" if row.stopped or len(toks) < r.max_tokens else "length"
         return GenResult(text=text, pieces=row.pieces, finish_reason=finish, completion_tokens=len(toks),
-                         prompt_tokens=len(r.segments.pre) + len(r.segments.post), batch_size=batch_size,
+                         prompt_tokens=len(r.segments.pre) + len(r.segments.post)
+                         + self.model.prefix_length(r.embedding is not None), batch_size=batch_size,
                          queue_seconds=started - r.enqueued_at)
