@@ -26,7 +26,7 @@ from .model import E2PModel
 from .projector import Projector
 from .encoders import encoder_for
 from .recipe import person_table
-from .train import Item
+from .train import Item, row_losses
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +76,7 @@ def derangement(people: list[str], seed: int) -> list[int]:
 def score_condition(model: E2PModel, items: list[Item], table: torch.Tensor | None, batch_size: int,
                     progress=None) -> tuple[np.ndarray, np.ndarray]:
     """Per-example summed NLL and token counts."""
-    nll, cnt = [], []
-    with torch.no_grad():
-        for i in range(0, len(items), batch_size):
-            chunk = items[i:i + batch_size]
-            emb = None if table is None else table[torch.tensor([it.person for it in chunk])]
-            s, c = model.loss([it.row for it in chunk], emb, reduction="none")
-            nll.append(s.numpy())
-            cnt.append(c.numpy())
-            if progress is not None:
-                progress.update(len(chunk))
-    return np.concatenate(nll), np.concatenate(cnt)
+    return row_losses(model, items, table, batch_size, progress=progress)
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, counts: np.ndarray, groups: list[str], n: int = 1000, seed: int = 0):

@@ -60,27 +60,40 @@ def _shuffled_people(people: torch.Tensor, generator: torch.Generator) -> torch.
     return perm
 
 
-def evaluate_loss(model: E2PModel, items: Sequence[Item], table: torch.Tensor | None, batch_size: int = 16,
-                  shuffle_people: bool = False, seed: int = 0) -> float:
-    """Token-level mean NLL over `items` (optionally with another person's embedding per row)."""
-    total, count = 0.0, 0
+def row_losses(model: E2PModel, items: Sequence[Item], table: torch.Tensor | None, batch_size: int = 16,
+               shuffle_people: bool = False, seed: int = 0, progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-item summed NLL and target-token counts, in eval mode (optionally with another person's embedding
+    per row): the one scoring loop behind validation during training and every condition of `e2p eval`."""
+    nll, cnt = [], []
     gen = torch.Generator().manual_seed(seed)
     was_training = model.projector.training if model.projector is not None else False
     if model.projector is not None:
         model.projector.eval()
-    with torch.no_grad():
-        for i in range(0, len(items), batch_size):
-            chunk = items[i:i + batch_size]
-            emb = _batch_embeddings(chunk, table)
-            if shuffle_people and emb is not None:
-                people = torch.tensor([it.person for it in chunk])
-                emb = emb[_shuffled_people(people, gen)]
-            s, c = model.loss([it.row for it in chunk], emb, reduction="none")
-            total += float(s.sum())
-            count += int(c.sum())
-    if model.projector is not None:
-        model.projector.train(was_training)
-    return total / max(count, 1)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(items), batch_size):
+                chunk = items[i:i + batch_size]
+                emb = _batch_embeddings(chunk, table)
+                if shuffle_people and emb is not None:
+                    emb = emb[_shuffled_people(torch.tensor([it.person for it in chunk]), gen)]
+                s, c = model.loss([it.row for it in chunk], emb, reduction="none")
+                nll.append(s.numpy())
+                cnt.append(c.numpy())
+                if progress is not None:
+                    progress.update(len(chunk))
+    finally:
+        if model.projector is not None:
+            model.projector.train(was_training)
+    if not nll:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    return np.concatenate(nll), np.concatenate(cnt)
+
+
+def evaluate_loss(model: E2PModel, items: Sequence[Item], table: torch.Tensor | None, batch_size: int = 16,
+                  shuffle_people: bool = False, seed: int = 0) -> float:
+    """Token-level mean NLL over `items` (optionally with another person's embedding per row)."""
+    nll, cnt = row_losses(model, items, table, batch_size, shuffle_people, seed)
+    return float(nll.sum()) / max(int(cnt.sum()), 1)
 
 
 def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor | None, out_dir: str | Path,
