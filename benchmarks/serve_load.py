@@ -3,6 +3,7 @@
     python benchmarks/serve_load.py                       # real backbone, shipped or random-init projector
     python benchmarks/serve_load.py --projector DIR --requests 400 --concurrency 32 --users 100
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --api-key K --admin-key A   # a running server
+    python benchmarks/serve_load.py --stream              # streamed requests: also time to first text
 
 Starts `e2p serve` as a subprocess on a free loopback port (unless --url), stores random embeddings for
 --users users, then drives it with --concurrency clients, each request from a random user (a share of
@@ -100,7 +101,7 @@ def batch_stats(metrics_text: str) -> dict:
 async def drive(args, url: str, dim: int, model: str) -> dict:
     rng = random.Random(args.seed)
     headers = {"authorization": f"Bearer {args.api_key}"}
-    latencies, errors, tokens = [], {}, 0
+    latencies, firsts, errors, tokens = [], [], {}, 0
     todo = list(range(args.requests))
 
     async def client(c: httpx.AsyncClient):
@@ -118,6 +119,27 @@ async def drive(args, url: str, dim: int, model: str) -> dict:
                 body["user"] = f"user{rng.randrange(args.users)}"
             started = time.perf_counter()
             try:
+                if args.stream:
+                    body.update(stream=True, stream_options={"include_usage": True})
+                    async with c.stream("POST", "/v1/chat/completions", json=body) as resp:
+                        if resp.status_code != 200:
+                            await resp.aread()
+                            key = f"{resp.status_code} {resp.json().get('error', {}).get('code')}"
+                            errors[key] = errors.get(key, 0) + 1
+                            continue
+                        first = None
+                        async for line in resp.aiter_lines():
+                            if not line.startswith("data: {"):
+                                continue
+                            event = json.loads(line[6:])
+                            if first is None and event["choices"] and event["choices"][0]["delta"].get("content"):
+                                first = time.perf_counter() - started
+                            if event.get("usage"):
+                                tokens += event["usage"]["completion_tokens"]
+                    latencies.append(time.perf_counter() - started)
+                    if first is not None:
+                        firsts.append(first)
+                    continue
                 resp = await c.post("/v1/chat/completions", json=body)
                 if resp.status_code == 200:
                     latencies.append(time.perf_counter() - started)
@@ -134,7 +156,11 @@ async def drive(args, url: str, dim: int, model: str) -> dict:
         await asyncio.gather(*(client(c) for _ in range(args.concurrency)))
         wall = time.perf_counter() - started
     lat = np.array(latencies) if latencies else np.array([float("nan")])
+    ttft = np.array(firsts) if firsts else np.array([float("nan")])
     return {
+        "stream": args.stream,
+        "time_to_first_text_s": {"p50": round(float(np.percentile(ttft, 50)), 4),
+                                 "p90": round(float(np.percentile(ttft, 90)), 4)} if args.stream else None,
         "requests": args.requests, "ok": len(latencies), "errors": errors, "wall_s": round(wall, 3),
         "throughput_rps": round(len(latencies) / wall, 3), "tokens_per_s": round(tokens / wall, 2),
         "completion_tokens": tokens,
@@ -154,6 +180,7 @@ def main() -> None:
     p.add_argument("--users", type=int, default=50)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--stream", action="store_true", help="stream every request; also measures time to first text")
     p.add_argument("--no-user-share", type=float, default=0.1, help="share of requests without a user")
     p.add_argument("--inline-share", type=float, default=0.1, help="share of requests with an inline embedding")
     p.add_argument("--max-batch-size", type=int, default=8)
@@ -218,6 +245,9 @@ def main() -> None:
     print(f"{result['ok']}/{result['requests']} ok in {result['wall_s']}s with {args.concurrency} clients, "
           f"{args.users} users: {result['throughput_rps']} req/s, {result['tokens_per_s']} tokens/s")
     print(f"latency p50 {lat['p50']}s  p90 {lat['p90']}s  p99 {lat['p99']}s  max {lat['max']}s")
+    if result["time_to_first_text_s"]:
+        print(f"streamed: first text after p50 {result['time_to_first_text_s']['p50']}s, "
+              f"p90 {result['time_to_first_text_s']['p90']}s")
     print(f"batches: {result['batches']}, mean size {result['mean_batch_size']}; errors: {result['errors'] or 'none'}")
     print(f"projector: {projector_kind}; written to {args.out}")
 
