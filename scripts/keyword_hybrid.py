@@ -2,6 +2,11 @@
 
     python scripts/keyword_hybrid.py [--data ../shared/data] [--shared runs/exp1/shared_prefix]
                                      [--text-trained runs/exp2/shared_prefix_text] [--out runs/kwexp/shared_prefix_kw]
+                                     [--words nearest|oracle] [--steps 30]
+
+--words oracle puts the persona's own content words there instead (at most 12, stopwords and words common to
+many personas removed, as scripts/persona_ceiling.py's oracle_words): what a *perfect* keyword decoder of the
+embedding would give a model trained to read it.
 
 Like `shared_prefix_text` (the shared prefix trained 30 more steps with the persona text in the system prompt),
 but the system prompt holds the 12 vocabulary words nearest the persona's all-MiniLM-L6-v2 embedding
@@ -23,7 +28,7 @@ from e2p.model import E2PModel
 from e2p.projector import Projector
 from e2p.recipe import RecipeConfig, _reply_row, _sample, split_people
 from e2p.train import Item, TrainConfig, train_projector
-from persona_ceiling import nearest_words, unit
+from persona_ceiling import ContentWords, nearest_words, unit
 
 
 def main() -> None:
@@ -33,10 +38,15 @@ def main() -> None:
     ap.add_argument("--text-trained", default="runs/exp2/shared_prefix_text")
     ap.add_argument("--out", default="runs/kwexp/shared_prefix_kw")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--words", choices=["nearest", "oracle"], default="nearest")
     args = ap.parse_args()
     backbone, encoder = load_backbone(), TextEncoder()
-    words = lambda texts: nearest_words(backbone, encoder, unit(encoder, texts))
     train, test = persona_split(args.data)
+    if args.words == "oracle":
+        content = ContentWords(backbone, list({e.persona for e in train}))
+        words = lambda texts: [" ".join(content(t)[:12]) for t in texts]
+    else:
+        words = lambda texts: nearest_words(backbone, encoder, unit(encoder, texts))
     rest, val = split_people(train, 40, 0)  # the recipe's validation people (seed 0)
     model = E2PModel(backbone, Projector.from_pretrained(args.shared, backbone))
 

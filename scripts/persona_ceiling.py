@@ -72,18 +72,32 @@ been being just also very really much many some any all can could would should w
 there here what when where which who how why its his her hers him she he were out get got one lot lots""".split())
 
 
-class BagOfWords:
-    """Embedding -> the persona's content words: an MLP over the backbone's whole-word vocabulary, trained on the
-    training personas (whole, and two random subsets each) with a cross-entropy to the uniform distribution over
-    the words the text contains. What a small learned decoder can read lexically out of one embedding."""
+class ContentWords:
+    """A text's content words, in order: whole words of the backbone's vocabulary that are neither stopwords nor
+    in more than 15% of the training personas (those say nothing about one person)."""
 
-    def __init__(self, backbone, encoder, personas: list[tuple[str, ...]], seed: int = 0, epochs: int = 12):
+    def __init__(self, backbone, personas: list[tuple[str, ...]]):
         self.vocab = whole_words(backbone)
         counts: dict[str, int] = {}
         for p in personas:
             for w in set(self.tokens(" ".join(p))):
                 counts[w] = counts.get(w, 0) + 1
         self.stop = STOPWORDS | {w for w, n in counts.items() if n > 0.15 * len(personas)}
+
+    def tokens(self, text: str) -> list[str]:
+        return [w for w in re.findall(r"[a-z]+", text.lower()) if w in self.vocab]
+
+    def __call__(self, text: str) -> list[str]:
+        return list(dict.fromkeys(w for w in self.tokens(text) if w not in self.stop))
+
+
+class BagOfWords:
+    """Embedding -> the persona's content words: an MLP over the backbone's whole-word vocabulary, trained on the
+    training personas (whole, and two random subsets each) with a cross-entropy to the uniform distribution over
+    the words the text contains. What a small learned decoder can read lexically out of one embedding."""
+
+    def __init__(self, backbone, encoder, personas: list[tuple[str, ...]], seed: int = 0, epochs: int = 12):
+        self.content = ContentWords(backbone, personas)
         rng = random.Random(seed)
         texts = []
         for p in personas:
@@ -118,12 +132,6 @@ class BagOfWords:
             self.net.eval()
             with torch.no_grad():
                 bar.set_postfix(held_out_loss=f"{loss_of(held_out).item():.3f}")
-
-    def tokens(self, text: str) -> list[str]:
-        return [w for w in re.findall(r"[a-z]+", text.lower()) if w in self.vocab]
-
-    def content(self, text: str) -> list[str]:
-        return list(dict.fromkeys(w for w in self.tokens(text) if w not in self.stop))
 
     def decode(self, queries: torch.Tensor, n: int) -> list[list[str]]:
         with torch.no_grad():
