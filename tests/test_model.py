@@ -39,6 +39,41 @@ def test_padded_mixed_batch_matches_rows_alone(tiny, injection, position):
         assert alone[0] == together[i]
 
 
+@pytest.mark.parametrize("injection,position", [("input", "start"), ("deep", "start"), ("deep", "after_sink")])
+def test_rows_joining_and_leaving_a_running_batch_match_rows_alone(tiny, injection, position):
+    """Continuous batching: a row prefilled apart and joined mid-way, or left alone by rows that finish, decodes
+    exactly as it does alone (greedy tokens equal, hidden states within float noise)."""
+    m = _model(tiny, injection, position)
+    prompts = [m.format(msgs) for msgs, _ in CONVS]
+    emb = torch.randn(3, 8)
+    users = [emb[0], None, emb[2]]
+
+    def alone(i, steps):
+        dec, tokens = m.start_decoding([prompts[i]], [users[i]]), []
+        for _ in range(steps):
+            nxt = m.next_tokens(dec)
+            tokens.append(int(nxt[0]))
+            m.advance(dec, nxt)
+        return tokens, dec.last[0]
+
+    dec, got = m.start_decoding([prompts[0]], [users[0]]), {0: [], 1: [], 2: []}
+    rows = [0]
+    for step in range(9):
+        if step == 3:  # rows 1 and 2 arrive while row 0 is 3 tokens in
+            dec, rows = dec.join(m.start_decoding(prompts[1:], users[1:])), [0, 1, 2]
+        if step == 6:  # row 0 leaves; the others go on
+            dec, rows = dec.select([1, 2]), [1, 2]
+        nxt = m.next_tokens(dec)
+        for j, i in enumerate(rows):
+            got[i].append(int(nxt[j]))
+        m.advance(dec, nxt)
+    for j, i in enumerate(rows):
+        tokens, last = alone(i, len(got[i]))
+        assert got[i] == tokens, i
+        assert torch.allclose(dec.last[j], last, atol=1e-4), i
+    assert alone(0, 6)[0] == got[0]
+
+
 def test_different_users_get_different_prefixes(tiny):
     m = _model(tiny)
     rows = [m.format(CONVS[0][0], reply=CONVS[0][1])] * 2

@@ -186,15 +186,13 @@ def test_row_text_sends_only_settled_text():
 
 def slowed(model: E2PModel, seconds: float) -> E2PModel:
     """Each generation step takes `seconds` longer, so that streaming can be told from buffering."""
-    real = model.generate_tokens
+    real = model.advance
 
-    def slow(*args, on_step=None, **kwargs):
-        def step(new):
-            time.sleep(seconds)
-            return on_step(new) if on_step else None
-        return real(*args, on_step=step, **kwargs)
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
 
-    model.generate_tokens = slow
+    model.advance = slow
     return model
 
 
@@ -230,6 +228,35 @@ def test_stream_arrives_while_generating_and_stops_early(tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.02)
         assert time.monotonic() - started < 64 * 0.05
+    finally:
+        server.stop()
+
+
+def test_requests_join_a_running_batch(tmp_path):
+    """Continuous batching: a request that arrives while a long one decodes joins its batch at the next step and
+    finishes on its own schedule, with the same text it gets alone."""
+    model = slowed(tiny_model(), 0.05)
+    app = create_app(model, EmbeddingStore(tmp_path / "s.db"), ServeConfig(model_name=MODEL, max_tokens_limit=64))
+    server = Server(app)
+    long = {"model": MODEL, "prompt": "i like", "max_tokens": 64, "temperature": 0}
+    short = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4, "temperature": 0,
+             "e2p": {"embedding": vec(5)}}
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            alone = c.post("/v1/chat/completions", json=short).json()["choices"][0]["message"]["content"]
+            done = {}
+            t = threading.Thread(target=lambda: done.setdefault("long", (c.post("/v1/completions", json=long), time.monotonic())))
+            t.start()
+            time.sleep(0.5)  # the long request is ~10 of its 64 slow steps in
+            app.state.batcher.batch_sizes.clear()
+            started = time.monotonic()
+            r = c.post("/v1/chat/completions", json=short)
+            short_done = time.monotonic()
+            t.join(30)
+        assert r.json()["choices"][0]["message"]["content"] == alone
+        assert short_done - started < 1.5  # 4 steps after joining, not after the long request's remaining ~2.7 s
+        assert done["long"][1] > short_done + 0.5 and done["long"][0].json()["usage"]["completion_tokens"] == 64
+        assert 2 in app.state.batcher.batch_sizes  # it ran in the long request's batch
     finally:
         server.stop()
 
@@ -341,14 +368,14 @@ def test_auth(served, http):
 def test_queue_full_timeout_and_graceful_shutdown(tmp_path):
     model = tiny_model()
     gate, entered = threading.Event(), threading.Event()
-    real = model.generate_tokens
+    real = model.start_decoding
 
     def gated(*args, **kwargs):
         entered.set()
         assert gate.wait(30)
         return real(*args, **kwargs)
 
-    model.generate_tokens = gated
+    model.start_decoding = gated
     config = ServeConfig(model_name=MODEL, max_queue=2, max_batch_size=1, batch_wait_ms=1, request_timeout_s=1.0)
     app = create_app(model, EmbeddingStore(tmp_path / "s.db"), config)
     server = Server(app)
@@ -392,14 +419,14 @@ def test_queue_full_timeout_and_graceful_shutdown(tmp_path):
 def test_graceful_shutdown_finishes_in_flight(tmp_path):
     model = tiny_model()
     gate, entered = threading.Event(), threading.Event()
-    real = model.generate_tokens
+    real = model.start_decoding
 
     def gated(*args, **kwargs):
         entered.set()
         assert gate.wait(30)
         return real(*args, **kwargs)
 
-    model.generate_tokens = gated
+    model.start_decoding = gated
     app = create_app(model, EmbeddingStore(tmp_path / "s.db"), ServeConfig(model_name=MODEL))
     server = Server(app)
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}

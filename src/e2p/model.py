@@ -73,6 +73,54 @@ def new_config(backbone: Backbone, **overrides) -> E2PConfig:
     return E2PConfig(**values)
 
 
+class Decoding:
+    """A running batch of generations: the KV cache, attention mask, next positions and last hidden states of B
+    rows. Rows are independent (left padding, exact masks), so they can leave (`select`) and new, separately
+    prefilled rows can join (`join`) between steps without changing any row's result."""
+
+    def __init__(self, lm_config, cache, mask: torch.Tensor, positions: torch.Tensor, last: torch.Tensor):
+        self.lm_config, self.cache, self.mask, self.positions, self.last = lm_config, cache, mask, positions, last
+
+    def __len__(self) -> int:
+        return len(self.mask)
+
+    def _layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
+
+    def _rebuild(self, layers, mask, positions, last) -> "Decoding":
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.lm_config)
+        for i, (k, v) in enumerate(layers):
+            cache.update(k, v, i)
+        return Decoding(self.lm_config, cache, mask, positions, last)
+
+    def select(self, rows: list[int]) -> "Decoding":
+        """Only these rows (in this order); padding columns no row needs any more are dropped."""
+        idx = torch.tensor(rows, dtype=torch.long)
+        mask = self.mask[idx]
+        drop = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
+        layers = [(k[idx][:, :, drop:], v[idx][:, :, drop:]) for k, v in self._layers()]
+        return self._rebuild(layers, mask[:, drop:], self.positions[idx], self.last[idx])
+
+    def join(self, other: "Decoding") -> "Decoding":
+        """This batch's rows, then `other`'s: the shorter history is left-padded (masked) to the longer."""
+        T = max(self.mask.shape[1], other.mask.shape[1])
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = T - t.shape[dim]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([torch.zeros(shape, dtype=t.dtype), t], dim=dim)
+
+        layers = [(torch.cat([pad(k1, 2), pad(k2.to(k1.dtype), 2)]), torch.cat([pad(v1, 2), pad(v2.to(v1.dtype), 2)]))
+                  for (k1, v1), (k2, v2) in zip(self._layers(), other._layers())]
+        return self._rebuild(layers, torch.cat([pad(self.mask, 1), pad(other.mask, 1)]),
+                             torch.cat([self.positions, other.positions]), torch.cat([self.last, other.last.to(self.last.dtype)]))
+
+
 class E2PModel(nn.Module):
     """A frozen backbone plus (optionally) a projector; rows of a batch may belong to different users.
 
@@ -304,43 +352,59 @@ class E2PModel(nn.Module):
         finished or just produced EOS) and may return indices of rows to finish now: a server streams tokens
         as they come and stops a row at its stop string, its own token limit or when its client leaves.
         """
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        dec = self.start_decoding(rows, embeddings)
+        live = list(range(len(rows)))  # dec's rows -> row index
+        result: list[list[int]] = [[] for _ in rows]
+        for _ in range(max_new_tokens):
+            nxt = self.next_tokens(dec, do_sample, temperature, top_p, gen)
+            new: list[int | None] = [None] * len(rows)
+            finished = set()
+            for j, i in enumerate(live):
+                t = int(nxt[j])
+                if t in self.eos_ids:
+                    finished.add(i)
+                else:
+                    result[i].append(t)
+                    new[i] = t
+            if on_step is not None:
+                finished.update(on_step(new) or ())
+            keep = [j for j, i in enumerate(live) if i not in finished]
+            if not keep:
+                break
+            if len(keep) < len(live):  # finished rows leave the batch: no compute is spent on them
+                dec, nxt, live = dec.select(keep), nxt[keep], [live[j] for j in keep]
+            self.advance(dec, nxt)
+        return result
+
+    # --- step-level decoding (rows may join and leave between steps: the server's continuous batching) -----
+    def start_decoding(self, rows: Sequence[Segments], embeddings=None) -> "Decoding":
+        """Prefill `rows` (each with its own user, or none) and return the running batch."""
         from transformers import DynamicCache
 
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
         batch = self.build(rows, embeddings)
         if "past_key_values" not in batch:
             batch["past_key_values"] = DynamicCache(config=self.lm.config)
         out = self._hidden(batch, use_cache=True)
-        cache = _output_cache(out)
-        mask = batch["attention_mask"]
-        positions = batch["position_ids"][:, -1:]
-        last = out.last_hidden_state[:, -1]
-        B = len(rows)
-        done = torch.zeros(B, dtype=torch.bool)
-        result: list[list[int]] = [[] for _ in range(B)]
-        eos = torch.tensor(self.eos_ids)
-        for _ in range(max_new_tokens):
-            with self._autocast():
-                logits = self.lm.get_output_embeddings()(last).float()
-            nxt = self._pick(logits, do_sample, temperature, top_p, gen)
-            for i in range(B):
-                if not done[i]:
-                    result[i].append(int(nxt[i]))
-            new = [None if done[i] or bool(torch.isin(nxt[i], eos)) else int(nxt[i]) for i in range(B)]
-            done |= torch.isin(nxt, eos)
-            if on_step is not None:
-                for i in on_step(new) or ():
-                    done[i] = True
-            if done.all():
-                break
-            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
-            positions = positions + 1
-            step = dict(inputs_embeds=self.lm.get_input_embeddings()(nxt.unsqueeze(1)), attention_mask=mask,
-                        position_ids=positions, past_key_values=cache)
-            out = self._hidden(step, use_cache=True)
-            cache = _output_cache(out)
-            last = out.last_hidden_state[:, -1]
-        return [[t for t in r if t not in self.eos_ids] for r in result]
+        return Decoding(self.lm.config, _output_cache(out), batch["attention_mask"], batch["position_ids"][:, -1:],
+                        out.last_hidden_state[:, -1])
+
+    def next_tokens(self, dec: "Decoding", do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                    gen: torch.Generator | None = None) -> torch.Tensor:
+        """[B] the next token of every row of `dec`."""
+        with self._autocast():
+            logits = self.lm.get_output_embeddings()(dec.last).float()
+        return self._pick(logits, do_sample, temperature, top_p, gen)
+
+    def advance(self, dec: "Decoding", tokens: torch.Tensor) -> None:
+        """Feed each row its token: one forward step of the whole batch."""
+        B = len(tokens)
+        dec.mask = torch.cat([dec.mask, torch.ones(B, 1, dtype=dec.mask.dtype)], dim=1)
+        dec.positions = dec.positions + 1
+        step = dict(inputs_embeds=self.lm.get_input_embeddings()(tokens.unsqueeze(1)), attention_mask=dec.mask,
+                    position_ids=dec.positions, past_key_values=dec.cache)
+        out = self._hidden(step, use_cache=True)
+        dec.cache, dec.last = _output_cache(out), out.last_hidden_state[:, -1]
 
     @staticmethod
     def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen) -> torch.Tensor:

@@ -1,28 +1,28 @@
-"""Dynamic batching: one worker thread turns concurrent requests of different users into one generate call.
+"""Continuous batching: one worker thread decodes the requests of different users in one running batch.
 
 Design
 ------
 * Requests wait in a bounded queue (`max_queue`); a full queue is refused at once (HTTP 429) instead of
   letting latency grow without bound.
-* The worker takes the oldest request, then waits up to `wait_ms` for more requests that are
-  *compatible* with it, up to `max_batch` rows, and runs them in ONE `E2PModel.generate_tokens` call
-  where every row carries its own user embedding (or None: the plain backbone).
-* Compatible means the same decoding settings, because `generate_tokens` takes one setting per batch:
+* The worker takes the oldest request, waits up to `wait_ms` for more requests that are *compatible* with
+  it, up to `max_batch` rows, prefills them together (`E2PModel.start_decoding`, every row with its own user
+  embedding or None) and decodes them step by step in one batch.
+* Between steps, rows that are done leave the batch (EOS, their own `max_tokens`, a stop string, a client that
+  gave up) and compatible requests that arrived meanwhile are prefilled and join it (`Decoding.join`), up to
+  `max_batch` rows, so a new request does not wait for the running batch to finish and a short request
+  never waits for a long one. Rows are independent (left padding, exact masks): joining or leaving does not
+  change any row's text (tested).
+* Compatible means the same decoding settings, because a step picks tokens with one setting:
   - greedy rows (temperature 0) batch together, whatever their other settings;
   - sampled rows batch together when temperature and top_p are equal;
   - a sampled row with a `seed` always runs alone, so the same seed gives the same text whatever else
-    the server is doing (a shared generator would make it depend on the batch);
-  - in every case `max_tokens` is rounded up to a power of two (the "bucket") and only rows of the same
-    bucket batch together, so a 16-token request never waits for a 512-token one. The batch generates
-    the largest `max_tokens` of its rows and each row leaves it at its own.
+    the server is doing (a shared generator would make it depend on the batch).
   Incompatible requests keep their place in the queue and go in a later batch.
-* Streaming: every step of the batch hands each streamed row's new text to its `on_delta` callback at
-  once, while the other rows go on. A delta is only text that cannot change any more (held back: trailing
-  spaces, a half-decoded character, a tail that may begin a stop string), so the deltas always add up to
-  the non-streamed text.
-* A row leaves the batch as soon as it is done: at EOS, at its own `max_tokens`, at a stop string, or when
-  its client gave up (`discard`). A request whose deadline passed while it waited, or whose client gave up,
-  is dropped before it costs compute.
+* Streaming: every step hands each streamed row's new text to its `on_delta` callback at once. A delta is
+  only text that cannot change any more (held back: trailing spaces, a half-decoded character, a tail that
+  may begin a stop string), so the deltas always add up to the non-streamed text.
+* A request whose deadline passed while it waited, or whose client gave up, is dropped before it costs
+  compute.
 """
 from __future__ import annotations
 
@@ -54,14 +54,6 @@ class RequestTimeoutError(TimeoutError):
     """The request waited in the queue past its deadline."""
 
 
-def bucket(max_tokens: int) -> int:
-    """Round up to a power of two."""
-    b = 1
-    while b < max_tokens:
-        b *= 2
-    return b
-
-
 @dataclass
 class GenRequest:
     segments: Segments
@@ -83,11 +75,12 @@ class GenRequest:
 
     @property
     def key(self) -> tuple:
+        """Requests with the same key can share a batch (see the module doc)."""
         if not self.do_sample:
-            return ("greedy", bucket(self.max_tokens))
+            return ("greedy",)
         if self.seed is not None:
             return ("seeded", id(self))
-        return ("sample", self.temperature, self.top_p, bucket(self.max_tokens))
+        return ("sample", self.temperature, self.top_p)
 
 
 @dataclass
@@ -255,83 +248,125 @@ class Batcher:
             batch = self._take()
             if batch is None:
                 return
+            involved = list(batch)  # and every request that joins the running batch
             try:
-                self._process(batch)
+                self._process(batch, involved)
             except Exception:  # never let the worker die; every future gets an answer
-                log.exception("batch of %d failed", len(batch))
-                for r in batch:
+                log.exception("batch of %d failed", len(involved))
+                for r in involved:
                     if not r.future.done():
                         r.future.set_exception(RuntimeError("generation failed; see the server log"))
             finally:
                 self._busy = False
 
-    def _process(self, batch: list[GenRequest]) -> None:
-        now = time.monotonic()
-        live = []
-        for r in batch:
+    def _admit(self, requests: list[GenRequest]) -> list[GenRequest]:
+        """The requests still worth computing: not cancelled by their client, not past their deadline."""
+        now, live = time.monotonic(), []
+        for r in requests:
             if not r.future.set_running_or_notify_cancel():
                 continue  # the client gave up
             if now > r.deadline:
                 r.future.set_exception(RequestTimeoutError("the request waited in the queue past its timeout"))
                 continue
             live.append(r)
+        return live
+
+    def _joiners(self, key: tuple, room: int) -> list[GenRequest]:
+        """Queued requests compatible with a running batch, oldest first, without waiting."""
+        if room <= 0:
+            return []
+        with self._cond:
+            if not self._pending:
+                return []
+            take, rest = [], deque()
+            for r in self._pending:
+                (take if r.key == key and len(take) < room else rest).append(r)
+            self._pending = rest
+        self._set_depth()
+        return self._admit(take)
+
+    def _process(self, batch: list[GenRequest], involved: list[GenRequest]) -> None:
+        live = self._admit(batch)
         if not live:
             return
         first = live[0]
-        max_new = max(r.max_tokens for r in live)
-        embeddings = [r.embedding for r in live]
+        gen = torch.Generator().manual_seed(first.seed) if first.seed is not None else None
         tok = self.model.tokenizer
 
         def decode(ids: list[int]) -> str:
             return tok.decode(ids, skip_special_tokens=True)
 
-        texts = [RowText(decode, r.stops) for r in live]
-        counts = [0] * len(live)
+        rows = [_Row(r, RowText(decode, r.stops), batch_size=len(live)) for r in live]
+        dec = self.model.start_decoding([r.segments for r in live], [r.embedding for r in live])
+        self._observe_batch(len(rows))
+        while rows:
+            nxt = self.model.next_tokens(dec, first.do_sample, first.temperature or 1.0, first.top_p, gen)
+            keep = []
+            for j, row in enumerate(rows):
+                if self._feed(row, int(nxt[j])):
+                    self._complete(row)
+                else:
+                    keep.append(j)
+            if len(keep) < len(rows):
+                rows = [rows[j] for j in keep]
+                if not rows:
+                    break
+                dec, nxt = dec.select(keep), nxt[keep]
+            self.model.advance(dec, nxt)
+            joiners = self._joiners(first.key, self.max_batch - len(rows)) if first.seed is None else []
+            if joiners:
+                involved += joiners
+                dec = dec.join(self.model.start_decoding([r.segments for r in joiners], [r.embedding for r in joiners]))
+                rows += [_Row(r, RowText(decode, r.stops), batch_size=len(rows) + len(joiners)) for r in joiners]
+                self._observe_batch(len(rows))
 
-        def on_step(new: list[int | None]) -> list[int]:
-            """Stream new text and say which rows are done (own token limit, stop string, client gone)."""
-            finished = []
-            for i, (r, t) in enumerate(zip(live, new)):
-                if t is None:
-                    continue
-                counts[i] += 1
-                if r.on_delta is not None or r.stops:
-                    with self.tokenizer_lock:
-                        delta = texts[i].add(t)
-                    if delta and r.on_delta is not None:
-                        r.on_delta(delta)
-                if counts[i] >= r.max_tokens or texts[i].stopped or r.cancelled:
-                    finished.append(i)
-            return finished
-
-        started = time.monotonic()
-        tokens = self.model.generate_tokens([r.segments for r in live], embeddings, max_new_tokens=max_new,
-                                            do_sample=first.do_sample, temperature=first.temperature or 1.0,
-                                            top_p=first.top_p, seed=first.seed, on_step=on_step)
-        elapsed = time.monotonic() - started
-        self.batch_sizes.append(len(live))
+    def _observe_batch(self, size: int) -> None:
+        self.batch_sizes.append(size)
         if self.metrics is not None:
-            self.metrics.batch_size.observe(len(live))
-            self.metrics.batch_seconds.observe(elapsed)
-            self.metrics.generated_tokens.inc(sum(len(t) for t in tokens))
-        log.debug("batch of %d rows, %d new tokens max, %.3fs", len(live), max_new, elapsed)
-        for r, row, toks in zip(live, texts, tokens):
-            try:
-                r.future.set_result(self._finish(r, row, toks, len(live), started))
-            except Exception as exc:  # a decoding problem of one row must not fail the others
-                log.exception("post-processing a row failed")
-                r.future.set_exception(exc)
+            self.metrics.batch_size.observe(size)
 
-    def _finish(self, r: GenRequest, row: RowText, toks: list[int], batch_size: int, started: float) -> GenResult:
-        toks = toks[: r.max_tokens]
-        if row.tokens != toks:  # not decoded step by step (no stream, no stop string): decode once now
-            row.tokens = list(toks)
-        with self.tokenizer_lock:
-            text, delta = row.finish()
-        if delta and r.on_delta is not None:
-            r.on_delta(delta)
-        finish = "stop" if row.stopped or len(toks) < r.max_tokens else "length"
-        return GenResult(text=text, pieces=row.pieces, finish_reason=finish, completion_tokens=len(toks),
-                         prompt_tokens=len(r.segments.pre) + len(r.segments.post)
-                         + self.model.prefix_length(r.embedding is not None), batch_size=batch_size,
-                         queue_seconds=started - r.enqueued_at)
+    def _feed(self, row: "_Row", token: int) -> bool:
+        """One new token for `row` (streamed if asked); -> whether the row is done."""
+        r = row.request
+        if token in self.model.eos_ids:
+            return True
+        row.tokens.append(token)
+        if self.metrics is not None:
+            self.metrics.generated_tokens.inc()
+        if r.on_delta is not None or r.stops:
+            with self.tokenizer_lock:
+                delta = row.text.add(token)
+            if delta and r.on_delta is not None:
+                r.on_delta(delta)
+        return len(row.tokens) >= r.max_tokens or row.text.stopped or r.cancelled
+
+    def _complete(self, row: "_Row") -> None:
+        r = row.request
+        try:
+            if row.text.tokens != row.tokens:  # not decoded step by step (no stream, no stop string): decode once now
+                row.text.tokens = list(row.tokens)
+            with self.tokenizer_lock:
+                text, delta = row.text.finish()
+            if delta and r.on_delta is not None:
+                r.on_delta(delta)
+            finish = "stop" if row.text.stopped or len(row.tokens) < r.max_tokens else "length"
+            elapsed = time.monotonic() - row.started
+            if self.metrics is not None:
+                self.metrics.batch_seconds.observe(elapsed)
+            r.future.set_result(GenResult(
+                text=text, pieces=row.text.pieces, finish_reason=finish, completion_tokens=len(row.tokens),
+                prompt_tokens=len(r.segments.pre) + len(r.segments.post) + self.model.prefix_length(r.embedding is not None),
+                batch_size=row.batch_size, queue_seconds=row.started - r.enqueued_at))
+        except Exception as exc:  # a decoding problem of one row must not fail the others
+            log.exception("post-processing a row failed")
+            r.future.set_exception(exc)
+
+
+@dataclass
+class _Row:
+    """A request being decoded: its tokens so far and its text assembler."""
+    request: GenRequest
+    text: RowText
+    tokens: list[int] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    batch_size: int = 0

@@ -15,8 +15,8 @@ class Metrics:
                                 ["route", "method", "status"], registry=r)
         self.latency = Histogram("e2p_request_latency_seconds", "HTTP request latency by route", ["route"],
                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("e2p_batch_size", "rows per generate call", buckets=BATCH_BUCKETS, registry=r)
-        self.batch_seconds = Histogram("e2p_batch_seconds", "time of one batched generate call",
+        self.batch_size = Histogram("e2p_batch_size", "rows in the running batch when it starts or rows join it", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_seconds = Histogram("e2p_batch_seconds", "seconds a request spends in the running batch (prefill to last token)",
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("e2p_queue_depth", "requests waiting for the batcher", registry=r)
         self.generated_tokens = Counter("e2p_generated_tokens", "completion tokens returned", registry=r)
