@@ -291,6 +291,8 @@ def test_concurrent_users_match_each_alone(served, client, http):
     for i, u in enumerate(users):
         admin_put(http, u, vec(10 + i))
     kinds = [dict(user=u) for u in users] + [dict(), dict(extra_body={"e2p": {"embedding": vec(99)}})]
+    # sampled rows share the batch too: a seeded one samples from its own generator, so its text is reproducible
+    kinds += [dict(user="c0", temperature=0.9, top_p=0.8, seed=11), dict(user="c1", temperature=1.2, seed=5)]
     alone = [chat(client, **k).choices[0].message.content for k in kinds]
     app.state.batcher.batch_sizes.clear()
     results = [None] * len(kinds)
@@ -306,7 +308,7 @@ def test_concurrent_users_match_each_alone(served, client, http):
     for t in threads:
         t.join()
     assert results == alone
-    assert max(app.state.batcher.batch_sizes) > 1  # they really were generated together
+    assert max(app.state.batcher.batch_sizes) > 4  # they really were generated together, greedy and sampled
     assert len(set(alone)) > 3  # and the users really differ
     assert alone[5] == expected(model, PROMPT, None) and alone[0] == expected(model, PROMPT, vec(10))
 

@@ -389,12 +389,15 @@ class E2PModel(nn.Module):
         return Decoding(self.lm.config, _output_cache(out), batch["attention_mask"], batch["position_ids"][:, -1:],
                         out.last_hidden_state[:, -1])
 
+    def next_logits(self, dec: "Decoding") -> torch.Tensor:
+        """[B, vocab] float logits of every row's next token."""
+        with self._autocast():
+            return self.lm.get_output_embeddings()(dec.last).float()
+
     def next_tokens(self, dec: "Decoding", do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                     gen: torch.Generator | None = None) -> torch.Tensor:
-        """[B] the next token of every row of `dec`."""
-        with self._autocast():
-            logits = self.lm.get_output_embeddings()(dec.last).float()
-        return self._pick(logits, do_sample, temperature, top_p, gen)
+        """[B] the next token of every row of `dec`, all rows with one decoding setting."""
+        return self.pick(self.next_logits(dec), do_sample, temperature, top_p, gen)
 
     def advance(self, dec: "Decoding", tokens: torch.Tensor) -> None:
         """Feed each row its token: one forward step of the whole batch."""
@@ -407,7 +410,8 @@ class E2PModel(nn.Module):
         dec.cache, dec.last = _output_cache(out), out.last_hidden_state[:, -1]
 
     @staticmethod
-    def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen) -> torch.Tensor:
+    def pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen=None) -> torch.Tensor:
+        """Greedy (argmax) or sampled (temperature, nucleus top_p, optional generator) tokens from [B, vocab]."""
         if not do_sample:
             return logits.argmax(-1)
         probs = F.softmax(logits / max(temperature, 1e-5), dim=-1)

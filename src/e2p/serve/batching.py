@@ -4,20 +4,17 @@ Design
 ------
 * Requests wait in a bounded queue (`max_queue`); a full queue is refused at once (HTTP 429) instead of
   letting latency grow without bound.
-* The worker takes the oldest request, waits up to `wait_ms` for more requests that are *compatible* with
-  it, up to `max_batch` rows, prefills them together (`E2PModel.start_decoding`, every row with its own user
+* The worker takes the oldest request, waits up to `wait_ms` for more requests, up to `max_batch` rows,
+  prefills them together (`E2PModel.start_decoding`, every row with its own user
   embedding or None) and decodes them step by step in one batch.
 * Between steps, rows that are done leave the batch (EOS, their own `max_tokens`, a stop string, a client that
-  gave up) and compatible requests that arrived meanwhile are prefilled and join it (`Decoding.join`), up to
+  gave up) and requests that arrived meanwhile are prefilled and join it (`Decoding.join`), up to
   `max_batch` rows, so a new request does not wait for the running batch to finish and a short request
   never waits for a long one. Rows are independent (left padding, exact masks): joining or leaving does not
   change any row's text (tested).
-* Compatible means the same decoding settings, because a step picks tokens with one setting:
-  - greedy rows (temperature 0) batch together, whatever their other settings;
-  - sampled rows batch together when temperature and top_p are equal;
-  - a sampled row with a `seed` always runs alone, so the same seed gives the same text whatever else
-    the server is doing (a shared generator would make it depend on the batch).
-  Incompatible requests keep their place in the queue and go in a later batch.
+* Any requests share a batch: each row picks its token with its own settings (greedy, or sampled with its
+  temperature and top_p); a row with a `seed` samples from its own generator, so the same seed gives the
+  same text whatever else the server is doing.
 * Streaming: every step hands each streamed row's new text to its `on_delta` callback at once. A delta is
   only text that cannot change any more (held back: trailing spaces, a half-decoded character, a tail that
   may begin a stop string), so the deltas always add up to the non-streamed text.
@@ -73,14 +70,9 @@ class GenRequest:
     def do_sample(self) -> bool:
         return self.temperature > 0
 
-    @property
-    def key(self) -> tuple:
-        """Requests with the same key can share a batch (see the module doc)."""
-        if not self.do_sample:
-            return ("greedy",)
-        if self.seed is not None:
-            return ("seeded", id(self))
-        return ("sample", self.temperature, self.top_p)
+    def generator(self) -> torch.Generator | None:
+        """A seeded sampled row's own random stream (None: the global one)."""
+        return torch.Generator().manual_seed(self.seed) if self.do_sample and self.seed is not None else None
 
 
 @dataclass
@@ -226,19 +218,13 @@ class Batcher:
                 self._cond.wait()
             if not self._pending:
                 return None
-            key = self._pending[0].key
             until = time.monotonic() + self.wait_s
-            while not self._stopping:
-                if sum(1 for r in self._pending if r.key == key) >= self.max_batch:
-                    break
+            while not self._stopping and len(self._pending) < self.max_batch:
                 left = until - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            batch, rest = [], deque()
-            for r in self._pending:
-                (batch if r.key == key and len(batch) < self.max_batch else rest).append(r)
-            self._pending = rest
+            batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
             self._busy = True
         self._set_depth()
         return batch
@@ -271,17 +257,14 @@ class Batcher:
             live.append(r)
         return live
 
-    def _joiners(self, key: tuple, room: int) -> list[GenRequest]:
-        """Queued requests compatible with a running batch, oldest first, without waiting."""
+    def _joiners(self, room: int) -> list[GenRequest]:
+        """Queued requests for the running batch, oldest first, without waiting."""
         if room <= 0:
             return []
         with self._cond:
-            if not self._pending:
-                return []
-            take, rest = [], deque()
-            for r in self._pending:
-                (take if r.key == key and len(take) < room else rest).append(r)
-            self._pending = rest
+            take = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+        if not take:
+            return []
         self._set_depth()
         return self._admit(take)
 
@@ -289,8 +272,6 @@ class Batcher:
         live = self._admit(batch)
         if not live:
             return
-        first = live[0]
-        gen = torch.Generator().manual_seed(first.seed) if first.seed is not None else None
         tok = self.model.tokenizer
 
         def decode(ids: list[int]) -> str:
@@ -300,7 +281,7 @@ class Batcher:
         dec = self.model.start_decoding([r.segments for r in live], [r.embedding for r in live])
         self._observe_batch(len(rows))
         while rows:
-            nxt = self.model.next_tokens(dec, first.do_sample, first.temperature or 1.0, first.top_p, gen)
+            nxt = self._pick(self.model.next_logits(dec), rows)
             keep = []
             for j, row in enumerate(rows):
                 if self._feed(row, int(nxt[j])):
@@ -313,12 +294,21 @@ class Batcher:
                     break
                 dec, nxt = dec.select(keep), nxt[keep]
             self.model.advance(dec, nxt)
-            joiners = self._joiners(first.key, self.max_batch - len(rows)) if first.seed is None else []
+            joiners = self._joiners(self.max_batch - len(rows))
             if joiners:
                 involved += joiners
                 dec = dec.join(self.model.start_decoding([r.segments for r in joiners], [r.embedding for r in joiners]))
                 rows += [_Row(r, RowText(decode, r.stops), batch_size=len(rows) + len(joiners)) for r in joiners]
                 self._observe_batch(len(rows))
+
+    def _pick(self, logits: torch.Tensor, rows: list["_Row"]) -> torch.Tensor:
+        """Every row's token with its own settings: greedy rows together, each sampled row on its own."""
+        nxt = logits.argmax(-1)
+        for j, row in enumerate(rows):
+            r = row.request
+            if r.do_sample:
+                nxt[j] = self.model.pick(logits[j:j + 1], True, r.temperature, r.top_p, row.generator)[0]
+        return nxt
 
     def _observe_batch(self, size: int) -> None:
         self.batch_sizes.append(size)
@@ -370,3 +360,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     batch_size: int = 0
+    generator: torch.Generator | None = None
+
+    def __post_init__(self):
+        self.generator = self.request.generator()
