@@ -23,11 +23,11 @@ import torch
 from e2p.backbone import load_backbone
 from e2p.data.persona import people_half, persona_split
 from e2p.encoders import TextEncoder
-from e2p.evaluate import derangement, paired_bootstrap, score_condition
+from e2p.evaluate import derangement, paired_bootstrap
 from e2p.model import E2PModel
 from e2p.projector import Projector
 from e2p.recipe import RecipeConfig, _reply_row, _sample, split_people
-from e2p.train import Item, TrainConfig, train_projector
+from e2p.train import Item, TrainConfig, row_losses, train_projector
 from persona_ceiling import ContentWords, nearest_words, unit
 
 
@@ -69,7 +69,7 @@ def main() -> None:
                                       ("text", args.text_trained, texts), ("text_other", args.text_trained, other(texts)),
                                       ("words", args.out, kws), ("words_other", args.out, other(kws))]:
             m = E2PModel(backbone, Projector.from_pretrained(folder, backbone).eval())
-            scores[name] = score_condition(m, rows(m, examples, persona), None, 16)
+            scores[name] = row_losses(m, rows(m, examples, persona), None, 16)
         counts = scores["shared_prefix"][1]
         ppl = {k: math.exp(v[0].sum() / counts.sum()) for k, v in scores.items()}
         print(f"half {half}: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))

@@ -15,11 +15,11 @@ from pathlib import Path
 from e2p.backbone import load_backbone
 from e2p.data.persona import load_persona, people_half
 from e2p.encoders import encoder_for
-from e2p.evaluate import derangement, paired_bootstrap, score_condition
+from e2p.evaluate import derangement, paired_bootstrap
 from e2p.model import E2PModel
 from e2p.projector import Projector
 from e2p.recipe import RecipeConfig, _reply_row, person_table
-from e2p.train import Item
+from e2p.train import Item, row_losses
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
         own = [index[p] for p in people]
         other = [own[j] for j in derangement(people, 0)]
         rows = [_reply_row(model, e, RecipeConfig()) for e in examples]
-        base = score_condition(shared_model, [Item(r, -1) for r in rows], None, 16)
+        base = row_losses(shared_model, [Item(r, -1) for r in rows], None, 16)
         counts = base[1]
         ppl = lambda s: math.exp(s[0].sum() / counts.sum())
 
@@ -54,8 +54,8 @@ def main() -> None:
 
         for scale in args.scales:
             projector.config.person_scale = scale
-            e2p = score_condition(model, [Item(r, own[i]) for i, r in enumerate(rows)], table, 16)
-            shuffled = score_condition(model, [Item(r, other[i]) for i, r in enumerate(rows)], table, 16)
+            e2p = row_losses(model, [Item(r, own[i]) for i, r in enumerate(rows)], table, 16)
+            shuffled = row_losses(model, [Item(r, other[i]) for i, r in enumerate(rows)], table, 16)
             print(f"| {half} | {scale} | {ppl(e2p):.3f} | {ppl(shuffled):.3f} | {ppl(base):.3f} | {change(e2p, base)} | "
                   f"{change(e2p, shuffled)} |", flush=True)
 

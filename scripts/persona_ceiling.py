@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 from e2p.backbone import load_backbone
 from e2p.data.persona import normalize_sentence, people_half, persona_split
 from e2p.encoders import TextEncoder
-from e2p.evaluate import derangement, paired_bootstrap, score_condition
+from e2p.evaluate import derangement, paired_bootstrap
 from e2p.model import E2PModel
 from e2p.recipe import RecipeConfig, _reply_row
-from e2p.train import Item
+from e2p.train import Item, row_losses
 
 
 def unit(encoder, texts: list[str]) -> torch.Tensor:
@@ -192,7 +192,7 @@ def main() -> None:
 
     def score(texts):
         items = [Item(_reply_row(model, e, RecipeConfig(), t), -1) for e, t in zip(examples, texts)]
-        return score_condition(model, items, None, 16)
+        return row_losses(model, items, None, 16)
 
     bar = tqdm(total=1 + 2 * len(sources), desc="conditions")
     none = score([None] * len(examples))

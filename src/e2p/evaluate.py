@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .data.persona import PersonaExample
 from .model import E2PModel
@@ -71,12 +70,6 @@ def derangement(people: list[str], seed: int) -> list[int]:
                     out[i] = j
                     break
     return out
-
-
-def score_condition(model: E2PModel, items: list[Item], table: torch.Tensor | None, batch_size: int,
-                    progress=None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-example summed NLL and token counts."""
-    return row_losses(model, items, table, batch_size, progress=progress)
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, counts: np.ndarray, groups: list[str], n: int = 1000, seed: int = 0):
@@ -133,7 +126,7 @@ def evaluate_persona(backbone, encoder, examples: list[PersonaExample], projecto
         persons = [own[j] for j in swap] if cond.embeddings == "shuffled" else own
         items = [Item(r, persons[i]) for i, r in enumerate(rows)]
         use_table = table if (projector is not None and not projector.config.is_shared and cond.embeddings != "none") else None
-        nll, cnt = score_condition(model, items, use_table, batch_size, bar)
+        nll, cnt = row_losses(model, items, use_table, batch_size, progress=bar)
         counts = cnt if counts is None else counts
         if not np.array_equal(cnt, counts):
             raise RuntimeError("conditions scored different target tokens; this is a bug")

@@ -5,7 +5,7 @@ import contextlib
 import functools
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -80,9 +80,6 @@ class Decoding:
 
     def __init__(self, lm_config, cache, mask: torch.Tensor, positions: torch.Tensor, last: torch.Tensor):
         self.lm_config, self.cache, self.mask, self.positions, self.last = lm_config, cache, mask, positions, last
-
-    def __len__(self) -> int:
-        return len(self.mask)
 
     def _layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(layer.keys, layer.values) for layer in self.cache.layers]
@@ -344,32 +341,20 @@ class E2PModel(nn.Module):
     @torch.no_grad()
     def generate_tokens(self, rows: Sequence[Segments], embeddings=None, max_new_tokens: int = 64,
                         do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                        seed: int | None = None,
-                        on_step: Callable[[list[int | None]], Iterable[int] | None] | None = None) -> list[list[int]]:
-        """Token-level batched decoding with a KV cache; each row stops at EOS.
-
-        `on_step`, if given, is called after every step with each row's new token (None for a row that has
-        finished or just produced EOS) and may return indices of rows to finish now: a server streams tokens
-        as they come and stops a row at its stop string, its own token limit or when its client leaves.
-        """
+                        seed: int | None = None) -> list[list[int]]:
+        """Token-level batched decoding with a KV cache; each row stops at EOS and then leaves the batch."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         dec = self.start_decoding(rows, embeddings)
         live = list(range(len(rows)))  # dec's rows -> row index
         result: list[list[int]] = [[] for _ in rows]
         for _ in range(max_new_tokens):
             nxt = self.next_tokens(dec, do_sample, temperature, top_p, gen)
-            new: list[int | None] = [None] * len(rows)
-            finished = set()
+            keep = []
             for j, i in enumerate(live):
                 t = int(nxt[j])
-                if t in self.eos_ids:
-                    finished.add(i)
-                else:
+                if t not in self.eos_ids:
                     result[i].append(t)
-                    new[i] = t
-            if on_step is not None:
-                finished.update(on_step(new) or ())
-            keep = [j for j, i in enumerate(live) if i not in finished]
+                    keep.append(j)
             if not keep:
                 break
             if len(keep) < len(live):  # finished rows leave the batch: no compute is spent on them

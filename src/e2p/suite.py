@@ -34,10 +34,10 @@ import torch
 
 from .config import E2PConfig
 from .errors import DataError
-from .evaluate import derangement, evaluate_persona, paired_bootstrap, score_condition
+from .evaluate import derangement, evaluate_persona, paired_bootstrap
 from .model import E2PModel
 from .projector import Projector
-from .train import Item, TrainConfig, train_projector
+from .train import Item, TrainConfig, row_losses, train_projector
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class Scorer:
         items = [Item(rows[i], j) for j, i in enumerate(idx)]
         if model.projector is not None:
             model.projector.eval()
-        nll, cnt = score_condition(model, items, embeddings, self.batch_size)
+        nll, cnt = row_losses(model, items, embeddings, self.batch_size)
         full, full_cnt = np.full(n, np.nan), np.zeros(n, dtype=np.int64)
         full[idx], full_cnt[idx] = nll, cnt
         if self.counts is None:

@@ -78,7 +78,6 @@ class GenRequest:
 @dataclass
 class GenResult:
     text: str
-    pieces: list[str]  # stream deltas; "".join(pieces) == text
     finish_reason: str  # "stop" | "length"
     completion_tokens: int
     prompt_tokens: int
@@ -93,19 +92,23 @@ def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 class RowText:
     """One row's text as its tokens arrive: the final text is `decode(tokens).strip()` cut at the first stop
-    string; `add` returns only new text that no later token can change, so the deltas add up to it exactly."""
+    string; `add` returns only new text that no later token can change, so the deltas add up to it exactly.
+    With `each_step` False (nothing streamed, no stop string) tokens are only collected and decoded once, at
+    `finish`."""
 
-    def __init__(self, decode: Callable[[list[int]], str], stops: list[str]):
+    def __init__(self, decode: Callable[[list[int]], str], stops: list[str], each_step: bool = True):
         self.decode = decode
         self.stops = [x for x in stops if x]
+        self.each_step = each_step or bool(self.stops)
         self.tokens: list[int] = []
         self.sent = ""
-        self.pieces: list[str] = []
         self.stopped = False
 
     def add(self, token: int) -> str:
         """Take one token; -> the new delta ("" if nothing is certain yet). Sets `stopped` at a stop string."""
         self.tokens.append(token)
+        if not self.each_step:
+            return ""
         text = self.decode(self.tokens).lstrip()
         cut, self.stopped = _cut_at_stop(text, self.stops)
         return self._emit(cut if self.stopped else self._settled(text))
@@ -129,7 +132,6 @@ class RowText:
         if len(text) <= len(self.sent) or not text.startswith(self.sent):
             return ""
         delta, self.sent = text[len(self.sent):], text
-        self.pieces.append(delta)
         return delta
 
 
@@ -277,7 +279,10 @@ class Batcher:
         def decode(ids: list[int]) -> str:
             return tok.decode(ids, skip_special_tokens=True)
 
-        rows = [_Row(r, RowText(decode, r.stops), batch_size=len(live)) for r in live]
+        def new_row(r: GenRequest, batch_size: int) -> _Row:
+            return _Row(r, RowText(decode, r.stops, each_step=r.on_delta is not None), batch_size)
+
+        rows = [new_row(r, len(live)) for r in live]
         dec = self.model.start_decoding([r.segments for r in live], [r.embedding for r in live])
         self._observe_batch(len(rows))
         while rows:
@@ -298,7 +303,7 @@ class Batcher:
             if joiners:
                 involved += joiners
                 dec = dec.join(self.model.start_decoding([r.segments for r in joiners], [r.embedding for r in joiners]))
-                rows += [_Row(r, RowText(decode, r.stops), batch_size=len(rows) + len(joiners)) for r in joiners]
+                rows += [new_row(r, len(rows) + len(joiners)) for r in joiners]
                 self._observe_batch(len(rows))
 
     def _pick(self, logits: torch.Tensor, rows: list["_Row"]) -> torch.Tensor:
@@ -320,31 +325,31 @@ class Batcher:
         r = row.request
         if token in self.model.eos_ids:
             return True
-        row.tokens.append(token)
         if self.metrics is not None:
             self.metrics.generated_tokens.inc()
-        if r.on_delta is not None or r.stops:
+        if row.text.each_step:
             with self.tokenizer_lock:
                 delta = row.text.add(token)
-            if delta and r.on_delta is not None:
-                r.on_delta(delta)
-        return len(row.tokens) >= r.max_tokens or row.text.stopped or r.cancelled
+        else:
+            delta = row.text.add(token)  # collected only: no decoding, no tokenizer
+        if delta and r.on_delta is not None:
+            r.on_delta(delta)
+        return len(row.text.tokens) >= r.max_tokens or row.text.stopped or r.cancelled
 
     def _complete(self, row: "_Row") -> None:
         r = row.request
         try:
-            if row.text.tokens != row.tokens:  # not decoded step by step (no stream, no stop string): decode once now
-                row.text.tokens = list(row.tokens)
             with self.tokenizer_lock:
                 text, delta = row.text.finish()
             if delta and r.on_delta is not None:
                 r.on_delta(delta)
-            finish = "stop" if row.text.stopped or len(row.tokens) < r.max_tokens else "length"
+            n = len(row.text.tokens)
+            finish = "stop" if row.text.stopped or n < r.max_tokens else "length"
             elapsed = time.monotonic() - row.started
             if self.metrics is not None:
                 self.metrics.batch_seconds.observe(elapsed)
             r.future.set_result(GenResult(
-                text=text, pieces=row.text.pieces, finish_reason=finish, completion_tokens=len(row.tokens),
+                text=text, finish_reason=finish, completion_tokens=n,
                 prompt_tokens=len(r.segments.pre) + len(r.segments.post) + self.model.prefix_length(r.embedding is not None),
                 batch_size=row.batch_size, queue_seconds=row.started - r.enqueued_at))
         except Exception as exc:  # a decoding problem of one row must not fail the others
@@ -354,13 +359,12 @@ class Batcher:
 
 @dataclass
 class _Row:
-    """A request being decoded: its tokens so far and its text assembler."""
+    """A request being decoded: its text assembler (which holds its tokens) and its own random stream."""
     request: GenRequest
     text: RowText
-    tokens: list[int] = field(default_factory=list)
-    started: float = field(default_factory=time.monotonic)
     batch_size: int = 0
-    generator: torch.Generator | None = None
+    started: float = field(default_factory=time.monotonic)
+    generator: torch.Generator | None = field(init=False)
 
     def __post_init__(self):
         self.generator = self.request.generator()
