@@ -6,10 +6,10 @@ opens it with `dim=`), so a server and `e2p users import` cannot mix vectors of 
 
 `import_embeddings(path, store)` streams the import formats (no pickle anywhere) in chunks of
 `chunk_rows` rows, so memory stays flat however large the file (1M x 64 measured by
-benchmarks/import_scale.py), and writes them in ONE SQLite transaction: a bad row anywhere (wrong size,
-NaN/inf, a bad or duplicate user id) rolls the whole file back and names the row. Duplicate ids are found
-with a temporary on-disk table, not an in-memory set. While an import runs, other writers wait (readers,
-e.g. a running `e2p serve`, keep reading the old rows: WAL).
+benchmarks/import_scale.py), stages them in a temporary on-disk table and merges them in ONE short SQLite
+transaction: a bad row anywhere (wrong size, NaN/inf, a bad or duplicate user id) stops the import before
+anything is written and names the row. While the file is read, other writers (a running `e2p serve`'s
+PUTs) go on; they wait only for the final merge. Readers never wait (WAL, a reader connection of their own).
 
 * Parquet (`.parquet`): a user id column (`user`, any type, turned into a string) plus either a list column
   `embedding` (list<float|double>, large_list or fixed_size_list, as Spark `array<float>` / BigQuery
@@ -29,6 +29,7 @@ e.g. a running `e2p serve`, keep reading the old rows: WAL).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -54,6 +55,28 @@ class StoreError(E2PError, ValueError):
     """A store that cannot be used as asked (wrong dimension for this projector, unreadable file)."""
 
 
+class CorruptEmbeddingError(StoreError):
+    """One user's stored row does not hold a usable vector (NaN / inf, wrong length): that user only."""
+
+
+class StoreBusyError(StoreError):
+    """Another writer held the store past the busy timeout: retry shortly."""
+
+
+@contextlib.contextmanager
+def _sqlite_errors(path: Path):
+    """sqlite3 errors -> StoreError saying what to do: busy (retry) or a damaged file (restore)."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise StoreBusyError(f"store {path} is busy with another writer ({exc}): retry shortly") from exc
+        raise StoreError(f"store {path} cannot be used ({exc})") from exc
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"store {path} is damaged ({exc}): restore it from a backup, or rebuild it with "
+                         f"`sqlite3 {path} .recover` and `e2p users import`") from exc
+
+
 @dataclass
 class UserEmbedding:
     user: str
@@ -67,17 +90,35 @@ class UserEmbedding:
 
 
 def check_user_id(user: str) -> str:
+    if user is None:
+        raise EmbeddingError("user id is missing (null): every row needs a user id")
     if not isinstance(user, str) or not user.strip():
         raise EmbeddingError("user id must be a non-empty string")
     if len(user) > MAX_USER_ID_LENGTH:
         raise EmbeddingError(f"user id is {len(user)} characters, the limit is {MAX_USER_ID_LENGTH}: use a shorter id")
-    if any(ord(c) < 32 for c in user):
-        raise EmbeddingError("user id contains control characters: use printable ids")
+    if any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in user):
+        raise EmbeddingError("user id contains control characters or a lone UTF-16 surrogate: use printable ids")
     return user
+
+
+def _numbers_only(values) -> None:
+    """Refuse what NumPy would quietly turn into numbers: strings ("1.5"), booleans, None."""
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind not in "fiu":
+            raise EmbeddingError(f"embedding must hold numbers, got an array of {values.dtype}")
+        return
+    if isinstance(values, (str, bytes)):
+        raise EmbeddingError("embedding must be a list of numbers, got a string")
+    if isinstance(values, (list, tuple)):
+        for i, x in enumerate(values):
+            if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
+                raise EmbeddingError(f"embedding value {i} is {x!r} ({type(x).__name__}), not a number: "
+                                     "send plain JSON numbers")
 
 
 def as_vector(values, dim: int | None = None) -> np.ndarray:
     """A 1-D finite float32 vector of size `dim` (if given), else EmbeddingError saying what to fix."""
+    _numbers_only(values)
     try:
         v = np.asarray(values, dtype=np.float32)
     except (TypeError, ValueError) as exc:
@@ -92,37 +133,64 @@ def as_vector(values, dim: int | None = None) -> np.ndarray:
     return v
 
 
+_ON_CONFLICT = ("ON CONFLICT(user) DO UPDATE SET vector=excluded.vector, dim=excluded.dim, "
+                "version=embeddings.version + 1, updated_at=excluded.updated_at")
+_UPSERT = "INSERT INTO embeddings (user, vector, dim, version, updated_at) VALUES (?, ?, ?, 1, ?) " + _ON_CONFLICT
+
+
 class EmbeddingStore:
-    """Thread-safe SQLite store of user embeddings. Use one instance per process (or several: WAL allows it)."""
+    """Thread-safe SQLite store of user embeddings. Use one instance per process (or several: WAL allows it).
+
+    Writes go through one connection (under a lock), reads through another, so a reader never waits behind a
+    writer that waits for a lock (WAL: a read sees the last committed state). An import stages its rows in a
+    temporary table of its own connection and merges them in one short transaction at the end, so other
+    writers are only held off for the merge, not for the whole read of the file. Vectors read back are
+    checked (length, NaN / inf) before anyone uses them: a damaged row is a `CorruptEmbeddingError` for that
+    user only.
+    """
 
     def __init__(self, path: str | Path, dim: int | None = None, timeout: float = 10.0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
+        self.timeout = timeout
+        self._lock = threading.RLock()  # the writer connection
+        self._read_lock = threading.Lock()  # the reader connection
         try:
-            self._db = sqlite3.connect(str(self.path), timeout=timeout, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
-            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS embeddings (user TEXT PRIMARY KEY, vector BLOB NOT NULL, "
-                "dim INTEGER NOT NULL, version INTEGER NOT NULL, updated_at REAL NOT NULL)"
-            )
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path} is not a usable SQLite store ({exc}): pass a new path or restore the file") from exc
+            with _sqlite_errors(self.path):
+                self._db = self._connect()
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                self._db.execute(
+                    "CREATE TABLE IF NOT EXISTS embeddings (user TEXT PRIMARY KEY, vector BLOB NOT NULL, "
+                    "dim INTEGER NOT NULL, version INTEGER NOT NULL, updated_at REAL NOT NULL)"
+                )
+                self._reader = self._connect()
+                self._reader.execute("SELECT COUNT(*) FROM meta").fetchone()
+        except StoreError as exc:
+            raise StoreError(f"{self.path} is not a usable SQLite store ({exc.__cause__}): pass a new path or restore "
+                             "the file from a backup") from exc
         if dim is not None:
             self._claim_dim(dim)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), timeout=self.timeout, check_same_thread=False, isolation_level=None)
+        db.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+        return db
+
+    def _read(self, sql: str, args: tuple = (), all_rows: bool = False):
+        with self._read_lock, _sqlite_errors(self.path):
+            cur = self._reader.execute(sql, args)
+            return cur.fetchall() if all_rows else cur.fetchone()
 
     # --- dimension ----------------------------------------------------------------------------
     @property
     def dim(self) -> int | None:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key='dim'").fetchone()
+        row = self._read("SELECT value FROM meta WHERE key='dim'")
         return int(row[0]) if row else None
 
     def _claim_dim(self, dim: int) -> None:
-        with self._lock:
+        with self._lock, _sqlite_errors(self.path):
             current = self.dim
             if current is None:
                 self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('dim', ?)", (str(int(dim)),))
@@ -137,45 +205,53 @@ class EmbeddingStore:
         with self._lock:
             v = as_vector(vector, self.dim)
             self._claim_dim(v.size)
-            now = time.time()
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute(
-                    "INSERT INTO embeddings (user, vector, dim, version, updated_at) VALUES (?, ?, ?, 1, ?) "
-                    "ON CONFLICT(user) DO UPDATE SET vector=excluded.vector, dim=excluded.dim, "
-                    "version=embeddings.version + 1, updated_at=excluded.updated_at",
-                    (user, v.tobytes(), v.size, now),
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            with _sqlite_errors(self.path):
+                self._write_transaction([(user, v.tobytes(), v.size, time.time())])
             record = self.get(user)
         assert record is not None
         return record
 
+    def _write_transaction(self, rows: list[tuple]) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany(_UPSERT, rows)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
     def get(self, user: str) -> UserEmbedding | None:
-        with self._lock:
-            row = self._db.execute("SELECT user, vector, dim, version, updated_at FROM embeddings WHERE user=?",
-                                   (user,)).fetchone()
-        if row is None:
-            return None
-        vector = np.frombuffer(row[1], dtype=np.float32).copy()
-        return UserEmbedding(user=row[0], vector=vector, dim=row[2], version=row[3], updated_at=row[4])
+        """The stored record, or None; CorruptEmbeddingError if the row does not hold a usable vector."""
+        row = self._read("SELECT user, vector, dim, version, updated_at FROM embeddings WHERE user=?", (user,))
+        return None if row is None else self._record(*row)
+
+    def _record(self, user, blob, dim, version, updated_at) -> UserEmbedding:
+        fix = (f"store it again (PUT /v1/users/{{id}}/embedding or `e2p users import`) or delete it "
+               f"(DELETE /v1/users/{{id}}/embedding)")
+        if not isinstance(blob, bytes) or not isinstance(dim, int) or dim <= 0 or len(blob) != 4 * dim:
+            size = len(blob) if isinstance(blob, (bytes, str)) else type(blob).__name__
+            raise CorruptEmbeddingError(f"the stored embedding of user {user!r} is damaged ({size} bytes for "
+                                        f"dimension {dim!r}): {fix}")
+        expected = self.dim
+        if expected is not None and dim != expected:
+            raise CorruptEmbeddingError(f"the stored embedding of user {user!r} has {dim} values, the store holds "
+                                        f"{expected}-dim embeddings: {fix}")
+        vector = np.frombuffer(blob, dtype=np.float32).copy()
+        if not np.isfinite(vector).all():
+            raise CorruptEmbeddingError(f"the stored embedding of user {user!r} contains NaN or inf values: {fix}")
+        return UserEmbedding(user=user, vector=vector, dim=dim, version=version, updated_at=updated_at)
 
     def delete(self, user: str) -> bool:
-        with self._lock:
+        with self._lock, _sqlite_errors(self.path):
             cur = self._db.execute("DELETE FROM embeddings WHERE user=?", (user,))
         return cur.rowcount > 0
 
     def __len__(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0])
+        return int(self._read("SELECT COUNT(*) FROM embeddings")[0])
 
     def users(self, limit: int = 100, after: str = "") -> list[str]:
-        with self._lock:
-            rows = self._db.execute("SELECT user FROM embeddings WHERE user > ? ORDER BY user LIMIT ?",
-                                    (after, int(limit))).fetchall()
+        rows = self._read("SELECT user FROM embeddings WHERE user > ? ORDER BY user LIMIT ?", (after, int(limit)),
+                          all_rows=True)
         return [r[0] for r in rows]
 
     # --- bulk -------------------------------------------------------------------------------------
@@ -197,84 +273,89 @@ class EmbeddingStore:
                 return 0
             self._claim_dim(dim)
             now = time.time()
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(
-                    "INSERT INTO embeddings (user, vector, dim, version, updated_at) VALUES (?, ?, ?, 1, ?) "
-                    "ON CONFLICT(user) DO UPDATE SET vector=excluded.vector, dim=excluded.dim, "
-                    "version=embeddings.version + 1, updated_at=excluded.updated_at",
-                    [(u, v.tobytes(), v.size, now) for u, v in checked],
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            with _sqlite_errors(self.path):
+                self._write_transaction([(u, v.tobytes(), v.size, now) for u, v in checked])
         log.info("imported %d embeddings into %s", len(checked), self.path)
         return len(checked)
 
     def import_chunks(self, chunks: Iterable[tuple[list[str], object]]) -> int:
-        """All-or-nothing streamed import: every (users, vectors) chunk is checked and written inside one
-        transaction; any bad row rolls everything back (DataError naming the row). Memory: one chunk."""
-        with self._lock:
-            dim = self.dim
-            total = 0
-            self._db.execute("CREATE TEMP TABLE IF NOT EXISTS import_seen (user TEXT PRIMARY KEY)")
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute("DELETE FROM temp.import_seen")
-                now = time.time()
+        """All-or-nothing streamed import: every (users, vectors) chunk is checked and staged in a temporary table
+        of a connection of its own (no lock on the store meanwhile), then merged in one short transaction; any
+        bad row stops it before the merge (DataError naming the row). Memory: one chunk."""
+        db = self._connect()
+        try:
+            with _sqlite_errors(self.path):
+                db.execute("PRAGMA temp_store=FILE")
+                db.execute("CREATE TEMP TABLE staged (user TEXT PRIMARY KEY, vector BLOB NOT NULL, dim INTEGER NOT NULL)")
+                dim, total = self.dim, 0
+                db.execute("BEGIN")  # touches only the temp database until the merge
                 for users, vectors in chunks:
                     if not len(users):
                         continue
                     matrix, dim = _check_chunk(users, vectors, total, dim)
-                    self._mark_seen(users, total)
-                    size = matrix.shape[1]
-                    self._db.executemany(
-                        "INSERT INTO embeddings (user, vector, dim, version, updated_at) VALUES (?, ?, ?, 1, ?) "
-                        "ON CONFLICT(user) DO UPDATE SET vector=excluded.vector, dim=excluded.dim, "
-                        "version=embeddings.version + 1, updated_at=excluded.updated_at",
-                        ((u, matrix[i].tobytes(), size, now) for i, u in enumerate(users)),
-                    )
+                    _stage(db, users, matrix, total)
                     total += len(users)
+                db.execute("COMMIT")
                 if total:
-                    current = self._db.execute("SELECT value FROM meta WHERE key='dim'").fetchone()
-                    if current is None:
-                        self._db.execute("INSERT INTO meta (key, value) VALUES ('dim', ?)", (str(int(dim)),))
-                self._db.execute("DELETE FROM temp.import_seen")
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                    self._merge(db, dim)
+        finally:
+            db.close()
         log.info("imported %d embeddings into %s", total, self.path)
         return total
 
-    def _mark_seen(self, users: list[str], start: int) -> None:
-        """Record this import's user ids in a temp table; DataError on an id seen before in the file."""
-        if len(set(users)) != len(users):
-            seen: set[str] = set()
-            for i, u in enumerate(users):
-                if u in seen:
-                    raise DataError(f"row {start + i}: user id {u!r} appears more than once: keep one row per user")
-                seen.add(u)
-        self._db.execute("SAVEPOINT seen")
+    def _merge(self, db: sqlite3.Connection, dim: int) -> None:
+        """Staged rows -> the store, in one transaction that also claims the dimension."""
+        db.execute("BEGIN IMMEDIATE")
         try:
-            self._db.executemany("INSERT INTO temp.import_seen (user) VALUES (?)", ((u,) for u in users))
-        except sqlite3.IntegrityError:
-            self._db.execute("ROLLBACK TO seen")
-            for i, u in enumerate(users):
-                if self._db.execute("SELECT 1 FROM temp.import_seen WHERE user=?", (u,)).fetchone():
-                    raise DataError(f"row {start + i}: user id {u!r} appears more than once: keep one row per user") from None
+            current = db.execute("SELECT value FROM meta WHERE key='dim'").fetchone()
+            if current is not None and int(current[0]) != dim:
+                raise StoreError(f"store {self.path} holds {current[0]}-dim embeddings but the file has {dim}: "
+                                 "use a separate store per encoder")
+            if current is None:
+                db.execute("INSERT INTO meta (key, value) VALUES ('dim', ?)", (str(int(dim)),))
+            db.execute("INSERT INTO embeddings (user, vector, dim, version, updated_at) "
+                       "SELECT user, vector, dim, 1, ? FROM temp.staged WHERE true " + _ON_CONFLICT, (time.time(),))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
             raise
-        finally:
-            self._db.execute("RELEASE seen")
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
             self._db.close()
+            self._reader.close()
+
+
+def _stage(db: sqlite3.Connection, users: list[str], matrix: np.ndarray, start: int) -> None:
+    """Add a checked chunk to the staging table; DataError on a user id seen before in the file."""
+    if len(set(users)) != len(users):
+        seen: set[str] = set()
+        for i, u in enumerate(users):
+            if u in seen:
+                raise DataError(f"row {start + i}: user id {u!r} appears more than once: keep one row per user")
+            seen.add(u)
+    size = matrix.shape[1]
+    db.execute("SAVEPOINT chunk")
+    try:
+        db.executemany("INSERT INTO temp.staged (user, vector, dim) VALUES (?, ?, ?)",
+                       ((u, matrix[i].tobytes(), size) for i, u in enumerate(users)))
+    except sqlite3.IntegrityError:
+        db.execute("ROLLBACK TO chunk")
+        for i, u in enumerate(users):
+            if db.execute("SELECT 1 FROM temp.staged WHERE user=?", (u,)).fetchone():
+                raise DataError(f"row {start + i}: user id {u!r} appears more than once: keep one row per user") from None
+        raise
+    finally:
+        db.execute("RELEASE chunk")
 
 
 # --- import formats (streamed) -------------------------------------------------------------------
 Chunk = tuple[list[str], object]  # (user ids, [n, E] float32 array or a list of n per-row values)
+
+
+def _user_str(value) -> str | None:
+    """A user id from a file as a string; a missing (null) id stays None so that it is refused, not stored as "None"."""
+    return None if value is None else str(value)
 
 
 def _check_chunk(users: list[str], vectors, start: int, dim: int | None) -> tuple[np.ndarray, int]:
@@ -390,7 +471,7 @@ def _iter_parquet(path: Path, chunk_rows: int, user_column: str, embedding_colum
     start = 0
     try:
         for batch in pf.iter_batches(batch_size=chunk_rows, columns=columns):
-            users = [str(u) for u in batch.column(batch.schema.names.index(user_column)).to_pylist()]
+            users = [_user_str(u) for u in batch.column(batch.schema.names.index(user_column)).to_pylist()]
             if embedding_column in names:
                 vectors = _parquet_matrix(batch, embedding_column, batch.schema.names, str(path), start)
             else:
@@ -403,7 +484,7 @@ def _iter_parquet(path: Path, chunk_rows: int, user_column: str, embedding_colum
 
 
 def _iter_csv(path: Path, chunk_rows: int, user_column: str, embedding_column: str) -> Iterator[Chunk]:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM as Excel writes it is not a column name
         reader = csv.reader(f)
         names = next(reader, [])
         if user_column not in names:
@@ -455,7 +536,7 @@ def _iter_jsonl(path: Path, chunk_rows: int, user_column: str, embedding_column:
                 vector = obj[embedding_column]
             else:
                 vector = [v for k, v in obj.items() if k != user_column]
-            users.append(str(obj[user_column]))
+            users.append(_user_str(obj[user_column]))
             vectors.append(vector)
             if len(users) >= chunk_rows:
                 yield users, vectors

@@ -6,6 +6,7 @@ import base64
 import hmac
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -20,9 +21,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import __version__
 from ..errors import ConfigError, EmbeddingError
 from ..model import E2PModel, PromptTooLongError, Segments
-from ..store import EmbeddingStore, StoreError, as_vector, check_user_id
+from ..store import CorruptEmbeddingError, EmbeddingStore, StoreBusyError, StoreError, as_vector, check_user_id
 from .embedder import TextEmbeddingError, UserEmbedder
 from .batching import Batcher, GenRequest, GenResult, QueueFullError, RequestTimeoutError, ShuttingDownError
 from .metrics import Metrics
@@ -53,10 +55,33 @@ class ServeConfig:
     max_queue: int = 64
     request_timeout_s: float = 120.0
     allow_unknown_users: bool = False  # True: an unknown `user` gets the unpersonalized backbone instead of 404
+    max_messages: int = 256  # chat messages per request (older turns past max_prompt_tokens are dropped anyway)
+    max_prompt_chars: int = 32_000  # characters of text per request, so formatting stays short for everyone
+    stall_seconds: float = 30.0  # /healthz fails when the batcher has made no step for this long while busy
+    metrics_key: str | None = None  # set: GET /metrics needs `Authorization: Bearer <metrics_key>` (or the admin key)
 
     @property
     def open(self) -> bool:
         return not self.api_keys and not self.admin_key
+
+
+class ClientGoneError(Exception):
+    """The client disconnected before its non-streamed answer was ready."""
+
+
+async def disconnected(request: Request) -> None:
+    """Return when the client disconnects: the body is read already, so the next ASGI message is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.05)  # not expected; never spin
+
+
+def rss_bytes() -> int | None:
+    """This process's resident memory (Linux), for /healthz and the soak benchmark."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class APIError(Exception):
@@ -152,7 +177,8 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
             await run_in_threadpool(batcher.stop, True)
             log.info("stopped")
 
-    app = FastAPI(title="e2p", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="e2p", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
     app.state.batcher, app.state.store, app.state.metrics, app.state.config, app.state.model = (
         batcher, store, metrics, config, model)
 
@@ -267,7 +293,7 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
             metrics.personalized.labels("inline").inc()
             return torch.from_numpy(vector), {"x-e2p-embedding": "inline"}
         if req.user:
-            record = await run_in_threadpool(store.get, req.user)
+            record = await stored(req.user)
             if record is None:
                 if config.allow_unknown_users:
                     metrics.personalized.labels("unknown_user").inc()
@@ -283,6 +309,26 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
                                                      "x-e2p-embedding-version": str(record.version)}
         metrics.personalized.labels("none").inc()
         return None, {"x-e2p-embedding": "none"}
+
+    async def stored(user: str):
+        """The user's stored record (None if unknown); a damaged row or a busy / damaged store is an error for
+        this request only."""
+        try:
+            return await run_in_threadpool(store.get, user)
+        except CorruptEmbeddingError as exc:
+            raise APIError(409, str(exc), param="user", code="corrupt_embedding") from None
+        except StoreError as exc:
+            log.error("store read failed", extra={"user": user, "error": str(exc)})
+            raise APIError(503, f"the embedding store cannot be read: {exc}", type="server_error",
+                           code="store_unavailable", headers={"retry-after": "1"}) from None
+
+    def check_size(texts: list[str], param: str) -> None:
+        """Bounded work before the batcher: formatting and tokenizing stay short and linear for every request."""
+        chars = sum(len(t) for t in texts)
+        if chars > config.max_prompt_chars:
+            metrics.rejected.labels("prompt_too_long").inc()
+            raise APIError(400, f"the prompt is {chars} characters, the limit is {config.max_prompt_chars}: "
+                                "shorten it or drop older turns", param=param, code="context_length_exceeded")
 
     def _format_chat(messages: list[dict]) -> Segments:
         with tokenizer_lock:
@@ -301,7 +347,7 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
         except PromptTooLongError as exc:
             metrics.rejected.labels("prompt_too_long").inc()
             raise APIError(400, str(exc), param=param, code="context_length_exceeded") from None
-        if not segments.pre and not segments.post and model.num_prefix_tokens == 0:
+        if not segments.pre and not segments.post:
             raise APIError(400, "the prompt is empty: send some text", param=param, code="invalid_value")
         return segments
 
@@ -328,6 +374,10 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
         except asyncio.CancelledError:  # the client went away
             batcher.discard(job)
             raise
+        except ClientGoneError:
+            batcher.discard(job)
+            metrics.rejected.labels("client_gone").inc()
+            raise APIError(499, "the client closed the request", code="client_closed_request") from None
         except (asyncio.TimeoutError, RequestTimeoutError):
             batcher.discard(job)
             metrics.rejected.labels("timeout").inc()
@@ -337,9 +387,21 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
             raise APIError(503, "the server is shutting down: retry on another instance", type="server_error",
                            code="shutting_down") from None
 
-    async def generate(segments: Segments, embedding, req, max_tokens: int) -> GenResult:
+    async def generate(segments: Segments, embedding, req, max_tokens: int, request: Request) -> GenResult:
+        """A non-streamed job's result; if the client disconnects first, its row is freed at the next step."""
         job = submit(segments, embedding, req, max_tokens)
-        return await settle(job, asyncio.shield(asyncio.wrap_future(job.future)))
+        return await settle(job, until_done_or_gone(job, request))
+
+    async def until_done_or_gone(job: GenRequest, request: Request) -> GenResult:
+        done = asyncio.wrap_future(job.future)
+        gone = asyncio.ensure_future(disconnected(request))
+        try:
+            await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not done.done():
+            raise ClientGoneError()
+        return done.result()
 
     class TextStream:
         """A streamed job: its text deltas as the batch produces them, then its GenResult. `start` waits for the
@@ -417,6 +479,9 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
         authorize(request)
         check_common(req)
         max_tokens = max_tokens_of(req.max_completion_tokens or req.max_tokens)
+        if len(req.messages) > config.max_messages:
+            raise APIError(400, f"{len(req.messages)} messages, the limit is {config.max_messages}: send the recent "
+                                "turns only", param="messages", code="too_many_messages")
         messages = []
         for i, m in enumerate(req.messages):
             if m.role == "tool":
@@ -426,10 +491,11 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
             except ValueError as exc:
                 raise APIError(400, str(exc), param=f"messages.{i}.content", code="invalid_value") from None
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        check_size([m["content"] for m in messages], "messages")
         embedding, headers = await resolve_embedding(req)
         segments = await segments_of(_format_chat, messages, "messages")
         if not req.stream:
-            result = await generate(segments, embedding, req, max_tokens)
+            result = await generate(segments, embedding, req, max_tokens, request)
             body = ChatCompletion(model=config.model_name, usage=usage_of(result), choices=[
                 ChatChoice(message=ChatChoiceMessage(content=result.text), finish_reason=result.finish_reason)])
             return JSONResponse(dump(body), headers=headers)
@@ -460,11 +526,12 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
                 raise APIError(400, "send one prompt per request (batching happens on the server)", param="prompt",
                                code="invalid_value")
             prompt = prompt[0]
+        check_size([prompt], "prompt")
         embedding, headers = await resolve_embedding(req)
         segments = await segments_of(_format_raw, prompt, "prompt")
         prefix = prompt if req.echo else ""
         if not req.stream:
-            result = await generate(segments, embedding, req, max_tokens)
+            result = await generate(segments, embedding, req, max_tokens, request)
             body = Completion(model=config.model_name, usage=usage_of(result),
                               choices=[CompletionChoice(text=prefix + result.text, finish_reason=result.finish_reason)])
             return JSONResponse(dump(body), headers=headers)
@@ -540,6 +607,8 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
             if embedding_dim is not None:
                 as_vector(vector, embedding_dim)
             record = await run_in_threadpool(store.put, user_id, vector)
+        except StoreBusyError as exc:
+            raise APIError(503, str(exc), type="server_error", code="store_busy", headers={"retry-after": "1"}) from None
         except (EmbeddingError, StoreError) as exc:
             raise APIError(400, str(exc), param="embedding", code="invalid_embedding") from None
         metrics.store_writes.labels("put").inc()
@@ -550,7 +619,7 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
     async def get_embedding(user_id: str, request: Request):
         is_admin = authorize(request)
         user_param(user_id)
-        record = await run_in_threadpool(store.get, user_id)
+        record = await stored(user_id)
         if record is None:
             raise APIError(404, f"user {user_id!r} has no stored embedding", param="user", code="user_not_found")
         out: dict[str, Any] = {"object": "user.embedding", **record.metadata()}
@@ -572,13 +641,21 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
     # --- operations ---------------------------------------------------------------------------------------
     @app.get("/healthz")
     async def healthz():
-        ok = batcher.alive
-        body = {"status": "ok" if ok else "unavailable", "model": config.model_name, "queue_depth": batcher.depth(),
-                "max_queue": config.max_queue}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        """Liveness of the decoding worker: 503 when it died or has made no step for `stall_seconds` while busy."""
+        age = batcher.step_age()
+        status = ("unavailable" if not batcher.alive else "stalled" if age > config.stall_seconds else "ok")
+        body = {"status": status, "model": config.model_name, "queue_depth": batcher.depth(),
+                "max_queue": config.max_queue, "busy": batcher.busy, "seconds_since_step": round(age, 3),
+                "rss_bytes": rss_bytes()}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
-    async def prometheus_metrics():
+    async def prometheus_metrics(request: Request):
+        if config.metrics_key is not None:
+            key = _key(request)
+            if key is None or not (hmac.compare_digest(key.encode(), config.metrics_key.encode()) or _is_admin(key)):
+                raise APIError(401, "metrics need the metrics key: send `Authorization: Bearer METRICS_KEY`",
+                               code="invalid_api_key")
         data, content_type = metrics.render()
         return Response(data, media_type=content_type)
 

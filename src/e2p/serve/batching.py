@@ -24,6 +24,7 @@ Design
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import re
 import threading
@@ -34,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from ..model import E2PModel, Segments
+from ..model import Decoding, E2PModel, Segments
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,10 @@ class ShuttingDownError(RuntimeError):
 
 class RequestTimeoutError(TimeoutError):
     """The request waited in the queue past its deadline."""
+
+
+class GenerationError(RuntimeError):
+    """This request's generation failed (the others in its batch go on)."""
 
 
 @dataclass
@@ -152,6 +157,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._busy = False
+        self.last_step = time.monotonic()  # when the worker last took a batch or a decoding step (liveness)
         self._thread: threading.Thread | None = None
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent batch sizes, for tests and /healthz
 
@@ -182,6 +188,10 @@ class Batcher:
     @property
     def busy(self) -> bool:
         return self._busy
+
+    def step_age(self) -> float:
+        """Seconds since the worker last made progress; 0 while it is idle (waiting is not being stuck)."""
+        return time.monotonic() - self.last_step if self._busy else 0.0
 
     def depth(self) -> int:
         return len(self._pending)
@@ -227,7 +237,7 @@ class Batcher:
                     break
                 self._cond.wait(left)
             batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
-            self._busy = True
+            self._busy, self.last_step = True, time.monotonic()
         self._set_depth()
         return batch
 
@@ -238,7 +248,8 @@ class Batcher:
                 return
             involved = list(batch)  # and every request that joins the running batch
             try:
-                self._process(batch, involved)
+                with torch.no_grad():
+                    self._process(batch, involved)
             except Exception:  # never let the worker die; every future gets an answer
                 log.exception("batch of %d failed", len(involved))
                 for r in involved:
@@ -271,24 +282,15 @@ class Batcher:
         return self._admit(take)
 
     def _process(self, batch: list[GenRequest], involved: list[GenRequest]) -> None:
-        live = self._admit(batch)
-        if not live:
-            return
-        tok = self.model.tokenizer
-
-        def decode(ids: list[int]) -> str:
-            return tok.decode(ids, skip_special_tokens=True)
-
-        def new_row(r: GenRequest, batch_size: int) -> _Row:
-            return _Row(r, RowText(decode, r.stops, each_step=r.on_delta is not None), batch_size)
-
-        rows = [new_row(r, len(live)) for r in live]
-        dec = self.model.start_decoding([r.segments for r in live], [r.embedding for r in live])
+        rows, dec = self._prefill(self._admit(batch))
         self._observe_batch(len(rows))
         while rows:
-            nxt = self._pick(self.model.next_logits(dec), rows)
+            self.last_step = time.monotonic()
+            nxt, failed = self._pick(self.model.next_logits(dec), rows)
             keep = []
             for j, row in enumerate(rows):
+                if j in failed:
+                    continue
                 if self._feed(row, int(nxt[j])):
                     self._complete(row)
                 else:
@@ -302,18 +304,59 @@ class Batcher:
             joiners = self._joiners(self.max_batch - len(rows))
             if joiners:
                 involved += joiners
-                dec = dec.join(self.model.start_decoding([r.segments for r in joiners], [r.embedding for r in joiners]))
-                rows += [new_row(r, len(rows) + len(joiners)) for r in joiners]
-                self._observe_batch(len(rows))
+                new_rows, new_dec = self._prefill(joiners, len(rows) + len(joiners))
+                if new_rows:
+                    dec, rows = dec.join(new_dec), rows + new_rows
+                    self._observe_batch(len(rows))
 
-    def _pick(self, logits: torch.Tensor, rows: list["_Row"]) -> torch.Tensor:
-        """Every row's token with its own settings: greedy rows together, each sampled row on its own."""
+    def _prefill(self, requests: list[GenRequest], batch_size: int | None = None) -> tuple[list["_Row"], Decoding | None]:
+        """Prefill `requests` together; if that fails, each alone, so that a request the model cannot take fails
+        by itself and never its neighbours (rows are independent, so this gives the same text)."""
+        if not requests:
+            return [], None
+        try:
+            rows = [self._new_row(r, batch_size or len(requests)) for r in requests]
+            return rows, self.model.start_decoding([r.segments for r in requests], [r.embedding for r in requests])
+        except Exception as exc:
+            if len(requests) == 1:
+                self._fail(requests[0], exc)
+                return [], None
+        rows, decs = [], []
+        for r in requests:
+            row, dec = self._prefill([r], batch_size)
+            if dec is not None:
+                rows += row
+                decs.append(dec)
+        return rows, (functools.reduce(Decoding.join, decs) if decs else None)
+
+    def _new_row(self, r: GenRequest, batch_size: int) -> "_Row":
+        tok = self.model.tokenizer
+        return _Row(r, RowText(lambda ids: tok.decode(ids, skip_special_tokens=True), r.stops,
+                               each_step=r.on_delta is not None), batch_size)
+
+    def _fail(self, r: GenRequest, exc: Exception) -> None:
+        """This request alone failed: it gets the error, the batch goes on without it."""
+        log.error("request failed in the batch; the others go on", exc_info=exc)
+        if not r.future.done():
+            r.future.set_exception(GenerationError("generation failed for this request; see the server log"))
+
+    def _pick(self, logits: torch.Tensor, rows: list["_Row"]) -> tuple[torch.Tensor, set[int]]:
+        """Every row's token with its own settings: greedy rows together, each sampled row on its own.
+        -> (tokens, rows that failed: non-finite logits or a sampling error; they get their error here)."""
         nxt = logits.argmax(-1)
+        finite = torch.isfinite(logits).all(-1)
+        failed = set()
         for j, row in enumerate(rows):
             r = row.request
-            if r.do_sample:
-                nxt[j] = self.model.pick(logits[j:j + 1], True, r.temperature, r.top_p, row.generator)[0]
-        return nxt
+            try:
+                if not bool(finite[j]):
+                    raise FloatingPointError("the model produced non-finite logits for this row")
+                if r.do_sample:
+                    nxt[j] = self.model.pick(logits[j:j + 1], True, r.temperature, r.top_p, row.generator)[0]
+            except Exception as exc:
+                self._fail(r, exc)
+                failed.add(j)
+        return nxt, failed
 
     def _observe_batch(self, size: int) -> None:
         self.batch_sizes.append(size)
@@ -338,6 +381,8 @@ class Batcher:
 
     def _complete(self, row: "_Row") -> None:
         r = row.request
+        if r.future.done():  # failed or cancelled meanwhile
+            return
         try:
             with self.tokenizer_lock:
                 text, delta = row.text.finish()
@@ -353,8 +398,7 @@ class Batcher:
                 prompt_tokens=len(r.segments.pre) + len(r.segments.post) + self.model.prefix_length(r.embedding is not None),
                 batch_size=row.batch_size, queue_seconds=row.started - r.enqueued_at))
         except Exception as exc:  # a decoding problem of one row must not fail the others
-            log.exception("post-processing a row failed")
-            r.future.set_exception(exc)
+            self._fail(r, exc)
 
 
 @dataclass

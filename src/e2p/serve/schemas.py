@@ -1,18 +1,48 @@
 """Pydantic request / response models mirroring the OpenAI API (the fields e2p uses), plus the `e2p` extension."""
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Number = Annotated[float, Field(strict=True)]  # a JSON number: "1.5" and true are refused, not converted
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(value: Any, where: str = "body") -> None:
+    """Refuse lone UTF-16 surrogates ("\\ud800" in JSON) anywhere: they are not text, and the tokenizer, SQLite
+    and the logs cannot encode them."""
+    if isinstance(value, str):
+        if _LONE_SURROGATE.search(value):
+            raise ValueError(f"{where} contains a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text: "
+                             "send valid Unicode")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, where)
+            _check_text(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text(item, f"{where}.{i}")
+
+
+class RequestBody(BaseModel):
+    """Every request body: valid Unicode only."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        _check_text(data)
+        return data
 
 
 class E2PExtra(BaseModel):
     """The `e2p` object in a request body (openai client: `extra_body={"e2p": {...}}`)."""
 
     model_config = ConfigDict(extra="forbid")
-    embedding: list[float] | None = Field(default=None, description="an inline user embedding, used instead of `user`")
+    embedding: list[Number] | None = Field(default=None, description="an inline user embedding, used instead of `user`")
 
 
 class ContentPart(BaseModel):
@@ -45,7 +75,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingRequest(BaseModel):
+class _SamplingRequest(RequestBody):
     model_config = ConfigDict(extra="ignore")
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -55,7 +85,7 @@ class _SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2 ** 63), le=2 ** 64 - 1, description="a 64-bit integer")
     user: str | None = None
     e2p: E2PExtra | None = None
 
@@ -158,11 +188,11 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class EmbeddingPut(BaseModel):
+class EmbeddingPut(RequestBody):
     """A user's embedding, or a profile text the server embeds with the projector's own encoder."""
 
     model_config = ConfigDict(extra="forbid")
-    embedding: list[float] | None = None
+    embedding: list[Number] | None = None
     text: str | None = None
 
     @model_validator(mode="after")
@@ -172,7 +202,7 @@ class EmbeddingPut(BaseModel):
         return self
 
 
-class EmbeddingsRequest(BaseModel):
+class EmbeddingsRequest(RequestBody):
     """OpenAI's `POST /v1/embeddings`: text -> the user embedding this server's projector reads."""
 
     model_config = ConfigDict(extra="ignore")
