@@ -120,7 +120,8 @@ def as_vector(values, dim: int | None = None) -> np.ndarray:
     """A 1-D finite float32 vector of size `dim` (if given), else EmbeddingError saying what to fix."""
     _numbers_only(values)
     try:
-        v = np.asarray(values, dtype=np.float32)
+        with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused below
+            v = np.asarray(values, dtype=np.float32)
     except (TypeError, ValueError) as exc:
         raise EmbeddingError(f"embedding must be a list of numbers ({exc})") from exc
     if v.ndim != 1 or v.size == 0:

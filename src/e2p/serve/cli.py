@@ -43,7 +43,10 @@ def cmd_serve(args) -> None:
     config = ServeConfig(model_name=name, api_keys=api_keys, admin_key=admin_key, max_body_bytes=args.max_body_bytes,
                          max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
                          max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
-                         request_timeout_s=args.request_timeout, allow_unknown_users=args.allow_unknown_users)
+                         request_timeout_s=args.request_timeout, allow_unknown_users=args.allow_unknown_users,
+                         max_messages=args.max_messages, max_prompt_chars=args.max_prompt_chars,
+                         stall_seconds=args.stall_seconds,
+                         metrics_key=args.metrics_key or os.environ.get("E2P_METRICS_KEY") or None)
     app = create_app(model, store, config)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
                                            timeout_graceful_shutdown=args.graceful_timeout,
@@ -70,8 +73,14 @@ def cmd_users_list(args) -> None:
 
     store = EmbeddingStore(args.store)
     print(f"{len(store)} users, dimension {store.dim}")
+    from ..store import CorruptEmbeddingError
+
     for user in store.users(limit=args.limit):
-        rec = store.get(user)
+        try:
+            rec = store.get(user)
+        except CorruptEmbeddingError as exc:
+            print(f"{user}\tDAMAGED: {exc}")
+            continue
         if rec is not None:
             print(f"{user}\tversion {rec.version}\tdim {rec.dim}")
 
@@ -99,6 +108,11 @@ def add_serve_commands(sub) -> None:
     s.add_argument("--graceful-timeout", type=float, default=60.0, help="seconds to finish in-flight requests on shutdown")
     s.add_argument("--max-connections", type=int, default=None, help="uvicorn limit_concurrency (503 above it)")
     s.add_argument("--allow-unknown-users", action="store_true", help="unknown `user`: answer unpersonalized, not 404")
+    s.add_argument("--max-messages", type=int, default=256, help="chat messages per request (400 above it)")
+    s.add_argument("--max-prompt-chars", type=int, default=32_000, help="characters of prompt text per request (400 above)")
+    s.add_argument("--stall-seconds", type=float, default=30.0,
+                   help="/healthz answers 503 when the decoding worker made no step for this long while busy")
+    s.add_argument("--metrics-key", default=None, help="key GET /metrics needs (prefer env E2P_METRICS_KEY; default: open)")
     s.set_defaults(func=cmd_serve)
 
     u = sub.add_parser("users", help="manage the embedding store")
