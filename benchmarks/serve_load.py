@@ -75,6 +75,56 @@ def start_server(args, port: int, store: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+def launch(args) -> tuple[subprocess.Popen, str, str]:
+    """Start `e2p serve` on a free loopback port with a fresh SQLite store: (process, url, projector kind)."""
+    if args.projector is None:
+        args.projector, projector_kind = default_projector(args.backbone)
+    else:
+        projector_kind = "given"
+    port = free_port()
+    store = os.path.join(tempfile.mkdtemp(prefix="e2p-bench-store-"), "users.db")
+    return start_server(args, port, store), f"http://127.0.0.1:{port}", projector_kind
+
+
+def stop_server(proc: subprocess.Popen) -> int:
+    """SIGTERM is graceful: the server finishes in-flight requests before it exits."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def embedding_dim(projector: str | None) -> int:
+    """The user-embedding size the projector reads (384 when unknown: a server configured elsewhere)."""
+    if not projector:
+        return 384
+    return json.loads((Path(projector) / "config.json").read_text())["embedding_dim"] or 384
+
+
+def store_users(url: str, admin_key: str, users: int, dim: int, seed: int) -> float:
+    """PUT a random embedding for user0..user{users-1}; returns the seconds it took."""
+    rng = np.random.default_rng(seed)
+    admin = {"authorization": f"Bearer {admin_key}"}
+    t0 = time.time()
+    for u in range(users):
+        r = httpx.put(f"{url}/v1/users/user{u}/embedding", json={"embedding": rng.standard_normal(dim).tolist()},
+                      headers=admin)
+        r.raise_for_status()
+    return time.time() - t0
+
+
+def model_id(url: str, api_key: str) -> str:
+    return httpx.get(url + "/v1/models", headers={"authorization": f"Bearer {api_key}"}).json()["data"][0]["id"]
+
+
+def warm_up(url: str, api_key: str, model: str) -> None:
+    """One short request, so the first measured batch does not carry one-off costs."""
+    httpx.post(url + "/v1/chat/completions", headers={"authorization": f"Bearer {api_key}"}, timeout=300,
+               json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+
+
 def wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -197,34 +247,15 @@ def main() -> None:
     proc, projector_kind = None, "as configured on the server"
     url = args.url
     if url is None:
-        if args.projector is None:
-            args.projector, projector_kind = default_projector(args.backbone)
-        else:
-            projector_kind = "given"
-        port = free_port()
-        store = os.path.join(tempfile.mkdtemp(prefix="e2p-bench-store-"), "users.db")
-        proc = start_server(args, port, store)
-        url = f"http://127.0.0.1:{port}"
+        proc, url, projector_kind = launch(args)
     try:
         t0 = time.time()
         wait_healthy(url, proc)
         startup = time.time() - t0
-        auth = {"authorization": f"Bearer {args.api_key}"}
-        model = httpx.get(url + "/v1/models", headers=auth).json()["data"][0]["id"]
-        dim = 384
-        if args.projector:
-            dim = json.loads((Path(args.projector) / "config.json").read_text())["embedding_dim"] or 384
-        rng = np.random.default_rng(args.seed)
-        admin = {"authorization": f"Bearer {args.admin_key}"}
-        t0 = time.time()
-        for u in range(args.users):
-            r = httpx.put(f"{url}/v1/users/user{u}/embedding", json={"embedding": rng.standard_normal(dim).tolist()},
-                          headers=admin)
-            r.raise_for_status()
-        store_s = time.time() - t0
-        # one warm-up request, so the first batch does not carry one-off costs
-        httpx.post(url + "/v1/chat/completions", headers=auth, timeout=300,
-                   json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        model = model_id(url, args.api_key)
+        dim = embedding_dim(args.projector)
+        store_s = store_users(url, args.admin_key, args.users, dim, args.seed)
+        warm_up(url, args.api_key, model)
         result = asyncio.run(drive(args, url, dim, model))
         result.update(batch_stats(httpx.get(url + "/metrics").text))
         result.update({"model": model, "projector": args.projector, "projector_kind": projector_kind,
@@ -235,11 +266,7 @@ def main() -> None:
                        "cpu_threads": os.environ.get("OMP_NUM_THREADS")})
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)  # graceful: finishes in-flight requests
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
     Path(args.out).write_text(json.dumps(result, indent=2))
     lat = result["latency_s"]
     print(f"{result['ok']}/{result['requests']} ok in {result['wall_s']}s with {args.concurrency} clients, "

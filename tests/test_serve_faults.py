@@ -155,6 +155,18 @@ def test_a_client_that_gives_up_frees_its_row_at_once(tmp_path):
         server.stop()
 
 
+def test_a_queued_request_behind_others_can_leave():
+    """Leaving the queue removes that request itself (comparing requests field by field compared their tensors:
+    a client that gave up behind others got a 500, found by benchmarks/serve_soak.py)."""
+    model = tiny_model()
+    batcher = Batcher(model)  # not started: everything stays queued
+    queued = [GenRequest(segments=model.format(PROMPT), embedding=torch.tensor(vec(i)), max_tokens=4) for i in range(3)]
+    for r in queued:
+        batcher.submit(r)
+    batcher.discard(queued[2])
+    assert batcher.depth() == 2 and queued[2].cancelled and not queued[0].cancelled
+
+
 def test_healthz_fails_while_the_worker_is_stuck(tmp_path):
     model = slowed(tiny_model(), 1.5)
     app = create_app(model, EmbeddingStore(tmp_path / "s.db"), ServeConfig(model_name=MODEL, stall_seconds=0.5))

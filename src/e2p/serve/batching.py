@@ -56,7 +56,7 @@ class GenerationError(RuntimeError):
     """This request's generation failed (the others in its batch go on)."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the queue removes *this* request (field-wise == would compare tensors)
 class GenRequest:
     segments: Segments
     embedding: torch.Tensor | None
