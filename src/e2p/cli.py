@@ -19,13 +19,13 @@ def _load(backbone_name: str | None, encoder_name: str | None = None, need_encod
     return backbone, encoder
 
 
-def _scaled_recipe(args):
+def _scaled_recipe(args, **overrides):
     from .recipe import RecipeConfig
 
     cfg = RecipeConfig(injection=args.injection, num_prefix_tokens=args.prefix_tokens, seed=args.seed,
                        prefix_position=args.prefix_position, include_msc=args.with_msc,
                        batch_size=args.batch_size, text_steps=args.text_steps, val_examples=args.val_examples,
-                       embedding_slots=args.embedding_slots)
+                       embedding_slots=args.embedding_slots, **overrides)
     if args.steps is not None:  # --steps N: total over all stages, keeping the recipe's proportions
         stages = ["shared_steps", "reconstruct_steps", "e2p_steps"]
         total = sum(getattr(cfg, s) for s in stages) + 2 * cfg.text_steps
@@ -37,11 +37,51 @@ def _scaled_recipe(args):
     return cfg
 
 
+def _contract_files(args) -> bool:
+    """Whether the command runs on the data contract (--users and --examples); refuses half of it or both kinds."""
+    given = [x for x in (args.users, args.examples) if x]
+    if len(given) == 1:
+        raise E2PError("give both --users (a table of user embeddings) and --examples (JSON lines or Parquet)")
+    if given and args.data:
+        raise E2PError("give either --data (persona files) or --users with --examples, not both")
+    if not given and not args.data:
+        raise E2PError("give --users FILE --examples FILE (your embeddings and examples), or --data (persona files)")
+    return bool(given)
+
+
+def _load_contract(args):
+    from .data.contract import load_examples, load_users
+
+    users = load_users(args.users)
+    examples = load_examples(args.examples, users)
+    print(f"data: {len(users)} users ({users.dim}-dim embeddings) from {args.users}; {len(examples)} examples of "
+          f"{len({e.user for e in examples})} users from {args.examples}")
+    return users, examples
+
+
+def cmd_train_contract(args) -> None:
+    from .backbone import load_backbone
+    from .recipe import train_on_examples
+
+    users, examples = _load_contract(args)
+    cfg = _scaled_recipe(args, reconstruct_steps=0)
+    backbone = load_backbone(args.backbone)  # no text encoder: the embeddings come from the file
+    report = train_on_examples(backbone, users, examples, args.out, cfg, val_users=args.val_users, minutes=args.minutes)
+    print(f"trained on {report['train_users']} users ({report['train_examples']} examples) in {report['seconds']:.0f}s; "
+          f"{report['validation_users']} validation users never trained on")
+    if "person_scale" in report:
+        print(f"person_scale {report['person_scale']['chosen']} (calibrated on {report['selection_users']} validation users)")
+    print(f"verdict on {report['verdict_users']} other validation users: {report['verdict']['text']}")
+    print(f"projector saved to {args.out}; details in {Path(args.out) / 'training_report.json'}")
+
+
 def cmd_train(args) -> None:
     from .data.persona import LoadReport, load_persona, persona_split
     from .distributed import init_distributed
     from .recipe import run_recipe
 
+    if _contract_files(args):
+        return cmd_train_contract(args)
     init_distributed()  # torchrun / accelerate launch: one process per worker, batches split across them
     report = LoadReport()
     path = Path(args.data)
@@ -70,6 +110,8 @@ def cmd_eval(args) -> None:
 
     if args.suite == "paper":
         return cmd_eval_paper(args)
+    if _contract_files(args):
+        return cmd_eval_contract(args)
     if args.projector is None:
         raise E2PError("--projector is required for --suite persona")
     report = LoadReport()
@@ -85,9 +127,24 @@ def cmd_eval(args) -> None:
     print((Path(args.out) / "REPORT.md").read_text())
 
 
+def cmd_eval_contract(args) -> None:
+    from .backbone import load_backbone
+    from .evaluate import evaluate_examples
+
+    if args.projector is None:
+        raise E2PError("--projector is required: the folder `e2p train` wrote")
+    users, examples = _load_contract(args)
+    backbone = load_backbone(args.backbone)
+    evaluate_examples(backbone, users, examples, args.projector, args.out, limit=args.limit, generate=args.generate,
+                      batch_size=args.batch_size, seed=args.seed)
+    print((Path(args.out) / "REPORT.md").read_text())
+
+
 def cmd_eval_paper(args) -> None:
     from .suite import SuiteConfig, run_suite
 
+    if not args.data:
+        raise E2PError("--suite paper needs --data: the data folder with the PENS and persona files")
     backbone, encoder = _load(args.backbone, args.encoder)
     cfg = SuiteConfig.preset(quick=args.quick, seed=args.seed)
     run_suite(backbone, encoder, args.data, args.out, cfg, projector=args.projector)
@@ -156,9 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--backbone", default=None, help="model dir or .gguf (default: bundled SmolLM2-135M-Instruct)")
         p.add_argument("--seed", type=int, default=0)
 
-    t = sub.add_parser("train", help="train a projector (and its style-only controls) on persona data")
+    t = sub.add_parser("train", help="train a projector (and its style-only control) on your users' embeddings and "
+                                      "examples, or on persona data")
     common(t)
-    t.add_argument("--data", required=True, help="persona file or folder (a folder means its training split)")
+    t.add_argument("--users", default=None, help="user embeddings: .parquet/.csv/.jsonl/.npz/.npy, as `e2p users import` reads")
+    t.add_argument("--examples", default=None, help="examples: JSON lines or Parquet with `user` and `messages` or "
+                                                     "`prompt` + `completion` (see README)")
+    t.add_argument("--val-users", type=int, default=None,
+                   help="with --users: validation users never trained on (default: 20%%, at least 4)")
+    t.add_argument("--data", default=None, help="persona file or folder (a folder means its training split)")
     t.add_argument("--out", required=True)
     t.add_argument("--steps", type=int, default=None, help="total optimizer steps over all stages (default: the recipe's)")
     t.add_argument("--minutes", type=float, default=None, help="wall-clock budget, split across stages")
@@ -177,9 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from DIR/*/checkpoint")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="score every condition by reply perplexity on unseen people")
+    e = sub.add_parser("eval", help="score every condition (none, shared_prefix, shuffled, e2p, text) on unseen users")
     common(e)
-    e.add_argument("--data", required=True, help="persona file or folder (a folder means its test split)")
+    e.add_argument("--users", default=None, help="user embeddings of the users to evaluate (any `e2p users import` format)")
+    e.add_argument("--examples", default=None, help="their examples (JSON lines or Parquet, the data contract)")
+    e.add_argument("--generate", type=int, default=64,
+                   help="with --users: greedy generations scored by ROUGE-L and identification (0: none)")
+    e.add_argument("--data", default=None, help="persona file or folder (a folder means its test split)")
     e.add_argument("--projector", default=None, help="trained projector (required for --suite persona; "
                    "for --suite paper it replaces the persona projector the suite would train)")
     e.add_argument("--out", required=True)

@@ -344,10 +344,16 @@ class E2PModel(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: Sequence[Messages | str], embeddings=None, max_new_tokens: int = 64,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 persona_texts: Sequence[str | None] | None = None, seed: int | None = None) -> list[str]:
-        """Generate for a batch where every row may be a different user (or none: embedding None)."""
+                 persona_texts: Sequence[str | None] | None = None, seed: int | None = None,
+                 batch_size: int | None = None) -> list[str]:
+        """Generate for a batch where every row may be a different user (or none: embedding None);
+        `batch_size` rows at a time (None: all at once)."""
         rows = [self.format(p, persona_text=(persona_texts[i] if persona_texts else None)) for i, p in enumerate(prompts)]
-        tokens = self.generate_tokens(rows, embeddings, max_new_tokens, do_sample, temperature, top_p, seed)
+        step = batch_size or max(len(rows), 1)
+        tokens = []
+        for i in range(0, len(rows), step):
+            chunk = embeddings[i:i + step] if embeddings is not None else None
+            tokens += self.generate_tokens(rows[i:i + step], chunk, max_new_tokens, do_sample, temperature, top_p, seed)
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
     @torch.no_grad()

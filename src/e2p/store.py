@@ -293,7 +293,7 @@ class EmbeddingStore:
                 for users, vectors in chunks:
                     if not len(users):
                         continue
-                    matrix, dim = _check_chunk(users, vectors, total, dim)
+                    matrix, dim = check_chunk(users, vectors, total, dim)
                     _stage(db, users, matrix, total)
                     total += len(users)
                 db.execute("COMMIT")
@@ -359,7 +359,7 @@ def _user_str(value) -> str | None:
     return None if value is None else str(value)
 
 
-def _check_chunk(users: list[str], vectors, start: int, dim: int | None) -> tuple[np.ndarray, int]:
+def check_chunk(users: list[str], vectors, start: int, dim: int | None) -> tuple[np.ndarray, int]:
     """Validate a chunk -> ([n, E] float32, E); DataError naming the first bad row (numbered in the file)."""
     for i, user in enumerate(users):
         try:

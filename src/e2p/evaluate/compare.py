@@ -1,0 +1,63 @@
+"""Comparisons between conditions scored on the same examples: paired intervals over users, identification.
+
+Every interval resamples *users* (all of a user's examples together), because users, not examples, are what a
+new deployment draws anew.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+
+
+def derangement(people: list[str], seed: int) -> list[int]:
+    """For each row, the index of a row of a *different* person (fixed by the seed)."""
+    rng = random.Random(seed)
+    n = len(people)
+    order = list(range(n))
+    rng.shuffle(order)
+    target = order[1:] + order[:1]  # cycle over a random order
+    out = [0] * n
+    for a, b in zip(order, target):
+        out[a] = b
+    for i in range(n):  # fix rows that landed on the same person
+        if people[out[i]] == people[i]:
+            for j in rng.sample(range(n), n):
+                if people[j] != people[i]:
+                    out[i] = j
+                    break
+    return out
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, counts: np.ndarray, groups: list[str], n: int = 1000, seed: int = 0):
+    """Relative perplexity change b->a ((ppl_a / ppl_b) - 1) with a 95% interval, resampling people."""
+    rng = np.random.default_rng(seed)
+    uniq = sorted(set(groups))
+    members = {g: [] for g in uniq}
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    idx_lists = [np.array(members[g]) for g in uniq]
+    diffs = []
+    for _ in range(n):
+        pick = np.concatenate([idx_lists[j] for j in rng.integers(0, len(uniq), len(uniq))])
+        diffs.append(math.exp((a[pick].sum() - b[pick].sum()) / counts[pick].sum()) - 1)
+    return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+
+
+def compare(per_condition: dict[str, np.ndarray], counts: np.ndarray, users: list[str],
+            pairs: list[tuple[str, str]], seed: int = 0) -> dict:
+    """For each (a, b) pair present: the relative perplexity change a vs b and its 95% interval over users."""
+    out = {}
+    for a, b in pairs:
+        if a in per_condition and b in per_condition:
+            change = math.exp((per_condition[a].sum() - per_condition[b].sum()) / counts.sum()) - 1
+            lo, hi = paired_bootstrap(per_condition[a], per_condition[b], counts, users, seed=seed)
+            out[f"{a}_vs_{b}"] = {"relative_change": change, "ci95": [lo, hi]}
+    return out
+
+
+def identification_accuracy(similarity: np.ndarray, own: np.ndarray) -> float:
+    """Share of generations closer to their own user's reference than to every other evaluated user's.
+    `similarity` [N generations, U users], `own` [N] each generation's user column. Chance level is 1 / U."""
+    return float(np.mean(similarity.argmax(1) == own)) if len(own) else float("nan")

@@ -1,0 +1,231 @@
+"""The evaluation loop on the data contract: conditions x examples -> per-example losses and greedy generations
+-> comparisons with intervals over users -> results.json, REPORT.md and plots (`report.py`).
+
+A baseline is a condition (how to build the model, which prompt, which embeddings), never a second pipeline:
+  none           the backbone alone
+  text           the user's `profile_text` in the system prompt (only where every example has one)
+  shared_prefix  the trained style-only prefix: no user information
+  shuffled       the E2P projector fed another user's embedding: the style without the person
+  e2p            the E2P projector with the user's own embedding
+  e2p_text       E2P trained and scored together with the profile text (where trained)
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import E2PConfig
+from ..data.contract import Example, UserTable
+from ..model import E2PModel
+from ..projector import Projector
+from ..train import Item, row_losses
+from .compare import compare, derangement, identification_accuracy
+
+log = logging.getLogger(__name__)
+
+PAIRS = [("e2p", "shared_prefix"), ("e2p", "shuffled"), ("e2p", "none"), ("shared_prefix", "none"),
+         ("text", "none"), ("e2p_text", "text"), ("e2p_text", "shared_prefix_text")]
+
+
+@dataclass
+class Condition:
+    name: str
+    projector_dir: Path | None  # None: the plain backbone
+    with_text: bool = False  # the user's profile_text in the system prompt
+    embeddings: str = "none"  # "none" | "own" | "shuffled"
+
+
+def conditions_for(projector_dir: str | Path, with_text: bool) -> list[Condition]:
+    """The conditions a projector folder (as `e2p train` writes it) supports; text ones only `with_text`."""
+    p = Path(projector_dir)
+    conds = [Condition("none", None), Condition("shared_prefix", p / "shared_prefix"),
+             Condition("shuffled", p, embeddings="shuffled"), Condition("e2p", p, embeddings="own")]
+    if with_text:
+        conds += [Condition("text", None, with_text=True),
+                  Condition("shared_prefix_text", p / "shared_prefix_text", with_text=True),
+                  Condition("e2p_text", p / "e2p_text", with_text=True, embeddings="own")]
+    return [c for c in conds if c.projector_dir is None or (c.projector_dir / "config.json").is_file()]
+
+
+def _model(backbone, cond: Condition, plain: E2PConfig) -> E2PModel:
+    projector = Projector.from_pretrained(cond.projector_dir, backbone).eval() if cond.projector_dir else None
+    return E2PModel(backbone, projector, config=None if projector else plain)
+
+
+def run_conditions(backbone, conditions: list[Condition], examples: list[Example], users: UserTable, *,
+                   plain_config: E2PConfig | None = None, max_target_tokens: int = 64, batch_size: int = 16,
+                   generate: int = 0, max_new_tokens: int = 32, seed: int = 0, progress: bool = True) -> dict:
+    """Score every condition on the same examples (same target tokens, checked) and, for the first `generate`
+    examples, greedy generations. -> {"nll": {cond: [N]}, "counts": [N], "generations": {cond: [G]}}."""
+    from tqdm.auto import tqdm
+
+    plain = plain_config or E2PConfig()
+    table = users.tensor()
+    own = [users.index[ex.user] for ex in examples]
+    swap = derangement([ex.user for ex in examples], seed)
+    persons = {"own": own, "shuffled": [own[j] for j in swap], "none": own}
+    n_gen = min(generate, len(examples))
+    bar = tqdm(total=len(conditions) * (len(examples) + n_gen), desc="eval", disable=not progress, dynamic_ncols=True)
+    nll, counts, generations = {}, None, {}
+    for cond in conditions:
+        model = _model(backbone, cond, plain)
+        reads_user = model.projector is not None and not model.projector.config.is_shared and cond.embeddings != "none"
+        text = lambda ex: ex.profile_text if cond.with_text else None
+        rows = [model.format(ex.prompt, reply=ex.target, persona_text=text(ex), max_target_tokens=max_target_tokens)
+                for ex in examples]
+        items = [Item(r, persons[cond.embeddings][i]) for i, r in enumerate(rows)]
+        loss, cnt = row_losses(model, items, table if reads_user else None, batch_size, progress=bar)
+        if counts is not None and not np.array_equal(cnt, counts):
+            raise RuntimeError(f"condition {cond.name} scored other target tokens than the first; this is a bug")
+        nll[cond.name], counts = loss, cnt
+        if n_gen:
+            shown = examples[:n_gen]
+            embeddings = table[persons[cond.embeddings][:n_gen]] if reads_user else None
+            generations[cond.name] = model.generate([ex.prompt for ex in shown], embeddings, max_new_tokens,
+                                                    persona_texts=[text(ex) for ex in shown], batch_size=batch_size)
+            bar.update(n_gen)
+    bar.close()
+    return {"nll": nll, "counts": counts, "generations": generations}
+
+
+def generation_metrics(generations: dict[str, list[str]], examples: list[Example], encoder=None) -> dict:
+    """ROUGE-L against each example's own target and identification accuracy: how often a generation is closer
+    (all-MiniLM-L6-v2 cosine) to its own user's reference than to every other evaluated user's. The reference is
+    the user's profile_text when every example has one, else the mean of the user's *other* targets (a user
+    with one example cannot be identified and is left out)."""
+    from ..metrics import rouge
+
+    if not generations:
+        return {}
+    n = len(next(iter(generations.values())))
+    shown = examples[:n]
+    out: dict = {name: {"rougeL": rouge(texts, [ex.target for ex in shown])["rougeL"]} for name, texts in generations.items()}
+    if encoder is None:
+        return out
+    users = sorted({ex.user for ex in examples})
+    col = {u: i for i, u in enumerate(users)}
+    profiles = all(ex.profile_text for ex in examples)
+    if profiles:
+        first = {}
+        for ex in examples:
+            first.setdefault(ex.user, ex.profile_text)
+        refs = _unit(encoder.encode([first[u] for u in users]))
+        keep = list(range(n))
+    else:
+        targets = _unit(encoder.encode([ex.target for ex in examples]))
+        sums = np.zeros((len(users), targets.shape[1]), np.float32)
+        sizes = np.zeros(len(users))
+        for ex, t in zip(examples, targets):
+            sums[col[ex.user]] += t
+            sizes[col[ex.user]] += 1
+        keep = [i for i in range(n) if sizes[col[shown[i].user]] > 1]
+    own = np.array([col[shown[i].user] for i in keep])
+    for name, texts in generations.items():
+        g = _unit(encoder.encode([texts[i] for i in keep])) if keep else np.zeros((0, 1))
+        if profiles:
+            sim = g @ refs.T
+        else:  # leave-one-out: the user's own reference never contains the target being generated
+            sim = np.stack([_unit(sums - np.eye(len(users))[col[shown[i].user]][:, None] * targets[i]) @ g[j]
+                            for j, i in enumerate(keep)]) if keep else np.zeros((0, len(users)))
+        out[name]["identification"] = identification_accuracy(sim, own)
+    out["_identification"] = {"users": len(users), "chance": 1 / len(users), "generations": len(keep),
+                              "reference": "profile_text" if profiles else "the user's other targets"}
+    return out
+
+
+def _unit(x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def evaluate_examples(backbone, users: UserTable, examples: list[Example], projector_dir: str | Path,
+                      out_dir: str | Path | None = None, *, conditions: list[Condition] | None = None,
+                      limit: int | None = None, generate: int = 64, max_target_tokens: int = 64,
+                      batch_size: int = 16, seed: int = 0, encoder=None, progress: bool = True) -> dict:
+    """Every condition the projector folder supports, on the same examples of unseen users: perplexity on
+    target tokens, paired 95% intervals over users, ROUGE-L and identification of greedy generations.
+    Writes results.json, REPORT.md and plots to `out_dir` when given. `encoder`: for identification
+    (default: all-MiniLM-L6-v2 when generating; pass False to skip)."""
+    from .report import write_report
+
+    projector_dir = Path(projector_dir)
+    if not (projector_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{projector_dir} has no config.json: pass the folder `e2p train` wrote")
+    if limit and limit < len(examples):
+        examples = random.Random(seed).sample(examples, limit)
+    examples = _interleave_users(examples, seed)  # generations spread over users, not the first few
+    with_text = all(ex.profile_text for ex in examples)
+    conditions = conditions or conditions_for(projector_dir, with_text)
+    plain = E2PConfig.load(projector_dir)
+    scores = run_conditions(backbone, conditions, examples, users, plain_config=plain, max_target_tokens=max_target_tokens,
+                            batch_size=batch_size, generate=generate, seed=seed, progress=progress)
+    if encoder is None and generate:
+        from ..encoders import TextEncoder
+
+        encoder = TextEncoder()
+    gen = generation_metrics(scores["generations"], examples, encoder or None)
+    counts, people = scores["counts"], [ex.user for ex in examples]
+    results = {
+        "projector": str(projector_dir), "examples": len(examples), "users": len(set(people)),
+        "target_tokens": int(counts.sum()), "person_scale": plain.person_scale,
+        "conditions": {name: {"perplexity": math.exp(nll.sum() / counts.sum()), "nll_per_token": float(nll.sum() / counts.sum()),
+                              **{k: v for k, v in gen.get(name, {}).items()}} for name, nll in scores["nll"].items()},
+        "comparisons": compare(scores["nll"], counts, people, PAIRS, seed=seed),
+        "identification": gen.get("_identification"),
+        "samples": _samples(examples, scores["generations"]),
+    }
+    results["verdict"] = verdict(results)
+    if out_dir is not None:
+        write_report(results, Path(out_dir))
+    return results
+
+
+def _interleave_users(examples: list[Example], seed: int) -> list[Example]:
+    """Round-robin over users (each user's examples in a seeded order), so any prefix covers many users."""
+    rng = random.Random(seed)
+    by_user: dict[str, list[Example]] = {}
+    for ex in examples:
+        by_user.setdefault(ex.user, []).append(ex)
+    queues = [rng.sample(v, len(v)) for _, v in sorted(by_user.items())]
+    rng.shuffle(queues)
+    out = []
+    while queues:
+        out += [q.pop() for q in queues]
+        queues = [q for q in queues if q]
+    return out
+
+
+def _samples(examples: list[Example], generations: dict[str, list[str]], n: int = 6) -> list[dict]:
+    if not generations:
+        return []
+    count = min(n, len(next(iter(generations.values()))))
+    return [{"user": ex.user, "prompt": ex.prompt if isinstance(ex.prompt, str) else ex.prompt[-1]["content"],
+             "target": ex.target, **{name: texts[i] for name, texts in generations.items()}}
+            for i, ex in enumerate(examples[:count])]
+
+
+def verdict(results: dict) -> dict:
+    """One plain answer: does the embedding carry the person? Yes only if e2p beats both style-only controls
+    (shared_prefix and shuffled) with both 95% intervals below zero."""
+    comps = results["comparisons"]
+    vs_shared, vs_shuffled = comps.get("e2p_vs_shared_prefix"), comps.get("e2p_vs_shuffled")
+    if vs_shared is None or vs_shuffled is None:
+        return {"carries_person": None, "text": "not measured: the projector folder lacks shared_prefix/ or e2p"}
+    fmt = lambda c: f"{c['relative_change'] * 100:+.2f}% [{c['ci95'][0] * 100:+.2f}, {c['ci95'][1] * 100:+.2f}]"
+    numbers = f"perplexity e2p vs shared_prefix {fmt(vs_shared)}, vs shuffled {fmt(vs_shuffled)} (95% intervals over users)"
+    yes = vs_shared["ci95"][1] < 0 and vs_shuffled["ci95"][1] < 0
+    if yes:
+        text = f"YES: the embedding carries the person on users never trained on: {numbers}."
+    elif results.get("person_scale") == 0:
+        text = (f"NO: calibration on validation users set the person part to 0 (every share of it hurt), so e2p is the "
+                f"style-only prefix: {numbers}. These embeddings do not carry what the targets need about new users.")
+    else:
+        text = (f"NO (not shown): e2p does not beat both style-only controls with intervals excluding zero: {numbers}. "
+                "The gain, if any, is style, not the person.")
+    return {"carries_person": yes, "text": text}

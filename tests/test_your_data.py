@@ -1,0 +1,176 @@
+"""Your embeddings, your data: the data contract, `train_on_examples` and the evaluation loop, on a tiny backbone
+whose users' embeddings really decide their targets (so a working recipe must say "yes"), and their CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import make_backbone
+from e2p.data.contract import Example, load_examples, load_users, write_examples, write_users
+from e2p.errors import DataError
+from e2p.evaluate import evaluate_examples
+from e2p.recipe import RecipeConfig, train_on_examples
+
+LIKES = ["dogs", "cats", "music", "guitar"]
+
+
+def synthetic(tmp_path, n_users: int = 40, per_user: int = 6, dim: int = 12, seed: int = 0):
+    """Each user likes one thing; their embedding says which (a one-hot block plus noise); every target is
+    "i love to play <thing>" in one of two phrasings, so the style is shared and the thing is the person's."""
+    rng = np.random.default_rng(seed)
+    ids = [f"user-{i:03d}" for i in range(n_users)]
+    likes = rng.integers(0, len(LIKES), n_users)
+    vectors = rng.normal(0, 0.3, (n_users, dim)).astype(np.float32)
+    vectors[np.arange(n_users), likes] += 3.0
+    examples = []
+    for i, u in enumerate(ids):
+        for j in range(per_user):
+            if j % 2:
+                examples.append(Example(u, [{"role": "user", "content": "what do you like ?"}], f"i like {LIKES[likes[i]]} ."))
+            else:
+                examples.append(Example(u, "tell me about yourself", f"i love to play {LIKES[likes[i]]} !"))
+    return write_users(tmp_path / "users.npz", ids, vectors), write_examples(tmp_path / "examples.jsonl", examples)
+
+
+FAST = dict(injection="input", num_prefix_tokens=1, hidden_dims=[64], shared_steps=15, e2p_steps=60, batch_size=8,
+            val_examples=16, eval_every=20, e2p_lr=5e-3, max_target_tokens=16)
+
+
+# --- the contract --------------------------------------------------------------------------------------------
+def test_contract_reads_both_example_shapes_and_any_user_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    users_path, examples_path = synthetic(tmp_path, n_users=4, per_user=2)
+    users = load_users(users_path)
+    assert len(users) == 4 and users.dim == 12
+    examples = load_examples(examples_path, users)
+    assert len(examples) == 8 and isinstance(examples[0].prompt, str) and examples[1].prompt[-1]["role"] == "user"
+    # the same users as Parquet (the store's reader) and the examples as Parquet with a profile
+    pq.write_table(pa.table({"user": users.ids, "embedding": users.vectors.tolist()}), tmp_path / "u.parquet")
+    assert load_users(tmp_path / "u.parquet").ids == users.ids
+    pq.write_table(pa.table({"user": ["user-000"], "prompt": ["hi"], "completion": ["i like cats ."],
+                             "profile_text": ["likes cats"]}), tmp_path / "e.parquet")
+    assert load_examples(tmp_path / "e.parquet", users)[0].profile_text == "likes cats"
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"user": "ghost", "prompt": "hi", "completion": "yo"}', "user 'ghost' has no embedding"),
+    ('{"prompt": "hi", "completion": "yo"}', "missing `user`"),
+    ('{"user": "a", "prompt": "hi", "completion": "  "}', "target is empty"),
+    ('{"user": "a", "prompt": "hi"}', "`completion` must be text"),
+    ('{"user": "a", "messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "x"}]}', "role `assistant`"),
+    ('{"user": "a", "prompt": "hi", "completion": "yo", "messages": []}', "not both"),
+    ('{"user": "a", "messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}', "message 0"),
+    ('not json', "is not JSON"),
+])
+def test_every_bad_example_names_file_row_and_fix(tmp_path, line, message):
+    users = load_users(write_users(tmp_path / "u.npz", ["a", "b"], np.ones((2, 3))))
+    path = tmp_path / "e.jsonl"
+    path.write_text('{"user": "a", "prompt": "hi", "completion": "fine"}\n' + line + "\n")
+    with pytest.raises(DataError, match=message) as exc:
+        load_examples(path, users)
+    assert f"{path}:2" in str(exc.value)
+
+
+def test_bad_user_tables_are_refused_with_the_row(tmp_path):
+    path = tmp_path / "u.jsonl"
+    for rows, message in [
+        (['{"user": "a", "embedding": [1, 2]}', '{"user": "b", "embedding": [1, 2, 3]}'], "row 1.*expects 2"),
+        (['{"user": "a", "embedding": [1, 2]}', '{"user": "b", "embedding": [NaN, 2]}'], "row 1.*NaN"),
+        (['{"user": "a", "embedding": [1, 2]}', '{"user": "a", "embedding": [3, 4]}'], "row 1.*more than once"),
+        (['{"user": "a", "embedding": ["1", 2]}'], "not a number"),
+    ]:
+        path.write_text("\n".join(rows) + "\n")
+        with pytest.raises(DataError, match=message):
+            load_users(path)
+
+
+# --- train and evaluate ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("yourdata")
+    users_path, examples_path = synthetic(tmp)
+    users = load_users(users_path)
+    examples = load_examples(examples_path, users)
+    backbone = make_backbone()
+    report = train_on_examples(backbone, users, examples, tmp / "run", RecipeConfig(**FAST), val_users=16, progress=False)
+    return tmp, backbone, users, examples, report
+
+
+def test_training_on_a_table_says_whether_the_embedding_carries_the_person(trained):
+    tmp, backbone, users, examples, report = trained
+    saved = json.loads((tmp / "run" / "training_report.json").read_text())
+    assert saved["verdict"] == report["verdict"]
+    assert report["train_users"] == 24 and report["validation_users"] == 16 and report["embedding_dim"] == 12
+    assert (tmp / "run" / "config.json").is_file() and (tmp / "run" / "shared_prefix" / "config.json").is_file()
+    comps = report["validation"]["comparisons"]
+    # here the embedding decides the target, so the recipe must find it, on users it never trained on
+    assert report["verdict"]["carries_person"] is True, report["verdict"]["text"]
+    assert comps["e2p_vs_shared_prefix"]["ci95"][1] < 0 and comps["e2p_vs_shuffled"]["ci95"][1] < 0
+    assert report["verdict"]["text"].startswith("YES")
+
+
+def test_the_evaluation_loop_scores_conditions_generations_and_identification(trained):
+    from e2p.data.contract import split_users
+
+    tmp, backbone, users, examples, report = trained
+    _, val = split_users(sorted({e.user for e in examples}), 16, 0)
+    held_out = [e for e in examples if e.user in set(val)]
+
+    results = evaluate_examples(backbone, users, held_out, tmp / "run", tmp / "eval", generate=16, encoder=WordEncoder(),
+                                progress=False)
+    assert set(results["conditions"]) == {"none", "shared_prefix", "shuffled", "e2p"}
+    e2p, shuffled = results["conditions"]["e2p"], results["conditions"]["shuffled"]
+    assert e2p["perplexity"] < shuffled["perplexity"]  # the same users and targets as the training verdict
+    assert all(0 <= c["identification"] <= 1 and 0 <= c["rougeL"] <= 1 for c in results["conditions"].values())
+    assert results["identification"]["users"] == 16 and len(results["samples"]) == 6
+    for name in ("results.json", "REPORT.md", "evaluation.png"):
+        assert (tmp / "eval" / name).is_file()
+    assert "Verdict" in (tmp / "eval" / "REPORT.md").read_text()
+
+
+class WordEncoder:
+    """Embeds a text by which liked thing it names: identification is then exact (MiniLM is the default)."""
+
+    def encode(self, texts):
+        return np.array([[float(w in t.split()) for w in LIKES] + [1e-3] for t in texts])
+
+
+def test_identification_uses_other_targets_or_profiles():
+    from e2p.evaluate.loop import generation_metrics
+
+    examples = [Example(u, "hi", f"i like {w} .") for u, w in [("a", "dogs"), ("a", "dogs"), ("b", "cats"), ("b", "cats"),
+                                                               ("c", "music"), ("c", "music"), ("d", "guitar")]]
+    gens = {"right": ["dogs", "dogs", "cats", "music", "music", "cats", "guitar"],  # 2 and 5 of 6 wrong
+            "wrong": ["cats", "music", "dogs", "dogs", "cats", "cats", "dogs"]}
+    m = generation_metrics(gens, examples, WordEncoder())
+    # d has one example: nothing else of d's to compare with, so its generation is left out (6 of 7 scored)
+    assert m["_identification"] == {"users": 4, "chance": 0.25, "generations": 6, "reference": "the user's other targets"}
+    assert m["right"]["identification"] == pytest.approx(4 / 6) and m["wrong"]["identification"] == 0
+    with_profiles = [Example(e.user, e.prompt, e.target, profile_text=f"likes {e.target.split()[2]}") for e in examples]
+    m = generation_metrics(gens, with_profiles, WordEncoder())
+    assert m["_identification"]["generations"] == 7 and m["right"]["identification"] == pytest.approx(5 / 7)
+
+
+def test_cli_train_and_eval_on_files(tmp_path):
+    from e2p.cli import main
+
+    backbone_dir = tmp_path / "backbone"
+    b = make_backbone()
+    b.model.save_pretrained(backbone_dir)
+    b.tokenizer.save_pretrained(backbone_dir)
+    users_path, examples_path = synthetic(tmp_path, n_users=12, per_user=3)
+    assert main(["train", "--users", str(users_path), "--examples", str(examples_path), "--out", str(tmp_path / "run"),
+                 "--backbone", str(backbone_dir), "--steps", "8", "--val-users", "4", "--injection", "input"]) == 0
+    report = json.loads((tmp_path / "run" / "training_report.json").read_text())
+    assert report["verdict"]["text"] and report["embedding_dim"] == 12
+    assert main(["eval", "--users", str(users_path), "--examples", str(examples_path), "--projector", str(tmp_path / "run"),
+                 "--out", str(tmp_path / "eval"), "--backbone", str(backbone_dir), "--generate", "0"]) == 0
+    assert "e2p" in json.loads((tmp_path / "eval" / "results.json").read_text())["conditions"]
+    # a bad file is one clear line, exit code 2
+    (tmp_path / "bad.jsonl").write_text('{"user": "nobody", "prompt": "hi", "completion": "x"}\n')
+    assert main(["train", "--users", str(users_path), "--examples", str(tmp_path / "bad.jsonl"), "--out",
+                 str(tmp_path / "run2"), "--backbone", str(backbone_dir)]) == 2
