@@ -174,3 +174,55 @@ def test_cli_train_and_eval_on_files(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"user": "nobody", "prompt": "hi", "completion": "x"}\n')
     assert main(["train", "--users", str(users_path), "--examples", str(tmp_path / "bad.jsonl"), "--out",
                  str(tmp_path / "run2"), "--backbone", str(backbone_dir)]) == 2
+
+
+# --- the shipped studies as data adapters ----------------------------------------------------------------------
+def write_pens(path, users: dict[str, list[tuple[str, str]]], clicks: dict[str, list[str]]):
+    lines = ["userid\tclicknewsID\tposnewID\trewrite_titles"]
+    for u, pairs in users.items():
+        lines.append(f"{u}\t{','.join(clicks[u])}\t{','.join(n for n, _ in pairs)}\t{';;'.join(h for _, h in pairs)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_pens_adapter_writes_the_headline_task_without_leaks(tmp_path):
+    from e2p.data.pens_contract import write_pens_contract
+
+    news = [f"N{i}" for i in range(12)]
+    pool = {f"U{u}": [(n, f"u{u} take on {n} number {k}") for k, n in enumerate(news) if (k + u) % 3] for u in range(6)}
+    pool["U6"] = [(f"X{k}", f"only mine {k}") for k in range(6)]  # nobody else rewrote these: no examples
+    clicks = {u: [f"C{(i * 7 + j) % 20}" for j in range(8)] for i, u in enumerate(list(pool) + ["T0", "T1"])}
+    test = {f"T{t}": [(n, f"t{t} view of {n}") for n in news[:8]] for t in range(2)}
+    card = write_pens_contract(write_pens(tmp_path / "pool.tsv", pool, clicks), tmp_path / "out",
+                               test_users=write_pens(tmp_path / "test.tsv", test, clicks), behaviour_dim=4,
+                               text_encoder=WordEncoder())
+    users = load_users(tmp_path / "out" / "users.npz")
+    train = load_examples(tmp_path / "out" / "examples.jsonl", users)
+    assert users.dim == 4 and "U6" not in {e.user for e in train}
+    for ex in train:
+        prompt = ex.prompt[-1]["content"]
+        assert ex.target not in prompt and not prompt.split(": ", 1)[1].startswith(ex.user.lower())  # never their own
+        assert " view of " not in prompt  # test users' headlines never reach the training pool
+        assert ex.profile_text.startswith("Headlines I wrote before:") and ex.target not in ex.profile_text
+    test_users = load_users(tmp_path / "out" / "test" / "users.npz")
+    test_ex = load_examples(tmp_path / "out" / "test" / "examples.jsonl", test_users)
+    assert {e.user for e in test_ex} == {"T0", "T1"} and card["parts"]["test"]["users"] == 2
+    assert load_users(tmp_path / "out" / "test" / "users_text.npz").dim == 5
+
+
+def test_persona_adapter_and_a_refused_overlap(tmp_path):
+    from e2p.data.persona_contract import write_persona_contract
+    from e2p.data.pens_contract import write_pens_contract
+
+    convai = tmp_path / "valid_self_original_no_cands.txt"
+    convai.write_text("1 your persona: i love dogs.\n2 your persona: i play guitar.\n3 hi how are you ?\ti am fine .\n"
+                      "4 what do you like ?\ti like dogs .\n1 your persona: i am a nurse.\n2 hello !\thi , i work as a nurse .\n")
+    card = write_persona_contract(convai, tmp_path / "persona", text_encoder=WordEncoder())
+    users = load_users(tmp_path / "persona" / "users.npz")
+    examples = load_examples(tmp_path / "persona" / "examples.jsonl", users)
+    assert card["parts"]["train"]["users"] == 2 and len(examples) == 3
+    assert examples[1].prompt[-1] == {"role": "user", "content": "what do you like ?"} and examples[1].target == "i like dogs ."
+    assert examples[1].profile_text == "i love dogs. i play guitar."
+    same = write_pens(tmp_path / "p.tsv", {"U0": [("N0", "a"), ("N1", "b")]}, {"U0": ["C0"]})
+    with pytest.raises(DataError, match="test users are also in"):
+        write_pens_contract(same, tmp_path / "x", test_users=same, text_encoder=WordEncoder())

@@ -140,6 +140,21 @@ def cmd_eval_contract(args) -> None:
     print((Path(args.out) / "REPORT.md").read_text())
 
 
+def cmd_data(args) -> None:
+    if args.study == "pens":
+        from .data.pens_contract import write_pens_contract
+
+        card = write_pens_contract(args.src, args.out, test_users=args.test_users, test_fraction=args.test_fraction,
+                                   behaviour_dim=args.behaviour_dim, seed=args.seed)
+    else:
+        from .data.persona_contract import write_persona_contract
+
+        card = write_persona_contract(args.src, args.out, history_turns=args.history_turns)
+    for name, part in card["parts"].items():
+        print(f"{name}: {part['users']} users, {part['examples']} examples -> {part['folder']}")
+    print(f"train: e2p train --users {args.out}/users.npz --examples {args.out}/examples.jsonl --out runs/{args.study}")
+
+
 def cmd_eval_paper(args) -> None:
     from .suite import SuiteConfig, run_suite
 
@@ -280,6 +295,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--projector", default=None, help="use this projector instead of the shipped one")
     d.add_argument("--limit", type=int, default=120, help="examples for the perplexity table")
     d.set_defaults(func=cmd_demo)
+    dt = sub.add_parser("data", help="convert a shipped study's data into the data contract (users + examples)")
+    dt.add_argument("study", choices=["persona", "pens"])
+    dt.add_argument("src", help="persona folder or file / PENS .tsv file or folder")
+    dt.add_argument("--out", required=True)
+    dt.add_argument("--test-users", default=None, help="pens: a PENS file of users who are only evaluated, never trained on")
+    dt.add_argument("--test-fraction", type=float, default=0.0,
+                    help="pens without --test-users: hold out this share of SRC's users as test users")
+    dt.add_argument("--behaviour-dim", type=int, default=64, help="pens: size of the co-click user embedding")
+    dt.add_argument("--history-turns", type=int, default=2, help="persona: earlier turns kept in each prompt")
+    dt.add_argument("--seed", type=int, default=0)
+    dt.set_defaults(func=cmd_data)
     from .serve.cli import add_serve_commands
     add_serve_commands(sub)
     return parser

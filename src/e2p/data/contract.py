@@ -5,7 +5,7 @@ Users: any file `e2p users import` reads (Parquet, CSV, JSON lines, NPZ, NPY), t
 
 Examples: JSON lines or Parquet, one row per target, each with a `user` id and either
   * `messages`: OpenAI-style chat messages; the last one is the assistant's target, everything before it
-    (system and earlier turns) is the prompt, or
+    (system and earlier turns, possibly none) is the prompt, or
   * `prompt` + `completion`: a plain prompt (sent as one user message) and its target.
 An optional `profile_text` (the user described in words) feeds the text-prompt conditions.
 
@@ -145,8 +145,8 @@ def parse_example(record, where: str, row: int = 0) -> Example:
                         f"`completion`, not {'both' if has_messages else 'neither'}")
     if has_messages:
         messages = record["messages"]
-        if not isinstance(messages, list) or len(messages) < 2:
-            raise DataError(f"{where}: `messages` must be a list of at least a user message and the assistant's target")
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: `messages` must be a list of chat messages ending with the assistant's target")
         clean = []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
@@ -155,9 +155,7 @@ def parse_example(record, where: str, row: int = 0) -> Example:
         if clean[-1]["role"] != "assistant":
             raise DataError(f"{where}: the last message is the target and must have role `assistant` "
                             f"(it has {clean[-1]['role']!r})")
-        prompt, target = clean[:-1], clean[-1]["content"]
-        if not any(m["role"] == "user" for m in prompt):
-            raise DataError(f"{where}: the prompt (messages before the target) has no user message")
+        prompt, target = clean[:-1], clean[-1]["content"]  # an empty prompt: the assistant speaks first
     else:
         prompt = _text(record["prompt"], "prompt", where)
         target = _text(record.get("completion"), "completion", where)

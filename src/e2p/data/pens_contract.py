@@ -1,0 +1,112 @@
+"""PENS -> the data contract, as the data set frames its task: a headline for a given news item, written the
+way this user writes.
+
+The article texts are not available, but every news item of the PENS test set was rewritten by several users.
+So the prompt holds the news item as *another* user's rewrite of it (never the target user's own; items no one
+else rewrote are dropped), and the target is the user's own headline. Each user's headlines are split into a
+history (their text profile: `profile_text` and a MiniLM profile vector) and targets (the examples).
+
+Written to OUT (`e2p data pens SRC --out OUT`):
+  users.npz          behavioural profile: co-click SVD (`e2p.behaviour.CoClickEncoder`) of each user's clicks,
+                     fitted on the training-pool users' clicks only; other users are folded in from their clicks
+  users_text.npz     text profile: mean all-MiniLM-L6-v2 vector of the user's history headlines
+  examples.jsonl     the training pool's examples (prompts only ever quote training-pool users' headlines)
+  test/              with --test-users FILE (or --test-fraction): the test users' examples, with their own
+                     users.npz / users_text.npz; they are only evaluated, never trained on. The behavioural
+                     encoder may see their clicks, never their headlines.
+  data_card.json     counts, settings and where each part came from
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import DataError
+from .contract import Example, write_examples, write_users
+from .pens import PensUser, load_pens, split_headlines, split_users
+
+SYSTEM = "You write short news headlines in your own style."
+HISTORY_IN_PROFILE = 12  # history headlines in profile_text (the text condition's prompt)
+
+
+def prompt_for(other_headline: str) -> str:
+    return f"Write your headline for this news item. Another reader titled it: {other_headline}"
+
+
+def _examples(users: Sequence[PensUser], quotable: dict[str, list[tuple[str, str]]], history_of: dict, seed: int
+              ) -> list[Example]:
+    """Each target headline with another user's rewrite of the same news item as its prompt."""
+    rng = random.Random(seed)
+    out = []
+    for u in users:
+        profile = "Headlines I wrote before: " + "; ".join(h for _, h in history_of[u.user_id][:HISTORY_IN_PROFILE])
+        for news, headline in split_headlines(u, seed=seed)[1]:
+            others = [h for who, h in quotable.get(news, []) if who != u.user_id]
+            if not others:
+                continue  # nobody else rewrote it: no way to say which news it is
+            messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt_for(rng.choice(others))}]
+            out.append(Example(u.user_id, messages, headline, profile_text=profile))
+    return out
+
+
+def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path | None = None,
+                        test_fraction: float = 0.0, behaviour_dim: int = 64, weighting: str = "bm25",
+                        seed: int = 0, text_encoder=None) -> dict:
+    """Convert PENS users (a .tsv file or folder) into the contract under `out`; see the module doc."""
+    from ..behaviour import CoClickEncoder
+    from ..encoders import TextEncoder
+
+    pool = load_pens(src)
+    if test_users is not None:
+        test = load_pens(test_users)
+        clash = {u.user_id for u in pool} & {u.user_id for u in test}
+        if clash:
+            raise DataError(f"{len(clash)} test users are also in {src} (e.g. {sorted(clash)[:3]}): test users must be new")
+    elif test_fraction > 0:
+        pool, test = split_users(pool, test_fraction, seed)
+    else:
+        test = []
+    everyone = list(pool) + list(test)
+    history_of = {u.user_id: list(split_headlines(u, seed=seed)[0]) for u in everyone}
+    quotable: dict[str, list[tuple[str, str]]] = {}
+    for u in pool:  # only the training pool's headlines are ever quoted in prompts
+        for news, headline in u.pairs():
+            quotable.setdefault(news, []).append((u.user_id, headline))
+    test_quotable = {k: list(v) for k, v in quotable.items()}
+    for u in test:  # test users may quote each other's rewrites (never their own)
+        for news, headline in u.pairs():
+            test_quotable.setdefault(news, []).append((u.user_id, headline))
+
+    coclick = CoClickEncoder(dim=behaviour_dim, weighting=weighting).fit([u.clicked for u in pool])
+    encoder = text_encoder or TextEncoder()
+
+    def profiles(users: Sequence[PensUser]) -> tuple[np.ndarray, np.ndarray]:
+        behaviour = coclick.encode([u.clicked for u in users])
+        text = []
+        for u in users:
+            v = np.asarray(encoder.encode([h for _, h in history_of[u.user_id]]), dtype=np.float32).mean(0)
+            text.append(v / max(float(np.linalg.norm(v)), 1e-12))
+        return behaviour, np.stack(text)
+
+    out = Path(out)
+    card = {"source": str(src), "seed": seed, "behaviour": {"encoder": "co-click SVD", "dim": behaviour_dim,
+                                                              "weighting": weighting, "fitted_on_users": len(pool)},
+            "text_profile": "mean all-MiniLM-L6-v2 of the history headlines", "parts": {}}
+    for name, users, quotes, folder in (("train_pool", pool, quotable, out), ("test", test, test_quotable, out / "test")):
+        if not users:
+            continue
+        behaviour, text = profiles(users)
+        ids = [u.user_id for u in users]
+        write_users(folder / "users.npz", ids, behaviour)
+        write_users(folder / "users_text.npz", ids, text)
+        examples = _examples(users, quotes, history_of, seed)
+        write_examples(folder / "examples.jsonl", examples)
+        card["parts"][name] = {"folder": str(folder), "users": len(ids), "examples": len(examples),
+                               "source": str(test_users) if name == "test" and test_users else str(src)}
+    coclick.save_pretrained(out / "behaviour_encoder")
+    (out / "data_card.json").write_text(json.dumps(card, indent=2))
+    return card
