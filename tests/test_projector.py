@@ -157,3 +157,16 @@ def test_slot_config_validation(tiny):
         new_config(tiny, embedding_dim=10, num_prefix_tokens=3, embedding_slots=3)
     with pytest.raises(ConfigError):
         new_config(tiny, embedding_dim=12, embedding_slots=0)
+
+
+def test_shipped_projectors_are_addressed_by_name(tmp_path):
+    from e2p.config import resolve_projector, shipped_projectors
+    from e2p.errors import ConfigError
+
+    assert "persona-deep-k1" in shipped_projectors()
+    projector = Projector.from_pretrained("persona-deep-k1")
+    assert projector.config.num_prefix_tokens == 1 and resolve_projector("persona-deep-k1").is_dir()
+    with pytest.raises(ConfigError, match="persona-deep-k1"):  # the error lists what is shipped
+        Projector.from_pretrained("persona-deep-k9")
+    with pytest.raises(ConfigError, match="no config.json"):
+        Projector.from_pretrained(tmp_path)

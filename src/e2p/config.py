@@ -8,6 +8,25 @@ from pathlib import Path
 from .errors import ConfigError
 
 INJECTIONS = ("input", "deep")
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"  # projectors shipped with the package, addressed by name
+
+
+def shipped_projectors() -> list[str]:
+    return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / "config.json").is_file()) if PRETRAINED_DIR.is_dir() else []
+
+
+def resolve_projector(name_or_path: str | Path) -> Path:
+    """A projector folder, or the name of one shipped with the package (like a model id: "persona-deep-k1")."""
+    path = Path(name_or_path)
+    if (path / "config.json").is_file():
+        return path
+    shipped = PRETRAINED_DIR / str(name_or_path)
+    if not path.exists() and (shipped / "config.json").is_file():
+        return shipped
+    if path.is_dir():
+        raise ConfigError(f"no config.json in {path}: is this a directory written by save_pretrained / `e2p train`?")
+    raise ConfigError(f"no projector {str(name_or_path)!r}: pass a folder written by `e2p train` or a shipped name "
+                      f"({', '.join(shipped_projectors()) or 'none shipped'})")
 POSITIONS = ("start", "after_system", "after_sink")
 
 
@@ -89,9 +108,7 @@ class E2PConfig:
 
     @classmethod
     def load(cls, directory: str | Path) -> "E2PConfig":
-        path = Path(directory) / "config.json"
-        if not path.is_file():
-            raise ConfigError(f"no config.json in {directory}: is this a directory written by save_pretrained / `e2p train`?")
+        path = resolve_projector(directory) / "config.json"
         try:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as exc:

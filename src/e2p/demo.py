@@ -24,6 +24,7 @@ def run_demo(args) -> None:
     from .encoders import TextEncoder, encoder_for
     from .evaluate import evaluate_persona
     from .backbone import load_backbone
+    from .config import resolve_projector
     from .model import E2PModel
     from .projector import Projector, parameter_summary
 
@@ -32,7 +33,7 @@ def run_demo(args) -> None:
     backbone = load_backbone(args.backbone)
     encoder = TextEncoder()
     train, test = persona_split(data)
-    projector_dir = Path(args.projector) if args.projector else SHIPPED
+    projector_dir = resolve_projector(args.projector) if args.projector else SHIPPED
     if not (projector_dir / "config.json").is_file():
         from .recipe import RecipeConfig, run_recipe
 

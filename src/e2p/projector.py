@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import E2PConfig
+from .config import E2PConfig, resolve_projector
 from .errors import BackboneMismatchError, ConfigError, EmbeddingError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -113,7 +113,7 @@ class Projector(nn.Module):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        directory = Path(directory)
+        directory = resolve_projector(directory)
         config = E2PConfig.load(directory)
         if backbone is not None:
             check_backbone(config, backbone)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import E2PConfig
+from ..config import E2PConfig, resolve_projector
 from ..data.contract import Example, UserTable
 from ..model import E2PModel
 from ..projector import Projector
@@ -154,9 +154,7 @@ def evaluate_examples(backbone, users: UserTable, examples: list[Example], proje
     (default: all-MiniLM-L6-v2 when generating; pass False to skip)."""
     from .report import write_report
 
-    projector_dir = Path(projector_dir)
-    if not (projector_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{projector_dir} has no config.json: pass the folder `e2p train` wrote")
+    projector_dir = resolve_projector(projector_dir)
     if limit and limit < len(examples):
         examples = random.Random(seed).sample(examples, limit)
     examples = _interleave_users(examples, seed)  # generations spread over users, not the first few
