@@ -170,3 +170,24 @@ def test_shipped_projectors_are_addressed_by_name(tmp_path):
         Projector.from_pretrained("persona-deep-k9")
     with pytest.raises(ConfigError, match="no config.json"):
         Projector.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: [c], "JSON list, not an object"),
+    (lambda c: {**c, "embedding_dim": "384"}, "embedding_dim is '384'"),
+    (lambda c: {**c, "hidden_dims": [1024.5]}, "hidden_dims"),
+    (lambda c: {k: v for k, v in c.items() if k != "num_prefix_tokens"}, "lacks num_prefix_tokens"),
+    (lambda c: {**c, "dropout": True}, "dropout is True"),
+])
+def test_malformed_config_json_is_refused_by_name(tmp_path, edit, message):
+    import json
+    import shutil
+
+    from e2p.config import resolve_projector
+
+    folder = tmp_path / "p"
+    shutil.copytree(resolve_projector("persona-deep-k1"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(edit(config)))
+    with pytest.raises(ConfigError, match=message):
+        Projector.from_pretrained(folder)

@@ -30,6 +30,23 @@ def resolve_projector(name_or_path: str | Path) -> Path:
 POSITIONS = ("start", "after_system", "after_sink")
 
 
+REQUIRED_KEYS = ("embedding_dim", "num_prefix_tokens", "hidden_dims", "injection", "backbone_name", "backbone_hidden_size")
+
+
+def _fits(value, kind: str) -> bool:
+    """Whether a JSON value has the type a config field is annotated with (annotations are strings here)."""
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+    checks = {
+        "int": lambda x: isinstance(x, int) and not isinstance(x, bool),
+        "float": number,
+        "str": lambda x: isinstance(x, str),
+        "bool": lambda x: isinstance(x, bool),
+        "list[int]": lambda x: isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in x),
+        "list[float] | None": lambda x: x is None or (isinstance(x, list) and all(number(i) for i in x)),
+    }
+    return checks.get(kind, lambda x: True)(value)
+
+
 @dataclass
 class E2PConfig:
     """Projector configuration, saved as config.json beside model.safetensors.
@@ -111,7 +128,16 @@ class E2PConfig:
         path = resolve_projector(directory) / "config.json"
         try:
             raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt, retrain or restore it") from exc
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} holds a JSON {type(raw).__name__}, not an object: restore the projector's config.json")
+        missing = [k for k in REQUIRED_KEYS if k not in raw]
+        if missing:
+            raise ConfigError(f"{path} lacks {', '.join(missing)}: these are never guessed; restore the file or retrain")
+        kinds = {f.name: f.type for f in fields(cls)}
+        for key, value in raw.items():
+            if key in kinds and not _fits(value, kinds[key]):
+                raise ConfigError(f"{path}: {key} is {value!r} ({type(value).__name__}), expected {kinds[key]}: "
+                                  "fix the value or restore the file")
+        return cls(**{k: v for k, v in raw.items() if k in kinds})
