@@ -326,3 +326,21 @@ def test_openapi_spec_and_metrics_key(batched):
     assert_error(httpx.get(server.url + "/metrics"), 401, "invalid_api_key")
     assert_error(httpx.get(server.url + "/metrics", headers=AUTH), 401)
     assert "e2p_" in httpx.get(server.url + "/metrics", headers={"authorization": "Bearer metrics-key"}).text
+
+
+def test_one_seed_semantics_python_api_and_server(batched):
+    """The same user, prompt, settings and seed give the same text from E2PModel.generate (what `e2p generate
+    --seed` runs), alone or in a batch, and from the server, alone or sharing a batch."""
+    server, app, store, http = batched
+    model = app.state.model
+    settings = dict(do_sample=True, temperature=0.9, top_p=0.95, seed=5, max_new_tokens=8)
+    users = [torch.tensor(vec(i)) for i in (11, 12, 13)]
+    batch = model.generate([PROMPT] * 3, embeddings=users, **settings)
+    alone = [model.generate([PROMPT], embeddings=[u], **settings)[0] for u in users]
+    assert batch == alone and len(set(batch)) > 1
+    body = lambda i: chat_body(temperature=0.9, top_p=0.95, seed=5, e2p={"embedding": vec(i)})
+    served = [r.json()["choices"][0]["message"]["content"] for r in together(http, [("/v1/chat/completions", body(i))
+                                                                                   for i in (11, 12, 13)])]
+    assert served == batch
+    other_seed = model.generate([PROMPT], embeddings=users[:1], **{**settings, "seed": 6})[0]
+    assert other_seed != batch[0]  # the seed matters

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -291,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job: E2P on unseen people, end to end")
     common(d)
-    d.add_argument("--data", default=None, help="persona data folder (default: ../shared/data or $E2P_DATA)")
+    d.add_argument("--data", default=None, help="persona data folder for the full table (default: the 24 unseen "
+                                                "people shipped with the package)")
     d.add_argument("--projector", default=None, help="use this projector instead of the shipped one")
     d.add_argument("--limit", type=int, default=120, help="examples for the perplexity table")
     d.set_defaults(func=cmd_demo)
@@ -313,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.verbose:  # third-party progress bars and advice ("Loading weights") only with -v; ours stay
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)

@@ -360,13 +360,18 @@ class E2PModel(nn.Module):
     def generate_tokens(self, rows: Sequence[Segments], embeddings=None, max_new_tokens: int = 64,
                         do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                         seed: int | None = None) -> list[list[int]]:
-        """Token-level batched decoding with a KV cache; each row stops at EOS and then leaves the batch."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        """Token-level batched decoding with a KV cache; each row stops at EOS and then leaves the batch.
+
+        With `seed`, every sampled row draws from its own generator seeded with it, as the server does for a
+        request's `seed`: a row's text is the same alone, in any batch, from the CLI, the API or the server."""
         dec = self.start_decoding(rows, embeddings)
         live = list(range(len(rows)))  # dec's rows -> row index
+        gens = [row_generator(do_sample, seed) for _ in rows]
         result: list[list[int]] = [[] for _ in rows]
         for _ in range(max_new_tokens):
-            nxt = self.next_tokens(dec, do_sample, temperature, top_p, gen)
+            logits = self.next_logits(dec)
+            nxt = (self.pick_rows(logits, [(temperature, top_p, gens[i]) for i in live]) if do_sample
+                   else logits.argmax(-1))
             keep = []
             for j, i in enumerate(live):
                 t = int(nxt[j])
@@ -417,6 +422,15 @@ class E2PModel(nn.Module):
         out = self._hidden(step, use_cache=True)
         dec.cache, dec.last = _output_cache(out), out.last_hidden_state[:, -1]
 
+    def pick_rows(self, logits: torch.Tensor, settings: Sequence[tuple[float, float, torch.Generator | None]]) -> torch.Tensor:
+        """[B] tokens, each row with its own (temperature, top_p, generator): temperature 0 is greedy, a sampled
+        row draws from its own generator (None: the global one). The one sampling rule of the CLI and the server."""
+        nxt = logits.argmax(-1)
+        for j, (temperature, top_p, gen) in enumerate(settings):
+            if temperature > 0:
+                nxt[j] = self.pick(logits[j:j + 1], True, temperature, top_p, gen)[0]
+        return nxt
+
     @staticmethod
     def pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen=None) -> torch.Tensor:
         """Greedy (argmax) or sampled (temperature, nucleus top_p, optional generator) tokens from [B, vocab]."""
@@ -430,6 +444,11 @@ class E2PModel(nn.Module):
             sorted_p = sorted_p * keep
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(1)
+
+
+def row_generator(do_sample: bool, seed: int | None) -> torch.Generator | None:
+    """A sampled row's own random stream when a seed is given (None: the global one)."""
+    return torch.Generator().manual_seed(seed) if do_sample and seed is not None else None
 
 
 @torch.no_grad()

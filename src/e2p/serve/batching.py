@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from ..model import Decoding, E2PModel, Segments
+from ..model import Decoding, E2PModel, Segments, row_generator
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,8 @@ class GenRequest:
         return self.temperature > 0
 
     def generator(self) -> torch.Generator | None:
-        """A seeded sampled row's own random stream (None: the global one)."""
-        return torch.Generator().manual_seed(self.seed) if self.do_sample and self.seed is not None else None
+        """A seeded sampled row's own random stream (None: the global one), as `E2PModel.generate` makes it."""
+        return row_generator(self.do_sample, self.seed)
 
 
 @dataclass
@@ -351,8 +351,7 @@ class Batcher:
             try:
                 if not bool(finite[j]):
                     raise FloatingPointError("the model produced non-finite logits for this row")
-                if r.do_sample:
-                    nxt[j] = self.model.pick(logits[j:j + 1], True, r.temperature, r.top_p, row.generator)[0]
+                nxt[j] = self.model.pick_rows(logits[j:j + 1], [(r.temperature, r.top_p, row.generator)])[0]
             except Exception as exc:
                 self._fail(r, exc)
                 failed.add(j)
