@@ -24,8 +24,9 @@ def cmd_serve(args) -> None:
     import uvicorn
 
     from ..store import EmbeddingStore
-    from .app import ServeConfig, create_app, load_model
+    from .app import create_app
     from .logs import configure_json_logging
+    from .serving import ServeConfig, load_model
 
     configure_json_logging(logging.DEBUG if args.verbose else logging.INFO)
     api_keys = [k for k in (args.api_key or os.environ.get("E2P_API_KEY") or "").split(",") if k]

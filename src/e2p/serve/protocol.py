@@ -1,4 +1,6 @@
-"""Pydantic request / response models mirroring the OpenAI API (the fields e2p uses), plus the `e2p` extension."""
+"""The wire protocol: pydantic request / response models mirroring the OpenAI API (the fields e2p uses), plus the
+`e2p` extension, and the one error shape (`ErrorResponse`) used for JSON error responses and for the error event of
+a stream."""
 from __future__ import annotations
 
 import re
@@ -213,6 +215,7 @@ class EmbeddingsRequest(RequestBody):
     user: str | None = None
 
 
+# --- errors: `{"error": {"message", "type", "param", "code"}}`, as a JSON response or as a stream's error event ---
 class ErrorBody(BaseModel):
     message: str
     type: str
