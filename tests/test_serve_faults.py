@@ -344,3 +344,28 @@ def test_one_seed_semantics_python_api_and_server(batched):
     assert served == batch
     other_seed = model.generate([PROMPT], embeddings=users[:1], **{**settings, "seed": 6})[0]
     assert other_seed != batch[0]  # the seed matters
+
+
+def test_a_row_that_fails_mid_stream_ends_with_an_error_event(tmp_path):
+    """A failure of this request's row after its first text (the status is already sent) ends its stream with an
+    OpenAI error event and [DONE], not a broken connection."""
+    model = tiny_model()
+    real, calls = model.next_logits, {"n": 0}
+
+    def poisoned(dec):  # the third step of the stream gives NaN logits
+        calls["n"] += 1
+        logits = real(dec)
+        return logits.fill_(float("nan")) if calls["n"] == 3 else logits
+
+    model.next_logits = poisoned
+    server = Server(create_app(model, EmbeddingStore(tmp_path / "s.db"), ServeConfig(model_name=MODEL)))
+    body = {"model": MODEL, "prompt": "i like", "max_tokens": 8, "temperature": 0, "stream": True}
+    try:
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+        assert '"code":"generation_failed"' in lines[-2]
+        model.next_logits = real
+        assert httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=30).status_code == 200
+    finally:
+        server.stop()

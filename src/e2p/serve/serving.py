@@ -21,7 +21,8 @@ from starlette.requests import Request
 from ..errors import ConfigError, EmbeddingError
 from ..model import E2PModel, PromptTooLongError, Segments
 from ..store import CorruptEmbeddingError, EmbeddingStore, StoreBusyError, StoreError, as_vector, check_user_id
-from .batching import Batcher, GenRequest, GenResult, QueueFullError, RequestTimeoutError, ShuttingDownError
+from .batching import (Batcher, GenerationError, GenRequest, GenResult, QueueFullError, RequestTimeoutError,
+                       ShuttingDownError)
 from .embedder import TextEmbeddingError, UserEmbedder
 from .metrics import Metrics
 from .protocol import (ChatChoice, ChatChoiceMessage, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
@@ -354,6 +355,9 @@ class OpenAIServing:
         except ShuttingDownError:
             raise APIError(503, "the server is shutting down: retry on another instance", type="server_error",
                            code="shutting_down") from None
+        except (GenerationError, RuntimeError) as exc:  # this request's row failed (the others went on)
+            raise APIError(500, f"{exc}: retry, or report it with the request id", type="server_error",
+                           code="generation_failed") from None
 
     async def generate(self, prompt: Prompt, req: ChatCompletionRequest | CompletionRequest,
                        request: Request) -> GenResult:
