@@ -1,0 +1,75 @@
+"""The docs run as written: every `e2p ...` command line in README.md and docs/*.md uses only subcommands and
+flags that `e2p ... --help` knows, and the README's Python blocks run (the first needs the real backbone)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def blocks(path: Path, langs: tuple[str, ...]) -> list[str]:
+    """The fenced code blocks of a Markdown file whose language is one of `langs` ("" for none)."""
+    out, lang, lines = [], None, []
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            if lang is None:
+                lang, lines = line[3:].strip(), []
+            else:
+                if lang in langs:
+                    out.append("\n".join(lines) + "\n")
+                lang = None
+        elif lang is not None:
+            lines.append(line)
+    return out
+
+
+SHELL = ("bash", "sh", "console", "")  # shell blocks, and blocks that name no language
+
+
+def command_lines() -> list[tuple[str, str]]:
+    out = []
+    for path in DOCS:
+        for block in blocks(path, SHELL):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split("#", 1)[0].strip()
+                for part in re.split(r"&&|\|", line):
+                    words = part.split()
+                    if words and words[0] in ("e2p", ".venv/bin/e2p"):
+                        out.append((path.name, part.strip()))
+    return out
+
+
+def help_of(words: list[str]) -> tuple[list[str], str]:
+    """The deepest subcommand named by `words` and its help text."""
+    import argparse
+
+    from e2p.cli import build_parser
+
+    parser, path = build_parser(), []
+    for word in words:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None or word not in sub.choices:
+            break
+        parser, path = sub.choices[word], path + [word]
+    return path, parser.format_help()
+
+
+@pytest.mark.parametrize("where, line", command_lines())
+def test_documented_command_lines_match_the_cli(where, line):
+    words = [w for w in re.split(r"[\s\[\]|]+", line) if w][1:]
+    path, text = help_of([w for w in words if not w.startswith("-")][:2])
+    assert path, f"{where}: `{line}` names no e2p subcommand"
+    for flag in {w.split("=")[0] for w in words if w.startswith("--")}:
+        assert re.search(rf"(^|[\s,\[]){re.escape(flag)}\b", text), f"{where}: `{line}`: {flag} is not an option of e2p {' '.join(path)}"
+
+
+def test_readme_python_blocks_run(real_backbone, monkeypatch, tmp_path):
+    code = blocks(ROOT / "README.md", ("python",))
+    assert len(code) >= 2
+    monkeypatch.chdir(tmp_path)
+    for block in code:
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
