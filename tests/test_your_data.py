@@ -226,3 +226,15 @@ def test_persona_adapter_and_a_refused_overlap(tmp_path):
     same = write_pens(tmp_path / "p.tsv", {"U0": [("N0", "a"), ("N1", "b")]}, {"U0": ["C0"]})
     with pytest.raises(DataError, match="test users are also in"):
         write_pens_contract(same, tmp_path / "x", test_users=same, text_encoder=WordEncoder())
+
+
+def test_generate_refuses_unreadable_embedding_files_in_one_line(tmp_path, capsys):
+    from e2p.cli import main
+
+    (tmp_path / "text.csv").write_text("a,b,c\n")
+    (tmp_path / "short.json").write_text("[1, 2, 3]")
+    for path, message in [(tmp_path / "missing.npy", "does not exist"), (tmp_path / "text.csv", "cannot read"),
+                          (tmp_path / "short.json", "expects 384")]:
+        assert main(["generate", "--projector", "persona-deep-k1", "--embedding", str(path), "--message", "hi"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -167,20 +167,33 @@ def cmd_eval_paper(args) -> None:
     print((Path(args.out) / "REPORT.md").read_text())
 
 
-def _read_embedding(path: str):
+def _read_embedding(path: str, dim: int | None = None):
+    """One user's vector from .npy / .json / .safetensors / .csv (or text), checked like every stored vector."""
     import numpy as np
 
-    p = Path(path)
-    if p.suffix == ".npy":
-        return np.load(p, allow_pickle=False).astype("float32").reshape(-1)
-    if p.suffix == ".json":
-        return np.asarray(json.loads(p.read_text()), dtype="float32").reshape(-1)
-    if p.suffix == ".safetensors":
-        from safetensors.numpy import load_file
+    from .errors import EmbeddingError
+    from .store import as_vector
 
-        tensors = load_file(str(p))
-        return next(iter(tensors.values())).astype("float32").reshape(-1)
-    return np.loadtxt(p, dtype="float32", delimiter=",").reshape(-1)
+    p = Path(path)
+    if not p.is_file():
+        raise E2PError(f"embedding file {p} does not exist: pass a .npy, .json, .safetensors or .csv file")
+    try:
+        if p.suffix == ".npy":
+            values = np.load(p, allow_pickle=False).reshape(-1)
+        elif p.suffix == ".json":
+            values = np.asarray(json.loads(p.read_text())).reshape(-1)
+        elif p.suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            values = next(iter(load_file(str(p)).values())).reshape(-1)
+        else:
+            values = np.loadtxt(p, dtype="float32", delimiter=",").reshape(-1)
+        return as_vector(values, dim)
+    except EmbeddingError as exc:
+        raise E2PError(f"embedding file {p}: {exc}") from None
+    except Exception as exc:  # numpy, json and safetensors raise many types for unreadable files
+        raise E2PError(f"cannot read an embedding from {p} ({type(exc).__name__}: {exc}): write the vector as a "
+                       "JSON list of numbers, a .npy array or a comma-separated line") from None
 
 
 def cmd_generate(args) -> None:
@@ -192,6 +205,10 @@ def cmd_generate(args) -> None:
     users = [("persona", p) for p in args.persona or []] + [("embedding", e) for e in args.embedding or []]
     if not users:
         raise E2PError("give at least one --persona TEXT or --embedding FILE")
+    from .config import E2PConfig
+
+    dim = E2PConfig.load(args.projector).embedding_dim  # files are checked before the backbone loads
+    from_files = [torch.tensor(_read_embedding(v, dim)) for kind, v in users if kind == "embedding"]
     backbone, _ = _load(args.backbone, need_encoder=False)
     projector = Projector.from_pretrained(args.projector, backbone)
     projector.eval()
@@ -202,7 +219,7 @@ def cmd_generate(args) -> None:
         from .encoders import encoder_for
 
         vectors += list(torch.tensor(encoder_for(projector.config).encode(personas)))
-    vectors += [torch.tensor(_read_embedding(v)) for kind, v in users if kind == "embedding"]
+    vectors += from_files
     prompts = [args.message] * len(users)
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                   top_p=args.top_p, seed=args.seed)
