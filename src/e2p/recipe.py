@@ -390,7 +390,8 @@ def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: Recip
     select_ex = [ex for ex in examples if ex.user in select_ids]
     verdict_ex = [ex for ex in examples if ex.user in verdict_ids]
     picked = _sample(select_ex, cfg.val_examples, cfg.seed)
-    calib = [ex for ex in select_ex if ex not in picked] or select_ex
+    chosen = {id(ex) for ex in picked}
+    calib = [ex for ex in select_ex if id(ex) not in chosen] or select_ex
     table = users.tensor()
     report = train_prefix_stages(backbone, [to_tuple(ex) for ex in train_ex], table, out_dir, cfg,
                                  val_items=[to_tuple(ex) for ex in picked], encoder_name="",

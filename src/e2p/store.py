@@ -136,6 +136,18 @@ def as_vector(values, dim: int | None = None) -> np.ndarray:
 
 _ON_CONFLICT = ("ON CONFLICT(user) DO UPDATE SET vector=excluded.vector, dim=excluded.dim, "
                 "version=embeddings.version + 1, updated_at=excluded.updated_at")
+@contextlib.contextmanager
+def _immediate(db: sqlite3.Connection):
+    """One write transaction on `db`: committed if the block ends, rolled back if it raises."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 _UPSERT = "INSERT INTO embeddings (user, vector, dim, version, updated_at) VALUES (?, ?, ?, 1, ?) " + _ON_CONFLICT
 
 
@@ -154,6 +166,7 @@ class EmbeddingStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.timeout = timeout
+        self._dim: int | None = None
         self._lock = threading.RLock()  # the writer connection
         self._read_lock = threading.Lock()  # the reader connection
         try:
@@ -187,8 +200,10 @@ class EmbeddingStore:
     # --- dimension ----------------------------------------------------------------------------
     @property
     def dim(self) -> int | None:
-        row = self._read("SELECT value FROM meta WHERE key='dim'")
-        return int(row[0]) if row else None
+        if self._dim is None:  # once claimed it never changes; get() checks it on every read
+            row = self._read("SELECT value FROM meta WHERE key='dim'")
+            self._dim = int(row[0]) if row else None
+        return self._dim
 
     def _claim_dim(self, dim: int) -> None:
         with self._lock, _sqlite_errors(self.path):
@@ -213,13 +228,8 @@ class EmbeddingStore:
         return record
 
     def _write_transaction(self, rows: list[tuple]) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(self._db):
             self._db.executemany(_UPSERT, rows)
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
 
     def get(self, user: str) -> UserEmbedding | None:
         """The stored record, or None; CorruptEmbeddingError if the row does not hold a usable vector."""
@@ -306,8 +316,7 @@ class EmbeddingStore:
 
     def _merge(self, db: sqlite3.Connection, dim: int) -> None:
         """Staged rows -> the store, in one transaction that also claims the dimension."""
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(db):
             current = db.execute("SELECT value FROM meta WHERE key='dim'").fetchone()
             if current is not None and int(current[0]) != dim:
                 raise StoreError(f"store {self.path} holds {current[0]}-dim embeddings but the file has {dim}: "
@@ -316,10 +325,6 @@ class EmbeddingStore:
                 db.execute("INSERT INTO meta (key, value) VALUES ('dim', ?)", (str(int(dim)),))
             db.execute("INSERT INTO embeddings (user, vector, dim, version, updated_at) "
                        "SELECT user, vector, dim, 1, ? FROM temp.staged WHERE true " + _ON_CONFLICT, (time.time(),))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def close(self) -> None:
         with self._lock, self._read_lock:

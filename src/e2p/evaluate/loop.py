@@ -125,17 +125,26 @@ def generation_metrics(generations: dict[str, list[str]], examples: list[Example
             sums[col[ex.user]] += t
             sizes[col[ex.user]] += 1
         keep = [i for i in range(n) if sizes[col[shown[i].user]] > 1]
+        refs = np.stack([_unit(_without(sums, col[shown[i].user], targets[i])) for i in keep]) if keep else None
     own = np.array([col[shown[i].user] for i in keep])
     for name, texts in generations.items():
         g = _unit(encoder.encode([texts[i] for i in keep])) if keep else np.zeros((0, 1))
-        if profiles:
+        if not keep:
+            sim = np.zeros((0, len(users)))
+        elif profiles:
             sim = g @ refs.T
-        else:  # leave-one-out: the user's own reference never contains the target being generated
-            sim = np.stack([_unit(sums - np.eye(len(users))[col[shown[i].user]][:, None] * targets[i]) @ g[j]
-                            for j, i in enumerate(keep)]) if keep else np.zeros((0, len(users)))
+        else:  # leave-one-out: [N, U, D] references, the user's own never containing the target being generated
+            sim = np.einsum("nud,nd->nu", refs, g)
         out[name]["identification"] = identification_accuracy(sim, own)
     out["_identification"] = {"users": len(users), "chance": 1 / len(users), "generations": len(keep),
                               "reference": "profile_text" if profiles else "the user's other targets"}
+    return out
+
+
+def _without(sums: np.ndarray, row: int, vector: np.ndarray) -> np.ndarray:
+    """`sums` with `vector` taken out of one user's row: that user's reference without the generated example."""
+    out = sums.copy()
+    out[row] -= vector
     return out
 
 

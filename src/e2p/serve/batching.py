@@ -247,9 +247,8 @@ class Batcher:
             if batch is None:
                 return
             involved = list(batch)  # and every request that joins the running batch
-            try:
-                with torch.no_grad():
-                    self._process(batch, involved)
+            try:  # E2PModel's decoding steps run without autograd themselves
+                self._process(batch, involved)
             except Exception:  # never let the worker die; every future gets an answer
                 log.exception("batch of %d failed", len(involved))
                 for r in involved:
