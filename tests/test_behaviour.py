@@ -77,3 +77,48 @@ def test_save_load_roundtrip(tmp_path):
         CoClickEncoder.from_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="not fitted"):
         CoClickEncoder().encode([["A1"]])
+
+
+@pytest.mark.parametrize("kind", ["als", "item2vec"])
+def test_alternative_encoders_separate_tastes_and_round_trip(kind, tmp_path):
+    from e2p.behaviour import click_encoder
+
+    h = histories()
+    enc = click_encoder(kind, dim=4).fit(h)
+    e = enc.encode(h)
+    assert e.shape == (30, 4) and np.isfinite(e).all()
+    assert np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+    sims = e @ e.T
+    same = (np.arange(30)[:, None] % 2) == (np.arange(30)[None, :] % 2)
+    np.fill_diagonal(same, False)
+    assert sims[same].mean() > sims[~same & ~np.eye(30, dtype=bool)].mean() + 0.3
+    enc.save_pretrained(tmp_path / kind)
+    back = CoClickEncoder.from_pretrained(tmp_path / kind)  # the base loader returns the saved kind
+    assert type(back) is type(enc)
+    np.testing.assert_allclose(back.encode(h), e, atol=1e-6)
+    # a user outside the fit is folded in from their clicks alone: the same clicks give the same vector
+    np.testing.assert_allclose(enc.encode([h[3] + ["never-seen"]]), e[3:4], atol=1e-5)
+
+
+def test_als_fold_in_is_implicits_exact_user_solve():
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    from e2p.behaviour import ALSEncoder
+
+    h = histories()
+    enc = ALSEncoder(dim=4).fit(h)
+    x, lengths = enc._binary(h[:5])
+    w = enc._weight(x, lengths).astype(np.float32).tocsr()
+    ref = AlternatingLeastSquares(factors=4, regularization=enc.regularization, alpha=enc.alpha, use_cg=False)
+    ref.item_factors = enc.item_factors
+    np.testing.assert_allclose(enc._project(w), ref.recalculate_user(list(range(5)), w), rtol=1e-3, atol=1e-4)
+
+
+def test_loading_one_kind_as_another_is_refused(tmp_path):
+    from e2p.behaviour import ALSEncoder, Item2VecEncoder, click_encoder
+
+    Item2VecEncoder(dim=3).fit(histories()).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="Item2VecEncoder"):
+        ALSEncoder.from_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="unknown behaviour encoder"):
+        click_encoder("word2vec")

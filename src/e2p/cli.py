@@ -67,7 +67,8 @@ def cmd_train_contract(args) -> None:
     users, examples = _load_contract(args)
     cfg = _scaled_recipe(args, reconstruct_steps=0)
     backbone = load_backbone(args.backbone)  # no text encoder: the embeddings come from the file
-    report = train_on_examples(backbone, users, examples, args.out, cfg, val_users=args.val_users, minutes=args.minutes)
+    report = train_on_examples(backbone, users, examples, args.out, cfg, val_users=args.val_users, minutes=args.minutes,
+                               shared_dir=args.shared_from)
     print(f"trained on {report['train_users']} users ({report['train_examples']} examples) in {report['seconds']:.0f}s; "
           f"{report['validation_users']} validation users never trained on")
     if "person_scale" in report:
@@ -146,7 +147,7 @@ def cmd_data(args) -> None:
         from .data.pens_contract import write_pens_contract
 
         card = write_pens_contract(args.src, args.out, test_users=args.test_users, test_fraction=args.test_fraction,
-                                   behaviour_dim=args.behaviour_dim, seed=args.seed)
+                                   behaviour=args.behaviour, behaviour_dim=args.behaviour_dim, seed=args.seed)
     else:
         from .data.persona_contract import write_persona_contract
 
@@ -254,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "`prompt` + `completion` (see README)")
     t.add_argument("--val-users", type=int, default=None,
                    help="with --users: validation users never trained on (default: 20%%, at least 4)")
+    t.add_argument("--shared-from", default=None,
+                   help="with --users: reuse the shared_prefix/ of an earlier run on the same examples and split "
+                        "(it holds no user information) instead of training it again")
     t.add_argument("--data", default=None, help="persona file or folder (a folder means its training split)")
     t.add_argument("--out", required=True)
     t.add_argument("--steps", type=int, default=None, help="total optimizer steps over all stages (default: the recipe's)")
@@ -321,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--test-users", default=None, help="pens: a PENS file of users who are only evaluated, never trained on")
     dt.add_argument("--test-fraction", type=float, default=0.0,
                     help="pens without --test-users: hold out this share of SRC's users as test users")
-    dt.add_argument("--behaviour-dim", type=int, default=64, help="pens: size of the co-click user embedding")
+    dt.add_argument("--behaviour", choices=["coclick", "als", "item2vec"], default="coclick",
+                    help="pens: the click encoder of the behavioural profile (see e2p.behaviour)")
+    dt.add_argument("--behaviour-dim", type=int, default=64, help="pens: size of the behavioural user embedding")
     dt.add_argument("--history-turns", type=int, default=2, help="persona: earlier turns kept in each prompt")
     dt.add_argument("--seed", type=int, default=0)
     dt.set_defaults(func=cmd_data)

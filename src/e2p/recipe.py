@@ -366,7 +366,8 @@ def train_prefix_stages(backbone, items, table: torch.Tensor | None, out_dir: st
 
 
 def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: RecipeConfig | None = None, *,
-                      val_users: int | None = None, minutes: float | None = None, progress: bool = True) -> dict:
+                      val_users: int | None = None, minutes: float | None = None, progress: bool = True,
+                      shared_dir: str | Path | None = None) -> dict:
     """The default recipe on the data contract (`e2p.data.contract`): any user table, any examples.
 
     Users with examples are split by user: training users, and validation users never trained on. Half of the
@@ -374,6 +375,8 @@ def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: Recip
     verdict (e2p vs shared_prefix and vs shuffled, 95% intervals over users), so the verdict is not measured on
     the users it was tuned on. Writes the projector (and `shared_prefix/`) to `out_dir` and
     `training_report.json` with the verdict. No text encoder is involved: the embeddings are the table's.
+    `shared_dir`: a shared prefix trained before on the same examples and split (it holds no user information,
+    so a new embedding table can reuse it instead of training it again).
     """
     from .data.contract import split_users
     from .evaluate.loop import conditions_for, evaluate_examples
@@ -395,7 +398,7 @@ def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: Recip
     table = users.tensor()
     report = train_prefix_stages(backbone, [to_tuple(ex) for ex in train_ex], table, out_dir, cfg,
                                  val_items=[to_tuple(ex) for ex in picked], encoder_name="",
-                                 progress=progress, minutes=minutes)
+                                 progress=progress, minutes=minutes, shared_dir=shared_dir)
     e2p = Projector.from_pretrained(out_dir, backbone)
     if len(cfg.person_scales) > 1:
         model = E2PModel(backbone, e2p)

@@ -7,8 +7,10 @@ else rewrote are dropped), and the target is the user's own headline. Each user'
 history (their text profile: `profile_text` and a MiniLM profile vector) and targets (the examples).
 
 Written to OUT (`e2p data pens SRC --out OUT`):
-  users.npz          behavioural profile: co-click SVD (`e2p.behaviour.CoClickEncoder`) of each user's clicks,
-                     fitted on the training-pool users' clicks only; other users are folded in from their clicks
+  users.npz          behavioural profile: a click encoder (`e2p.behaviour`: co-click SVD by default, implicit ALS
+                     or item2vec) fitted on the clicks of every user converted (training pool and test users:
+                     clicks are behaviour, not targets; no headline ever enters the encoder); each user's vector
+                     is folded in from their own clicks alone
   users_text.npz     text profile: mean all-MiniLM-L6-v2 vector of the user's history headlines
   examples.jsonl     the training pool's examples (prompts only ever quote training-pool users' headlines)
   test/              with --test-users FILE (or --test-fraction): the test users' examples, with their own
@@ -54,10 +56,10 @@ def _examples(users: Sequence[PensUser], quotable: dict[str, list[tuple[str, str
 
 
 def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path | None = None,
-                        test_fraction: float = 0.0, behaviour_dim: int = 64, weighting: str = "bm25",
-                        seed: int = 0, text_encoder=None) -> dict:
+                        test_fraction: float = 0.0, behaviour: str = "coclick", behaviour_dim: int = 64,
+                        weighting: str = "bm25", seed: int = 0, text_encoder=None, **behaviour_settings) -> dict:
     """Convert PENS users (a .tsv file or folder) into the contract under `out`; see the module doc."""
-    from ..behaviour import CoClickEncoder
+    from ..behaviour import click_encoder
     from ..encoders import TextEncoder
 
     pool = load_pens(src)
@@ -81,20 +83,22 @@ def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path
         for news, headline in u.pairs():
             test_quotable.setdefault(news, []).append((u.user_id, headline))
 
-    coclick = CoClickEncoder(dim=behaviour_dim, weighting=weighting).fit([u.clicked for u in pool])
+    clicks = click_encoder(behaviour, dim=behaviour_dim, weighting=weighting, **behaviour_settings)
+    clicks.fit([u.clicked for u in everyone])
     encoder = text_encoder or TextEncoder()
 
     def profiles(users: Sequence[PensUser]) -> tuple[np.ndarray, np.ndarray]:
-        behaviour = coclick.encode([u.clicked for u in users])
+        vectors = clicks.encode([u.clicked for u in users])
         text = []
         for u in users:
             v = np.asarray(encoder.encode([h for _, h in history_of[u.user_id]]), dtype=np.float32).mean(0)
             text.append(v / max(float(np.linalg.norm(v)), 1e-12))
-        return behaviour, np.stack(text)
+        return vectors, np.stack(text)
 
     out = Path(out)
-    card = {"source": str(src), "seed": seed, "behaviour": {"encoder": "co-click SVD", "dim": behaviour_dim,
-                                                              "weighting": weighting, "fitted_on_users": len(pool)},
+    card = {"source": str(src), "seed": seed, "behaviour": {"encoder": behaviour, "dim": clicks.dim,
+                                                              "weighting": weighting, **behaviour_settings,
+                                                              "fitted_on_clicks_of_users": len(everyone)},
             "text_profile": "mean all-MiniLM-L6-v2 of the history headlines", "parts": {}}
     for name, users, quotes, folder in (("train_pool", pool, quotable, out), ("test", test, test_quotable, out / "test")):
         if not users:
@@ -107,6 +111,6 @@ def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path
         write_examples(folder / "examples.jsonl", examples)
         card["parts"][name] = {"folder": str(folder), "users": len(ids), "examples": len(examples),
                                "source": str(test_users) if name == "test" and test_users else str(src)}
-    coclick.save_pretrained(out / "behaviour_encoder")
+    clicks.save_pretrained(out / "behaviour_encoder")
     (out / "data_card.json").write_text(json.dumps(card, indent=2))
     return card
