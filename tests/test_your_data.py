@@ -132,6 +132,59 @@ def test_the_evaluation_loop_scores_conditions_generations_and_identification(tr
     assert "Verdict" in (tmp / "eval" / "REPORT.md").read_text()
 
 
+def test_hybrid_lora_other_tables_and_fixed_baselines_run_through_the_one_loop(tmp_path):
+    """The study conditions: the text stages trained alike (shared_prefix_text, the e2p_text hybrid), a LoRA
+    adapter on the backbone (removed again after), a second embedding table, and a fixed-text baseline."""
+    import dataclasses
+
+    import torch
+
+    from e2p.data.contract import split_users
+    from e2p.evaluate import Condition
+    from e2p.lora import train_lora
+    from e2p.model import E2PModel
+
+    users_path, examples_path = synthetic(tmp_path, n_users=16, per_user=4)
+    users = load_users(users_path)
+    examples = [dataclasses.replace(e, profile_text=f"i like {e.target.split()[-2]}")
+                for e in load_examples(examples_path, users)]
+    backbone = make_backbone()
+    cfg = RecipeConfig(**{**FAST, "e2p_steps": 10, "shared_steps": 5, "text_steps": 6, "eval_every": 5})
+    report = train_on_examples(backbone, users, examples, tmp_path / "run", cfg, val_users=6, progress=False)
+    assert {"shared_prefix_text", "e2p_text"} <= set(report["stages"])
+    run = tmp_path / "run"
+    assert (run / "shared_prefix_text" / "config.json").is_file() and (run / "e2p_text" / "config.json").is_file()
+    with pytest.raises(DataError, match="profile_text"):
+        train_on_examples(backbone, users, load_examples(examples_path, users), tmp_path / "r2", cfg, val_users=6,
+                          progress=False)
+
+    rows = [E2PModel(backbone, None).format(e.prompt, reply=e.target, persona_text=e.profile_text) for e in examples]
+    before = [p.detach().clone() for p in backbone.model.parameters()]
+    peft_model, info = train_lora(backbone, rows, steps=3, lr=1e-2, rank=2, batch_size=4, out_dir=tmp_path / "lora")
+    peft_model.unload()
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file() and info["parameters"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, backbone.model.parameters()))
+
+    _, val = split_users(sorted(users.ids), 6, 0)
+    held = [e for e in examples if e.user in set(val)]
+    other = write_users(tmp_path / "other.npz", users.ids, -users.vectors)
+    conds = [Condition("none", None), Condition("lora_text", None, with_text=True, adapter=tmp_path / "lora"),
+             Condition("none_again", None), Condition("e2p", run, embeddings="own"),
+             Condition("e2p_negated", run, embeddings="own", users=load_users(other)),
+             Condition("e2p_text", run / "e2p_text", with_text=True, embeddings="own")]
+    results = evaluate_examples(backbone, users, held, run, tmp_path / "eval", conditions=conds, generate=8,
+                                encoder=WordEncoder(), progress=False, baselines={"copy": lambda e: e.target},
+                                pairs=[("lora_text", "none"), ("e2p", "e2p_negated")])
+    c = results["conditions"]
+    assert c["none"]["perplexity"] == pytest.approx(c["none_again"]["perplexity"])  # the adapter is gone again
+    assert c["lora_text"]["perplexity"] != pytest.approx(c["none"]["perplexity"])
+    assert c["e2p"]["perplexity"] != pytest.approx(c["e2p_negated"]["perplexity"])  # the other table was used
+    assert c["copy"]["perplexity"] is None and c["copy"]["rouge1"] == pytest.approx(1.0)  # copying the target
+    assert {"rouge1", "rouge2", "rougeL", "identification"} <= set(c["e2p_text"])
+    assert set(results["comparisons"]) == {"lora_text_vs_none", "e2p_vs_e2p_negated"}
+    assert "| copy | - |" in (tmp_path / "eval" / "REPORT.md").read_text()
+
+
 class WordEncoder:
     """Embeds a text by which liked thing it names: identification is then exact (MiniLM is the default)."""
 
@@ -208,6 +261,10 @@ def test_pens_adapter_writes_the_headline_task_without_leaks(tmp_path):
     test_ex = load_examples(tmp_path / "out" / "test" / "examples.jsonl", test_users)
     assert {e.user for e in test_ex} == {"T0", "T1"} and card["parts"]["test"]["users"] == 2
     assert load_users(tmp_path / "out" / "test" / "users_text.npz").dim == 5
+    from e2p.data.pens_contract import quoted_headline
+
+    quoted = quoted_headline(train[0])  # the copy baseline's answer: another reader's rewrite of the same news
+    assert quoted != train[0].target and any(quoted == h for pairs in pool.values() for _, h in pairs)
 
 
 def test_persona_adapter_and_a_refused_overlap(tmp_path):

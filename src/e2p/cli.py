@@ -26,7 +26,7 @@ def _scaled_recipe(args, **overrides):
     cfg = RecipeConfig(injection=args.injection, num_prefix_tokens=args.prefix_tokens, seed=args.seed,
                        prefix_position=args.prefix_position, include_msc=args.with_msc,
                        batch_size=args.batch_size, text_steps=args.text_steps, val_examples=args.val_examples,
-                       embedding_slots=args.embedding_slots, **overrides)
+                       embedding_slots=args.embedding_slots, hidden_dims=_hidden_dims(args.hidden_dims), **overrides)
     if args.steps is not None:  # --steps N: total over all stages, keeping the recipe's proportions
         stages = ["shared_steps", "reconstruct_steps", "e2p_steps"]
         total = sum(getattr(cfg, s) for s in stages) + 2 * cfg.text_steps
@@ -36,6 +36,19 @@ def _scaled_recipe(args, **overrides):
             setattr(cfg, s, max(1, round(value * scale)) if value else 0)
         cfg.eval_every = max(1, min(cfg.eval_every, cfg.e2p_steps // 2 or 1))
     return cfg
+
+
+def _hidden_dims(text: str) -> list[int]:
+    """'1024' -> [1024]; '512,512' -> [512, 512]; '' or 'linear' -> [] (a linear person map)."""
+    if text.strip().lower() in ("", "linear", "none"):
+        return []
+    try:
+        dims = [int(x) for x in text.split(",")]
+    except ValueError:
+        dims = []
+    if not dims or min(dims) < 1:
+        raise E2PError(f"--hidden-dims {text!r}: give comma-separated positive sizes (e.g. 1024) or 'linear'")
+    return dims
 
 
 def _contract_files(args) -> bool:
@@ -266,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--embedding-slots", type=int, default=1,
                    help="> 1: embed each persona sentence on its own, in this many slots, one prefix token per slot "
                         "(the user's embedding becomes slots x the encoder's size; --prefix-tokens is then ignored)")
+    t.add_argument("--hidden-dims", default="1024",
+                   help="the projector's hidden layers, e.g. 1024 or 512,512; 'linear' for a linear map (less to "
+                        "overfit when there are few training users)")
     t.add_argument("--injection", choices=["input", "deep"], default="deep")
     t.add_argument("--prefix-position", choices=["start", "after_sink", "after_system"], default="start",
                    help="start: position 0 (measured best); after_sink: behind the prompt's first token; after_system: input only")

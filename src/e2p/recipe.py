@@ -23,6 +23,7 @@ import torch
 
 from .data.persona import PersonaExample, without_people_of
 from .encoders import encoder_for
+from .errors import DataError
 from .model import E2PModel, new_config, token_keys_values
 from .projector import Projector, embedding_center
 from .train import Item, TrainConfig, evaluate_loss, train_projector
@@ -319,22 +320,11 @@ def train_prefix_stages(backbone, items, table: torch.Tensor | None, out_dir: st
                     "shared_dir": None, "e2p_dir": None}
     t0 = time.time()
 
-    def rows(model: E2PModel, tuples) -> list[Item]:
-        return [Item(model.format(prompt, reply=reply, max_target_tokens=cfg.max_target_tokens), person)
-                for prompt, reply, person in tuples]
-
     def stage(name: str, projector: Projector, folder: Path, steps: int, lr: float, tbl, freeze_shared=False,
               contrastive=0.0) -> Projector:
-        model = E2PModel(backbone, projector)
-        tc = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=lr, eval_every=cfg.eval_every, seed=cfg.seed,
-                         contrastive_weight=contrastive, margin=cfg.margin, freeze_shared=freeze_shared,
-                         minutes=None if minutes is None else minutes * steps / max(total_steps, 1))
-        s = time.time()
-        state = train_projector(model, rows(model, items), tbl, folder, tc, val_items=rows(model, val_items),
-                                progress=progress, name=name)
-        report["stages"][name] = {"steps": state["step"], "best_val": state["best_val"], "seconds": time.time() - s,
-                                  "parameters": projector.num_parameters()}
-        return Projector.from_pretrained(folder)
+        budget = None if minutes is None else minutes * steps / max(total_steps, 1)
+        return _stage(backbone, name, projector, folder, items, val_items, tbl, steps, lr, cfg, report, budget,
+                      progress, freeze_shared=freeze_shared, contrastive=contrastive)
 
     overrides = {} if system_prompt is None else {"system_prompt": system_prompt}
     base = dict(injection=cfg.injection, num_prefix_tokens=cfg.num_prefix_tokens, prefix_position=cfg.prefix_position,
@@ -363,6 +353,37 @@ def train_prefix_stages(backbone, items, table: torch.Tensor | None, out_dir: st
     report["seconds"] = time.time() - t0
     (out_dir / "training_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _stage(backbone, name: str, projector: Projector, folder: Path, items, val_items, table, steps: int, lr: float,
+           cfg: RecipeConfig, report: dict, minutes: float | None, progress: bool, freeze_shared: bool = False,
+           contrastive: float = 0.0) -> Projector:
+    """Train one stage on ``(prompt, reply, person[, profile_text])`` tuples; record it in `report`; reload the
+    best checkpoint from `folder`."""
+    model = E2PModel(backbone, projector)
+    rows = lambda tuples: [Item(model.format(t[0], reply=t[1], persona_text=t[3] if len(t) > 3 else None,
+                                             max_target_tokens=cfg.max_target_tokens), t[2]) for t in tuples]
+    tc = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=lr, eval_every=cfg.eval_every, seed=cfg.seed,
+                     contrastive_weight=contrastive, margin=cfg.margin, freeze_shared=freeze_shared, minutes=minutes)
+    s = time.time()
+    state = train_projector(model, rows(items), table, folder, tc, val_items=rows(val_items), progress=progress, name=name)
+    report["stages"][name] = {"steps": state["step"], "best_val": state["best_val"], "seconds": time.time() - s,
+                              "parameters": projector.num_parameters()}
+    return Projector.from_pretrained(folder)
+
+
+def train_text_stages(backbone, items, val_items, table: torch.Tensor, out_dir: Path, cfg: RecipeConfig, report: dict,
+                      progress: bool = True) -> None:
+    """The text conditions trained alike, on ``(prompt, reply, person, profile_text)`` tuples: `shared_prefix_text`
+    (the style prefix trained with the profile text in the prompt: "text, trained alike") and `e2p_text`, the
+    hybrid (that style plus E2P's person part, trained together with the text)."""
+    spt = _stage(backbone, "shared_prefix_text", Projector.from_pretrained(out_dir / "shared_prefix"),
+                 out_dir / "shared_prefix_text", items, val_items, None, cfg.text_steps, cfg.shared_lr, cfg, report,
+                 None, progress)
+    hybrid = Projector.from_pretrained(out_dir)
+    hybrid.shared.data.copy_(spt.shared.data)
+    _stage(backbone, "e2p_text", hybrid, out_dir / "e2p_text", items, val_items, table, cfg.text_steps, cfg.e2p_lr,
+           cfg, report, None, progress, freeze_shared=True, contrastive=cfg.contrastive_weight)
 
 
 def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: RecipeConfig | None = None, *,
@@ -406,6 +427,12 @@ def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: Recip
                  for ex in _sample(calib, 2 * cfg.val_examples, cfg.seed + 11)]
         report["person_scale"] = calibrate_person_scale(backbone, e2p, items, table, cfg.person_scales)
         e2p.save_pretrained(out_dir)
+    if cfg.text_steps > 0:
+        if not all(ex.profile_text for ex in examples):
+            raise DataError("--text-steps trains the text conditions, which need a profile_text on every example")
+        with_text = lambda ex: (ex.prompt, ex.target, users.index[ex.user], ex.profile_text)
+        train_text_stages(backbone, [with_text(ex) for ex in train_ex], [with_text(ex) for ex in picked], table,
+                          out_dir, cfg, report, progress)
     controls = [c for c in conditions_for(out_dir, with_text=False) if c.name != "none"]
     checked = evaluate_examples(backbone, users, verdict_ex, out_dir, out_dir / "validation", conditions=controls,
                                 limit=4 * cfg.val_examples, generate=0, max_target_tokens=cfg.max_target_tokens,

@@ -35,13 +35,13 @@ import torch
 from .config import E2PConfig
 from .errors import DataError
 from .evaluate import derangement, evaluate_persona, paired_bootstrap
+from .lora import train_lora
 from .model import E2PModel
 from .projector import Projector
 from .train import Item, TrainConfig, row_losses, train_projector
 
 log = logging.getLogger(__name__)
 
-LORA_TARGETS = ("q_proj", "v_proj")
 
 
 @dataclass
@@ -276,37 +276,6 @@ def _generate(model: E2PModel, prompts, embeddings, cfg: SuiteConfig, persona_te
 # ----------------------------------------------------------------------------------------------------------
 # Fine-tuning references
 # ----------------------------------------------------------------------------------------------------------
-def train_lora(backbone, rows, cfg: SuiteConfig, plain_config: E2PConfig, minutes: float | None):
-    """LoRA (rank cfg.lora_rank on q_proj, v_proj) on the backbone; returns (peft model, info). The adapter is
-    injected into `backbone.model` in place: call ``peft_model.unload()`` to restore the plain backbone."""
-    from peft import LoraConfig, get_peft_model
-
-    lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,
-                      target_modules=list(LORA_TARGETS), bias="none")
-    torch.manual_seed(cfg.seed)
-    peft_model = get_peft_model(backbone.model, lcfg)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    model = E2PModel(backbone, None, config=plain_config)
-    opt = torch.optim.AdamW(params, lr=cfg.lora_lr)
-    rng = np.random.default_rng(cfg.seed)
-    start, losses, step = time.time(), [], 0
-    for step in range(1, cfg.lora_steps + 1):
-        if minutes is not None and time.time() - start > minutes * 60:
-            log.info("LoRA: time budget reached at step %d", step - 1)
-            step -= 1
-            break
-        batch = [rows[i] for i in rng.choice(len(rows), size=min(cfg.batch_size, len(rows)), replace=False)]
-        loss = model.loss(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(float(loss))
-    n = sum(p.numel() for p in params)
-    return peft_model, {"steps": step, "seconds": time.time() - start, "parameters": n, "adapter_bytes": n * 4,
-                        "final_loss": losses[-1] if losses else None}
-
-
 # ----------------------------------------------------------------------------------------------------------
 # PENS
 # ----------------------------------------------------------------------------------------------------------
@@ -465,7 +434,8 @@ def run_pens(backbone, encoder, users, out_dir: Path, cfg: SuiteConfig, progress
     if cfg.lora_steps > 0:
         lora_rows = [plain.format(text_prompt(task.profile_text[u]), reply=t, max_target_tokens=mt)
                      for u in task.train_ids for t in task.train_targets[u]]
-        peft_model, info = train_lora(backbone, lora_rows, cfg, plain_cfg, clock(cfg.lora_steps))
+        peft_model, info = train_lora(backbone, lora_rows, steps=cfg.lora_steps, lr=cfg.lora_lr, rank=cfg.lora_rank,
+                                      batch_size=cfg.batch_size, seed=cfg.seed, minutes=clock(cfg.lora_steps))
         try:
             lora_m = E2PModel(backbone, None, config=plain_cfg)
             record("lora_text", scorer.score("lora_text", lora_m, rows_text, None), info["parameters"], text_bytes,

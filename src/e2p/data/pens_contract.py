@@ -35,8 +35,19 @@ SYSTEM = "You write short news headlines in your own style."
 HISTORY_IN_PROFILE = 12  # history headlines in profile_text (the text condition's prompt)
 
 
+PROMPT_LEAD = "Write your headline for this news item. Another reader titled it: "
+
+
 def prompt_for(other_headline: str) -> str:
-    return f"Write your headline for this news item. Another reader titled it: {other_headline}"
+    return PROMPT_LEAD + other_headline
+
+
+def quoted_headline(example: Example) -> str:
+    """The other reader's headline an example's prompt quotes: the copy-it baseline's answer."""
+    last = example.prompt if isinstance(example.prompt, str) else example.prompt[-1]["content"]
+    if not last.startswith(PROMPT_LEAD):
+        raise DataError(f"not a PENS headline prompt (expected it to start with {PROMPT_LEAD!r}): {last[:80]!r}")
+    return last[len(PROMPT_LEAD):]
 
 
 def _examples(users: Sequence[PensUser], quotable: dict[str, list[tuple[str, str]]], history_of: dict, seed: int

@@ -8,12 +8,16 @@ A baseline is a condition (how to build the model, which prompt, which embedding
   shuffled       the E2P projector fed another user's embedding: the style without the person
   e2p            the E2P projector with the user's own embedding
   e2p_text       E2P trained and scored together with the profile text (where trained)
+A study adds its own: another embedding table for the same users (`Condition.users`), a LoRA adapter on the
+backbone (`Condition.adapter`, a PEFT folder), and fixed texts scored like generations (`baselines`, e.g.
+copying the headline quoted in the prompt).
 """
 from __future__ import annotations
 
 import logging
 import math
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +43,8 @@ class Condition:
     projector_dir: Path | None  # None: the plain backbone
     with_text: bool = False  # the user's profile_text in the system prompt
     embeddings: str = "none"  # "none" | "own" | "shuffled"
+    users: UserTable | None = None  # this condition's embedding table (default: the evaluation's)
+    adapter: Path | None = None  # a PEFT (LoRA) adapter folder applied to the backbone for this condition
 
 
 def conditions_for(projector_dir: str | Path, with_text: bool) -> list[Condition]:
@@ -58,6 +64,23 @@ def _model(backbone, cond: Condition, plain: E2PConfig) -> E2PModel:
     return E2PModel(backbone, projector, config=None if projector else plain)
 
 
+@contextmanager
+def _adapter(backbone, folder: Path | None):
+    """The backbone with a PEFT adapter injected in place for the duration (E2PModel calls the same module
+    object), removed after so the backbone is as it was."""
+    if folder is None:
+        yield
+        return
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(backbone.model, str(folder))
+    peft_model.eval()
+    try:
+        yield
+    finally:
+        backbone.model = peft_model.unload()
+
+
 def run_conditions(backbone, conditions: list[Condition], examples: list[Example], users: UserTable, *,
                    plain_config: E2PConfig | None = None, max_target_tokens: int = 64, batch_size: int = 16,
                    generate: int = 0, max_new_tokens: int = 32, seed: int = 0, progress: bool = True) -> dict:
@@ -66,36 +89,38 @@ def run_conditions(backbone, conditions: list[Condition], examples: list[Example
     from tqdm.auto import tqdm
 
     plain = plain_config or E2PConfig()
-    table = users.tensor()
-    own = [users.index[ex.user] for ex in examples]
     swap = derangement([ex.user for ex in examples], seed)
-    persons = {"own": own, "shuffled": [own[j] for j in swap], "none": own}
     n_gen = min(generate, len(examples))
     bar = tqdm(total=len(conditions) * (len(examples) + n_gen), desc="eval", disable=not progress, dynamic_ncols=True)
     nll, counts, generations = {}, None, {}
     for cond in conditions:
+        table_of = cond.users or users
+        table = table_of.tensor()
+        own = [table_of.index[ex.user] for ex in examples]
+        persons = {"own": own, "shuffled": [own[j] for j in swap], "none": own}
         model = _model(backbone, cond, plain)
         reads_user = model.projector is not None and not model.projector.config.is_shared and cond.embeddings != "none"
         text = lambda ex: ex.profile_text if cond.with_text else None
         rows = [model.format(ex.prompt, reply=ex.target, persona_text=text(ex), max_target_tokens=max_target_tokens)
                 for ex in examples]
         items = [Item(r, persons[cond.embeddings][i]) for i, r in enumerate(rows)]
-        loss, cnt = row_losses(model, items, table if reads_user else None, batch_size, progress=bar)
-        if counts is not None and not np.array_equal(cnt, counts):
-            raise RuntimeError(f"condition {cond.name} scored other target tokens than the first; this is a bug")
-        nll[cond.name], counts = loss, cnt
-        if n_gen:
-            shown = examples[:n_gen]
-            embeddings = table[persons[cond.embeddings][:n_gen]] if reads_user else None
-            generations[cond.name] = model.generate([ex.prompt for ex in shown], embeddings, max_new_tokens,
-                                                    persona_texts=[text(ex) for ex in shown], batch_size=batch_size)
-            bar.update(n_gen)
+        with _adapter(backbone, cond.adapter):
+            loss, cnt = row_losses(model, items, table if reads_user else None, batch_size, progress=bar)
+            if counts is not None and not np.array_equal(cnt, counts):
+                raise RuntimeError(f"condition {cond.name} scored other target tokens than the first; this is a bug")
+            nll[cond.name], counts = loss, cnt
+            if n_gen:
+                shown = examples[:n_gen]
+                embeddings = table[persons[cond.embeddings][:n_gen]] if reads_user else None
+                generations[cond.name] = model.generate([ex.prompt for ex in shown], embeddings, max_new_tokens,
+                                                        persona_texts=[text(ex) for ex in shown], batch_size=batch_size)
+                bar.update(n_gen)
     bar.close()
     return {"nll": nll, "counts": counts, "generations": generations}
 
 
 def generation_metrics(generations: dict[str, list[str]], examples: list[Example], encoder=None) -> dict:
-    """ROUGE-L against each example's own target and identification accuracy: how often a generation is closer
+    """ROUGE-1/2/L against each example's own target and identification accuracy: how often a generation is closer
     (all-MiniLM-L6-v2 cosine) to its own user's reference than to every other evaluated user's. The reference is
     the user's profile_text when every example has one, else the mean of the user's *other* targets (a user
     with one example cannot be identified and is left out)."""
@@ -105,7 +130,7 @@ def generation_metrics(generations: dict[str, list[str]], examples: list[Example
         return {}
     n = len(next(iter(generations.values())))
     shown = examples[:n]
-    out: dict = {name: {"rougeL": rouge(texts, [ex.target for ex in shown])["rougeL"]} for name, texts in generations.items()}
+    out: dict = {name: rouge(texts, [ex.target for ex in shown]) for name, texts in generations.items()}
     if encoder is None:
         return out
     users = sorted({ex.user for ex in examples})
@@ -156,11 +181,14 @@ def _unit(x) -> np.ndarray:
 def evaluate_examples(backbone, users: UserTable, examples: list[Example], projector_dir: str | Path,
                       out_dir: str | Path | None = None, *, conditions: list[Condition] | None = None,
                       limit: int | None = None, generate: int = 64, max_target_tokens: int = 64,
-                      batch_size: int = 16, seed: int = 0, encoder=None, progress: bool = True) -> dict:
+                      batch_size: int = 16, seed: int = 0, encoder=None, progress: bool = True,
+                      baselines: dict | None = None, pairs: list[tuple[str, str]] | None = None) -> dict:
     """Every condition the projector folder supports, on the same examples of unseen users: perplexity on
-    target tokens, paired 95% intervals over users, ROUGE-L and identification of greedy generations.
+    target tokens, paired 95% intervals over users, ROUGE-1/2/L and identification of greedy generations.
     Writes results.json, REPORT.md and plots to `out_dir` when given. `encoder`: for identification
-    (default: all-MiniLM-L6-v2 when generating; pass False to skip)."""
+    (default: all-MiniLM-L6-v2 when generating; pass False to skip). `baselines`: {name: fn(example) -> text},
+    texts scored like generations (no perplexity), e.g. copying a headline the prompt quotes. `pairs`: the
+    comparisons (default: the standard ones present)."""
     from .report import write_report
 
     projector_dir = resolve_projector(projector_dir)
@@ -176,17 +204,21 @@ def evaluate_examples(backbone, users: UserTable, examples: list[Example], proje
         from ..encoders import TextEncoder
 
         encoder = TextEncoder()
-    gen = generation_metrics(scores["generations"], examples, encoder or None)
+    n_gen = len(next(iter(scores["generations"].values()), []))
+    fixed = {name: [fn(ex) for ex in examples[:n_gen]] for name, fn in (baselines or {}).items()} if n_gen else {}
+    gen = generation_metrics({**scores["generations"], **fixed}, examples, encoder or None)
     counts, people = scores["counts"], [ex.user for ex in examples]
     results = {
         "projector": str(projector_dir), "examples": len(examples), "users": len(set(people)),
         "target_tokens": int(counts.sum()), "person_scale": plain.person_scale,
         "conditions": {name: {"perplexity": math.exp(nll.sum() / counts.sum()), "nll_per_token": float(nll.sum() / counts.sum()),
                               **{k: v for k, v in gen.get(name, {}).items()}} for name, nll in scores["nll"].items()},
-        "comparisons": compare(scores["nll"], counts, people, PAIRS, seed=seed),
+        "comparisons": compare(scores["nll"], counts, people, pairs or PAIRS, seed=seed),
         "identification": gen.get("_identification"),
-        "samples": _samples(examples, scores["generations"]),
+        "samples": _samples(examples, {**scores["generations"], **fixed}),
     }
+    for name in fixed:
+        results["conditions"][name] = {"perplexity": None, **gen.get(name, {})}
     results["verdict"] = verdict(results)
     if out_dir is not None:
         write_report(results, Path(out_dir))

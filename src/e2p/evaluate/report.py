@@ -16,12 +16,12 @@ def report_markdown(results: dict) -> str:
         f"{results['examples']} targets of {results['users']} users never trained on, {results['target_tokens']} target "
         f"tokens; projector `{results['projector']}` (person_scale {results.get('person_scale')}).", "",
         f"**Verdict:** {results['verdict']['text']}", "",
-        "| condition | perplexity | ROUGE-L | identification |", "|---|---|---|---|",
+        "| condition | perplexity | ROUGE-1 | ROUGE-2 | ROUGE-L | identification |", "|---|---|---|---|---|---|",
     ]
+    cell = lambda c, k: f"{c[k]:.3f}" if c.get(k) is not None else "-"
     for name, c in results["conditions"].items():
-        rouge = f"{c['rougeL']:.3f}" if "rougeL" in c else "-"
-        ident_acc = f"{c['identification']:.3f}" if "identification" in c else "-"
-        lines.append(f"| {name} | {c['perplexity']:.3f} | {rouge} | {ident_acc} |")
+        lines.append(f"| {name} | {cell(c, 'perplexity')} | {cell(c, 'rouge1')} | {cell(c, 'rouge2')} | "
+                     f"{cell(c, 'rougeL')} | {cell(c, 'identification')} |")
     if ident:
         lines += ["", f"Identification: share of {ident['generations']} greedy generations closer (all-MiniLM-L6-v2 cosine) "
                       f"to their own user's reference ({ident['reference']}) than to each of the other "
@@ -48,7 +48,7 @@ def plot_results(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results["conditions"])
+    names = [n for n, c in results["conditions"].items() if c.get("perplexity") is not None]
     ident = [results["conditions"][n].get("identification") for n in names]
     panels = 2 if any(v is not None for v in ident) else 1
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
