@@ -178,3 +178,31 @@ def test_oversize_prompt_is_refused(tiny):
     long_history = [{"role": "user", "content": "hello " * 10}, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "hi"}]
     row = m.format(long_history)  # older turns are dropped to fit
     assert len(row.post) <= 32
+
+
+def test_the_one_decode_loop_rows_join_leave_and_fail_alone(tiny):
+    """`Generation`: seeded sampled and greedy rows, joined between steps, give the tokens they give alone
+    through `generate_tokens`; a row the model cannot take (wrong embedding size) fails by itself."""
+    from e2p.generation import DecodeRow, Generation
+
+    m = _model(tiny, "deep", "start")
+    prompts = [m.format(msgs) for msgs, _ in CONVS]
+    emb = torch.randn(3, 8)
+    settings = [dict(temperature=0.0), dict(temperature=0.9, top_p=0.8, seed=7), dict(temperature=1.3, seed=11)]
+    alone = [m.generate_tokens([prompts[i]], [emb[i]], 6, do_sample=s["temperature"] > 0,
+                               temperature=s.get("temperature", 1.0), top_p=s.get("top_p", 1.0), seed=s.get("seed"))[0]
+             for i, s in enumerate(settings)]
+    gen = Generation(m)
+    rows = [DecodeRow(max_tokens=6, **s) for s in settings]
+    gen.add(rows[:1], prompts[:1], emb[:1])
+    gen.step()
+    gen.step()
+    bad = DecodeRow(max_tokens=6)
+    failed = gen.add([rows[1], bad, rows[2]], [prompts[1], prompts[0], prompts[2]], [emb[1], torch.randn(5), emb[2]])
+    assert failed == [bad] and bad.finish_reason == "error" and "embeddings of size 8" in str(bad.error)
+    finished = []
+    while gen.rows:
+        finished += gen.step()
+    assert {id(r) for r in finished} == {id(r) for r in rows}
+    assert [r.tokens for r in rows] == alone
+    assert all(r.finish_reason in ("stop", "length") for r in rows)

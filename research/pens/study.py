@@ -32,6 +32,30 @@ PAIRS = [("e2p", "shared_prefix"), ("e2p", "shuffled"), ("e2p_textprofile", "sha
          ("e2p", "none"), ("shared_prefix", "none"), ("text", "none")]
 
 
+def run_pens_study(backbone, data: str | Path, behaviour: str | Path, out: str | Path, *,
+                   text_profile: str | Path | None = None, lora: str | Path | None = None, generate: int = 170,
+                   limit: int | None = None, seed: int = 0, encoder=None, progress: bool = True) -> dict:
+    test = Path(data) / "test"
+    users, text_users = load_users(test / "users.npz"), load_users(test / "users_text.npz")
+    examples = load_examples(test / "examples.jsonl", users)
+    b = Path(behaviour)
+    conds = [Condition("none", None), Condition("text", None, with_text=True), Condition("shared_prefix", b / "shared_prefix"),
+             Condition("shuffled", b, embeddings="shuffled"), Condition("e2p", b, embeddings="own")]
+    if text_profile:
+        t = Path(text_profile)
+        conds += [Condition("shuffled_textprofile", t, embeddings="shuffled", users=text_users),
+                  Condition("e2p_textprofile", t, embeddings="own", users=text_users)]
+    if (b / "shared_prefix_text" / "config.json").is_file():
+        conds.append(Condition("shared_prefix_text", b / "shared_prefix_text", with_text=True))
+    if (b / "e2p_text" / "config.json").is_file():
+        conds.append(Condition("e2p_text", b / "e2p_text", with_text=True, embeddings="own"))
+    if lora:
+        conds.append(Condition("lora_text", None, with_text=True, adapter=Path(lora)))
+    return evaluate_examples(backbone, users, examples, b, out, conditions=conds, limit=limit, generate=generate,
+                             seed=seed, encoder=encoder, baselines={"copy": quoted_headline}, pairs=PAIRS,
+                             progress=progress)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="folder written by `e2p data pens` (its test/ part is evaluated)")
@@ -43,26 +67,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    test = Path(args.data) / "test"
-    behaviour, text_profile = load_users(test / "users.npz"), load_users(test / "users_text.npz")
-    examples = load_examples(test / "examples.jsonl", behaviour)
-    b = Path(args.behaviour)
-    conds = [Condition("none", None), Condition("text", None, with_text=True), Condition("shared_prefix", b / "shared_prefix"),
-             Condition("shuffled", b, embeddings="shuffled"), Condition("e2p", b, embeddings="own")]
-    if args.text_profile:
-        t = Path(args.text_profile)
-        conds += [Condition("shuffled_textprofile", t, embeddings="shuffled", users=text_profile),
-                  Condition("e2p_textprofile", t, embeddings="own", users=text_profile)]
-    if (b / "shared_prefix_text" / "config.json").is_file():
-        conds.append(Condition("shared_prefix_text", b / "shared_prefix_text", with_text=True))
-    if (b / "e2p_text" / "config.json").is_file():
-        conds.append(Condition("e2p_text", b / "e2p_text", with_text=True, embeddings="own"))
-    if args.lora:
-        conds.append(Condition("lora_text", None, with_text=True, adapter=Path(args.lora)))
-    backbone = load_backbone()
-    results = evaluate_examples(backbone, behaviour, examples, b, args.out, conditions=conds, limit=args.limit,
-                                generate=args.generate, max_target_tokens=32, seed=args.seed,
-                                baselines={"copy": quoted_headline}, pairs=PAIRS)
+    results = run_pens_study(load_backbone(), args.data, args.behaviour, args.out, text_profile=args.text_profile,
+                             lora=args.lora, generate=args.generate, limit=args.limit, seed=args.seed)
     print((Path(args.out) / "REPORT.md").read_text())
     print(results["verdict"]["text"])
 

@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -120,15 +121,18 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    from .config import E2PConfig, resolve_projector
     from .data.persona import LoadReport, load_persona, people_half
-    from .evaluate import evaluate_persona
+    from .data.persona_contract import persona_contract
+    from .encoders import encoder_for
+    from .evaluate import evaluate_examples
 
-    if args.suite == "paper":
-        return cmd_eval_paper(args)
     if _contract_files(args):
         return cmd_eval_contract(args)
     if args.projector is None:
-        raise E2PError("--projector is required for --suite persona")
+        raise E2PError("--projector is required: a folder `e2p train` wrote or a shipped name (persona-deep-k1)")
+    if args.data is None:
+        raise E2PError("give --users and --examples (your data), or --data (a persona file or folder)")
     report = LoadReport()
     path = Path(args.data)
     examples = load_persona(path, "test" if path.is_dir() else "all", report)
@@ -136,9 +140,13 @@ def cmd_eval(args) -> None:
     if args.people_half is not None:  # two disjoint sets of people from one file, by person-id parity
         examples = people_half(examples, args.people_half)
         print(f"people half {args.people_half}: {len(examples)} examples of {len({e.person_id for e in examples})} people")
+    if args.limit and args.limit < len(examples):
+        examples = random.Random(args.seed).sample(examples, args.limit)
     backbone, encoder = _load(args.backbone, args.encoder)
-    results = evaluate_persona(backbone, encoder, examples, args.projector, args.out, limit=args.limit,
-                               batch_size=args.batch_size, seed=args.seed)
+    config = E2PConfig.load(resolve_projector(args.projector))
+    users, contract = persona_contract(examples, encoder_for(config, encoder), config.history_turns)
+    evaluate_examples(backbone, users, contract, args.projector, args.out, generate=args.generate,
+                      batch_size=args.batch_size, seed=args.seed, encoder=encoder)
     print((Path(args.out) / "REPORT.md").read_text())
 
 
@@ -168,17 +176,6 @@ def cmd_data(args) -> None:
     for name, part in card["parts"].items():
         print(f"{name}: {part['users']} users, {part['examples']} examples -> {part['folder']}")
     print(f"train: e2p train --users {args.out}/users.npz --examples {args.out}/examples.jsonl --out runs/{args.study}")
-
-
-def cmd_eval_paper(args) -> None:
-    from .suite import SuiteConfig, run_suite
-
-    if not args.data:
-        raise E2PError("--suite paper needs --data: the data folder with the PENS and persona files")
-    backbone, encoder = _load(args.backbone, args.encoder)
-    cfg = SuiteConfig.preset(quick=args.quick, seed=args.seed)
-    run_suite(backbone, encoder, args.data, args.out, cfg, projector=args.projector)
-    print((Path(args.out) / "REPORT.md").read_text())
 
 
 def _read_embedding(path: str, dim: int | None = None):
@@ -293,20 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from DIR/*/checkpoint")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="score every condition (none, shared_prefix, shuffled, e2p, text) on unseen users")
+    e = sub.add_parser("eval", help="score every condition (none, shared_prefix, shuffled, e2p, text) on unseen users "
+                                    "(the studies' own parts: research/)")
     common(e)
     e.add_argument("--users", default=None, help="user embeddings of the users to evaluate (any `e2p users import` format)")
     e.add_argument("--examples", default=None, help="their examples (JSON lines or Parquet, the data contract)")
     e.add_argument("--generate", type=int, default=64,
-                   help="with --users: greedy generations scored by ROUGE-L and identification (0: none)")
+                   help="greedy generations scored by ROUGE-1/2/L and identification (0: none)")
     e.add_argument("--data", default=None, help="persona file or folder (a folder means its test split)")
-    e.add_argument("--projector", default=None, help="trained projector (required for --suite persona; "
-                   "for --suite paper it replaces the persona projector the suite would train)")
+    e.add_argument("--projector", default=None, help="a folder `e2p train` wrote, or a shipped name (persona-deep-k1)")
     e.add_argument("--out", required=True)
-    e.add_argument("--suite", choices=["persona", "paper"], default="persona",
-                   help="persona: the persona conditions table; paper: the whole study (PENS and/or persona, "
-                        "fine-tuning references, drift, k curve) on the data folder")
-    e.add_argument("--quick", action="store_true", help="--suite paper with small budgets (< 10 min on 2 CPU cores)")
     e.add_argument("--limit", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--encoder", default=None)

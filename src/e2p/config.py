@@ -76,6 +76,9 @@ class E2PConfig:
     # > 1: the embedding is `embedding_slots` blocks (one per persona sentence, encoders.SentenceSlotEncoder), each
     # block gives one prefix token through the same MLP, an all-zero block none
     embedding_slots: int = 1
+    # formatting the projector was trained with, so evaluation and serving format rows the same way
+    history_turns: int = 2  # earlier dialogue turns kept in a prompt built from a persona dialogue
+    max_target_tokens: int = 32  # target tokens scored per example (training loss and evaluation)
 
     def __post_init__(self) -> None:
         if self.injection not in INJECTIONS:

@@ -69,7 +69,8 @@ def run_demo(args) -> None:
 def run_demo_on_data(args) -> None:
     from .data.persona import LoadReport, load_persona, persona_split
     from .encoders import TextEncoder, encoder_for
-    from .evaluate import evaluate_persona
+    from .data.persona_contract import persona_contract
+    from .evaluate import evaluate_examples
     from .backbone import load_backbone
     from .config import resolve_projector
     from .model import E2PModel
@@ -109,6 +110,9 @@ def run_demo_on_data(args) -> None:
         print(f"unseen person: {ex.persona_text}\n  with E2P: {reply}\n")
     out = Path(tempfile.mkdtemp(prefix="e2p-demo-eval-"))
     print(f"perplexity of {args.limit} replies of unseen people (Synthetic-Persona-Chat test) under every condition:")
-    evaluate_persona(backbone, encoder, test, projector_dir, out, limit=args.limit, seed=args.seed)
+    shown = random.Random(args.seed).sample(test, min(args.limit, len(test)))
+    users, examples = persona_contract(shown, encoder_for(projector.config, encoder), projector.config.history_turns)
+    evaluate_examples(backbone, users, examples, projector_dir, out, generate=min(args.limit, 48), seed=args.seed,
+                      encoder=encoder)
     print((out / "REPORT.md").read_text())
     print(f"(full report and plot in {out})")

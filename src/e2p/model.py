@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from .backbone import Backbone
 from .config import E2PConfig
 from .errors import E2PError
+from .generation import DecodeRow, Decoding, Generation, row_generator  # noqa: F401 (re-exported)
 from .projector import Projector, check_backbone
 
 log = logging.getLogger(__name__)
@@ -71,51 +72,6 @@ def new_config(backbone: Backbone, **overrides) -> E2PConfig:
     )
     values.update(overrides)
     return E2PConfig(**values)
-
-
-class Decoding:
-    """A running batch of generations: the KV cache, attention mask, next positions and last hidden states of B
-    rows. Rows are independent (left padding, exact masks), so they can leave (`select`) and new, separately
-    prefilled rows can join (`join`) between steps without changing any row's result."""
-
-    def __init__(self, lm_config, cache, mask: torch.Tensor, positions: torch.Tensor, last: torch.Tensor):
-        self.lm_config, self.cache, self.mask, self.positions, self.last = lm_config, cache, mask, positions, last
-
-    def _layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(layer.keys, layer.values) for layer in self.cache.layers]
-
-    def _rebuild(self, layers, mask, positions, last) -> "Decoding":
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.lm_config)
-        for i, (k, v) in enumerate(layers):
-            cache.update(k, v, i)
-        return Decoding(self.lm_config, cache, mask, positions, last)
-
-    def select(self, rows: list[int]) -> "Decoding":
-        """Only these rows (in this order); padding columns no row needs any more are dropped."""
-        idx = torch.tensor(rows, dtype=torch.long)
-        mask = self.mask[idx]
-        drop = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
-        layers = [(k[idx][:, :, drop:], v[idx][:, :, drop:]) for k, v in self._layers()]
-        return self._rebuild(layers, mask[:, drop:], self.positions[idx], self.last[idx])
-
-    def join(self, other: "Decoding") -> "Decoding":
-        """This batch's rows, then `other`'s: the shorter history is left-padded (masked) to the longer."""
-        T = max(self.mask.shape[1], other.mask.shape[1])
-
-        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
-            missing = T - t.shape[dim]
-            if missing == 0:
-                return t
-            shape = list(t.shape)
-            shape[dim] = missing
-            return torch.cat([torch.zeros(shape, dtype=t.dtype), t], dim=dim)
-
-        layers = [(torch.cat([pad(k1, 2), pad(k2.to(k1.dtype), 2)]), torch.cat([pad(v1, 2), pad(v2.to(v1.dtype), 2)]))
-                  for (k1, v1), (k2, v2) in zip(self._layers(), other._layers())]
-        return self._rebuild(layers, torch.cat([pad(self.mask, 1), pad(other.mask, 1)]),
-                             torch.cat([self.positions, other.positions]), torch.cat([self.last, other.last.to(self.last.dtype)]))
 
 
 class E2PModel(nn.Module):
@@ -360,30 +316,20 @@ class E2PModel(nn.Module):
     def generate_tokens(self, rows: Sequence[Segments], embeddings=None, max_new_tokens: int = 64,
                         do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                         seed: int | None = None) -> list[list[int]]:
-        """Token-level batched decoding with a KV cache; each row stops at EOS and then leaves the batch.
+        """Token-level batched decoding with a KV cache: the one decode loop (`Generation`) run to the end.
 
         With `seed`, every sampled row draws from its own generator seeded with it, as the server does for a
         request's `seed`: a row's text is the same alone, in any batch, from the CLI, the API or the server."""
-        dec = self.start_decoding(rows, embeddings)
-        live = list(range(len(rows)))  # dec's rows -> row index
-        gens = [row_generator(do_sample, seed) for _ in rows]
-        result: list[list[int]] = [[] for _ in rows]
-        for _ in range(max_new_tokens):
-            logits = self.next_logits(dec)
-            nxt = (self.pick_rows(logits, [(temperature, top_p, gens[i]) for i in live]) if do_sample
-                   else logits.argmax(-1))
-            keep = []
-            for j, i in enumerate(live):
-                t = int(nxt[j])
-                if t not in self.eos_ids:
-                    result[i].append(t)
-                    keep.append(j)
-            if not keep:
-                break
-            if len(keep) < len(live):  # finished rows leave the batch: no compute is spent on them
-                dec, nxt, live = dec.select(keep), nxt[keep], [live[j] for j in keep]
-            self.advance(dec, nxt)
-        return result
+        settings = [DecodeRow(temperature=temperature if do_sample else 0.0, top_p=top_p, seed=seed,
+                              max_tokens=max_new_tokens) for _ in rows]
+        gen = Generation(self)
+        gen.add(settings, rows, embeddings)
+        while gen.rows:
+            gen.step()
+        failed = next((r.error for r in settings if r.error is not None), None)
+        if failed is not None:
+            raise failed
+        return [r.tokens for r in settings]
 
     # --- step-level decoding (rows may join and leave between steps: the server's continuous batching) -----
     # Always without autograd: the projector's parameters require grad, so a step taken with grad enabled keeps
@@ -444,11 +390,6 @@ class E2PModel(nn.Module):
             sorted_p = sorted_p * keep
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(1)
-
-
-def row_generator(do_sample: bool, seed: int | None) -> torch.Generator | None:
-    """A sampled row's own random stream when a seed is given (None: the global one)."""
-    return torch.Generator().manual_seed(seed) if do_sample and seed is not None else None
 
 
 @torch.no_grad()

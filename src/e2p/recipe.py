@@ -158,7 +158,8 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
 
     base = dict(injection=cfg.injection, num_prefix_tokens=slots if slots > 1 else cfg.num_prefix_tokens,
                 prefix_position=cfg.prefix_position, hidden_dims=cfg.hidden_dims, dropout=cfg.dropout,
-                encoder_name=getattr(encoder, "name", ""))
+                encoder_name=getattr(encoder, "name", ""), history_turns=cfg.history_turns,
+                max_target_tokens=cfg.max_target_tokens)
     shared = Projector(new_config(backbone, embedding_dim=0, **base))
     _init_shared(backbone, shared)
     shared = stage("shared_prefix", shared, cfg.shared_steps, cfg.shared_lr, False) or shared
@@ -328,7 +329,8 @@ def train_prefix_stages(backbone, items, table: torch.Tensor | None, out_dir: st
 
     overrides = {} if system_prompt is None else {"system_prompt": system_prompt}
     base = dict(injection=cfg.injection, num_prefix_tokens=cfg.num_prefix_tokens, prefix_position=cfg.prefix_position,
-                hidden_dims=cfg.hidden_dims, dropout=cfg.dropout, encoder_name=encoder_name, **overrides)
+                hidden_dims=cfg.hidden_dims, dropout=cfg.dropout, encoder_name=encoder_name,
+                history_turns=cfg.history_turns, max_target_tokens=cfg.max_target_tokens, **overrides)
     if train_shared:
         shared = Projector(new_config(backbone, embedding_dim=0, **base))
         _init_shared(backbone, shared)
@@ -377,7 +379,7 @@ def train_text_stages(backbone, items, val_items, table: torch.Tensor, out_dir: 
     """The text conditions trained alike, on ``(prompt, reply, person, profile_text)`` tuples: `shared_prefix_text`
     (the style prefix trained with the profile text in the prompt: "text, trained alike") and `e2p_text`, the
     hybrid (that style plus E2P's person part, trained together with the text)."""
-    spt = _stage(backbone, "shared_prefix_text", Projector.from_pretrained(out_dir / "shared_prefix"),
+    spt = _stage(backbone, "shared_prefix_text", Projector.from_pretrained(report.get("shared_dir") or out_dir / "shared_prefix"),
                  out_dir / "shared_prefix_text", items, val_items, None, cfg.text_steps, cfg.shared_lr, cfg, report,
                  None, progress)
     hybrid = Projector.from_pretrained(out_dir)

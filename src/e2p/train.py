@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from .checkpoint import load_optimizer, save_optimizer
-from .model import E2PModel, Segments, per_row_sum
+from .model import E2PModel, per_row_sum
 from .projector import Projector
+from .scoring import Item, batch_embeddings, shuffled_people, evaluate_loss, row_losses  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -33,67 +34,6 @@ class TrainConfig:
     margin: float = 0.1  # nats per token the own embedding must beat another person's by
     freeze_shared: bool = False  # keep the shared (style) prefix fixed, learn only the person part
     distill_weight: float = 0.0  # share of the loss that is KL(teacher || model) on the target tokens
-
-
-@dataclass
-class Item:
-    """One training item: a formatted row and the index of its person's embedding (-1: none)."""
-
-    row: Segments
-    person: int
-    teacher_row: Segments | None = None  # the same example as the teacher sees it (e.g. with the persona text)
-
-
-def _batch_embeddings(items: Sequence[Item], table: torch.Tensor | None):
-    if table is None:
-        return None
-    return table[torch.tensor([it.person for it in items])]
-
-
-def _shuffled_people(people: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Another person's index for every row (a derangement over distinct people where possible)."""
-    n = len(people)
-    perm = torch.randperm(n, generator=generator)
-    same = people[perm] == people
-    if same.any() and n > 1:
-        perm[same] = perm.roll(1)[same]
-    return perm
-
-
-def row_losses(model: E2PModel, items: Sequence[Item], table: torch.Tensor | None, batch_size: int = 16,
-               shuffle_people: bool = False, seed: int = 0, progress=None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-item summed NLL and target-token counts, in eval mode (optionally with another person's embedding
-    per row): the one scoring loop behind validation during training and every condition of `e2p eval`."""
-    nll, cnt = [], []
-    gen = torch.Generator().manual_seed(seed)
-    was_training = model.projector.training if model.projector is not None else False
-    if model.projector is not None:
-        model.projector.eval()
-    try:
-        with torch.no_grad():
-            for i in range(0, len(items), batch_size):
-                chunk = items[i:i + batch_size]
-                emb = _batch_embeddings(chunk, table)
-                if shuffle_people and emb is not None:
-                    emb = emb[_shuffled_people(torch.tensor([it.person for it in chunk]), gen)]
-                s, c = model.loss([it.row for it in chunk], emb, reduction="none")
-                nll.append(s.numpy())
-                cnt.append(c.numpy())
-                if progress is not None:
-                    progress.update(len(chunk))
-    finally:
-        if model.projector is not None:
-            model.projector.train(was_training)
-    if not nll:
-        return np.zeros(0), np.zeros(0, dtype=np.int64)
-    return np.concatenate(nll), np.concatenate(cnt)
-
-
-def evaluate_loss(model: E2PModel, items: Sequence[Item], table: torch.Tensor | None, batch_size: int = 16,
-                  shuffle_people: bool = False, seed: int = 0) -> float:
-    """Token-level mean NLL over `items` (optionally with another person's embedding per row)."""
-    nll, cnt = row_losses(model, items, table, batch_size, shuffle_people, seed)
-    return float(nll.sum()) / max(int(cnt.sum()), 1)
 
 
 def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor | None, out_dir: str | Path,
@@ -159,11 +99,11 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
         torch.manual_seed(cfg.seed * 100003 + step)
         for g in optimizer.param_groups:
             g["lr"] = cfg.lr * schedule(step)
-        emb = _batch_embeddings(batch, table)
+        emb = batch_embeddings(batch, table)
         other = None
         if cfg.contrastive_weight > 0 and emb is not None:
             people = torch.tensor([it.person for it in batch])
-            other = emb[_shuffled_people(people, torch.Generator().manual_seed(step))]
+            other = emb[shuffled_people(people, torch.Generator().manual_seed(step))]
         mine = slice(rank, None, world)  # data parallel: this process's rows of the global batch
         rows = [it.row for it in batch][mine]
         emb = emb[mine] if emb is not None else None

@@ -95,7 +95,7 @@ def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path
             test_quotable.setdefault(news, []).append((u.user_id, headline))
 
     clicks = click_encoder(behaviour, dim=behaviour_dim, weighting=weighting, **behaviour_settings)
-    clicks.fit([u.clicked for u in everyone])
+    clicks.fit([u.clicked for u in sorted(everyone, key=lambda u: u.user_id)])  # the same fit whatever the file order
     encoder = text_encoder or TextEncoder()
 
     def profiles(users: Sequence[PensUser]) -> tuple[np.ndarray, np.ndarray]:

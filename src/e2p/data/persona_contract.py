@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import Example, write_examples, write_users
+from .contract import Example, UserTable, write_examples, write_users
 from .persona import LoadReport, PersonaExample, load_persona, persona_split
 
 
@@ -43,3 +43,14 @@ def write_persona_contract(src: str | Path, out: str | Path, history_turns: int 
 
 def _example(ex: PersonaExample, history_turns: int) -> Example:
     return Example(ex.person_id, ex.messages(history_turns), ex.reply, profile_text=ex.persona_text)
+
+
+def persona_contract(examples: list[PersonaExample], encoder, history_turns: int = 2) -> tuple[UserTable, list[Example]]:
+    """Persona examples in memory -> (users, examples) of the contract: each person's persona text embedded by
+    `encoder` (the projector's own, `e2p.encoders.encoder_for(config)`), each reply an example."""
+    personas: dict[str, str] = {}
+    for ex in examples:
+        personas.setdefault(ex.person_id, ex.persona_text)
+    ids = sorted(personas)
+    vectors = np.asarray(encoder.encode([personas[i] for i in ids]), dtype=np.float32)
+    return UserTable(ids, vectors, "persona text"), [_example(ex, history_turns) for ex in examples]

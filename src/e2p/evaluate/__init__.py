@@ -1,12 +1,12 @@
-"""Evaluation: conditions x examples -> losses and generations -> comparisons with intervals -> report.
+"""Evaluation, one loop for every study: conditions x examples -> per-example losses and generations ->
+comparisons with intervals over users -> one report writer and one plot (`report.py`).
 
-`evaluate_examples` runs the loop on the data contract (any user table and examples); `evaluate_persona`
-is the persona study's table; `compare` holds the paired intervals and identification shared by both.
+`evaluate_examples` runs it on the data contract (any user table and examples; the persona and PENS studies
+are data adapters in `e2p.data` plus lists of conditions); `compare` holds the paired intervals and
+identification accuracy.
 """
 from .compare import compare, derangement, identification_accuracy, paired_bootstrap
 from .loop import Condition, conditions_for, evaluate_examples, run_conditions, verdict
-from .persona import evaluate_persona, persona_report, plot_perplexities
 
-__all__ = ["Condition", "compare", "conditions_for", "derangement", "evaluate_examples", "evaluate_persona",
-           "identification_accuracy", "paired_bootstrap", "persona_report", "plot_perplexities", "run_conditions",
-           "verdict"]
+__all__ = ["Condition", "compare", "conditions_for", "derangement", "evaluate_examples", "identification_accuracy",
+           "paired_bootstrap", "run_conditions", "verdict"]

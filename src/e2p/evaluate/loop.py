@@ -28,7 +28,7 @@ from ..config import E2PConfig, resolve_projector
 from ..data.contract import Example, UserTable
 from ..model import E2PModel
 from ..projector import Projector
-from ..train import Item, row_losses
+from ..scoring import Item, row_losses
 from .compare import compare, derangement, identification_accuracy
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def run_conditions(backbone, conditions: list[Condition], examples: list[Example
     swap = derangement([ex.user for ex in examples], seed)
     n_gen = min(generate, len(examples))
     bar = tqdm(total=len(conditions) * (len(examples) + n_gen), desc="eval", disable=not progress, dynamic_ncols=True)
-    nll, counts, generations = {}, None, {}
+    nll, counts, generations, costs = {}, None, {}, {}
     for cond in conditions:
         table_of = cond.users or users
         table = table_of.tensor()
@@ -104,6 +104,7 @@ def run_conditions(backbone, conditions: list[Condition], examples: list[Example
         rows = [model.format(ex.prompt, reply=ex.target, persona_text=text(ex), max_target_tokens=max_target_tokens)
                 for ex in examples]
         items = [Item(r, persons[cond.embeddings][i]) for i, r in enumerate(rows)]
+        costs[cond.name] = _costs(model, rows, reads_user)
         with _adapter(backbone, cond.adapter):
             loss, cnt = row_losses(model, items, table if reads_user else None, batch_size, progress=bar)
             if counts is not None and not np.array_equal(cnt, counts):
@@ -116,7 +117,17 @@ def run_conditions(backbone, conditions: list[Condition], examples: list[Example
                                                         persona_texts=[text(ex) for ex in shown], batch_size=batch_size)
                 bar.update(n_gen)
     bar.close()
-    return {"nll": nll, "counts": counts, "generations": generations}
+    return {"nll": nll, "counts": counts, "generations": generations, "costs": costs}
+
+
+def _costs(model: E2PModel, rows, reads_user: bool) -> dict:
+    """What a condition costs per request and per user: context tokens (prompt + soft prefix), trained parameters,
+    bytes stored per user."""
+    p = model.projector
+    return {"tokens_per_request": float(np.mean([len(r.pre) + len(r.post) for r in rows])) + model.num_prefix_tokens,
+            "prefix_tokens": model.num_prefix_tokens,
+            "trainable_parameters": p.num_parameters() if p is not None else 0,
+            "bytes_per_user": int(p.config.embedding_dim * 4) if reads_user else 0}
 
 
 def generation_metrics(generations: dict[str, list[str]], examples: list[Example], encoder=None) -> dict:
@@ -180,13 +191,14 @@ def _unit(x) -> np.ndarray:
 
 def evaluate_examples(backbone, users: UserTable, examples: list[Example], projector_dir: str | Path,
                       out_dir: str | Path | None = None, *, conditions: list[Condition] | None = None,
-                      limit: int | None = None, generate: int = 64, max_target_tokens: int = 64,
+                      limit: int | None = None, generate: int = 64, max_target_tokens: int | None = None,
                       batch_size: int = 16, seed: int = 0, encoder=None, progress: bool = True,
                       baselines: dict | None = None, pairs: list[tuple[str, str]] | None = None) -> dict:
     """Every condition the projector folder supports, on the same examples of unseen users: perplexity on
     target tokens, paired 95% intervals over users, ROUGE-1/2/L and identification of greedy generations.
     Writes results.json, REPORT.md and plots to `out_dir` when given. `encoder`: for identification
-    (default: all-MiniLM-L6-v2 when generating; pass False to skip). `baselines`: {name: fn(example) -> text},
+    (default: all-MiniLM-L6-v2 when generating; pass False to skip). `max_target_tokens`: default the
+    projector config's (what it was trained with). `baselines`: {name: fn(example) -> text},
     texts scored like generations (no perplexity), e.g. copying a headline the prompt quotes. `pairs`: the
     comparisons (default: the standard ones present)."""
     from .report import write_report
@@ -198,6 +210,7 @@ def evaluate_examples(backbone, users: UserTable, examples: list[Example], proje
     with_text = all(ex.profile_text for ex in examples)
     conditions = conditions or conditions_for(projector_dir, with_text)
     plain = E2PConfig.load(projector_dir)
+    max_target_tokens = max_target_tokens or plain.max_target_tokens  # as the projector was trained
     scores = run_conditions(backbone, conditions, examples, users, plain_config=plain, max_target_tokens=max_target_tokens,
                             batch_size=batch_size, generate=generate, seed=seed, progress=progress)
     if encoder is None and generate:
@@ -212,7 +225,7 @@ def evaluate_examples(backbone, users: UserTable, examples: list[Example], proje
         "projector": str(projector_dir), "examples": len(examples), "users": len(set(people)),
         "target_tokens": int(counts.sum()), "person_scale": plain.person_scale,
         "conditions": {name: {"perplexity": math.exp(nll.sum() / counts.sum()), "nll_per_token": float(nll.sum() / counts.sum()),
-                              **{k: v for k, v in gen.get(name, {}).items()}} for name, nll in scores["nll"].items()},
+                              **scores["costs"][name], **gen.get(name, {})} for name, nll in scores["nll"].items()},
         "comparisons": compare(scores["nll"], counts, people, pairs or PAIRS, seed=seed),
         "identification": gen.get("_identification"),
         "samples": _samples(examples, {**scores["generations"], **fixed}),

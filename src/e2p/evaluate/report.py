@@ -16,12 +16,14 @@ def report_markdown(results: dict) -> str:
         f"{results['examples']} targets of {results['users']} users never trained on, {results['target_tokens']} target "
         f"tokens; projector `{results['projector']}` (person_scale {results.get('person_scale')}).", "",
         f"**Verdict:** {results['verdict']['text']}", "",
-        "| condition | perplexity | ROUGE-1 | ROUGE-2 | ROUGE-L | identification |", "|---|---|---|---|---|---|",
+        "| condition | perplexity | ROUGE-1 | ROUGE-2 | ROUGE-L | identification | tokens/request | bytes/user |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    cell = lambda c, k: f"{c[k]:.3f}" if c.get(k) is not None else "-"
+    cell = lambda c, k, f=".3f": format(c[k], f) if c.get(k) is not None else "-"
     for name, c in results["conditions"].items():
         lines.append(f"| {name} | {cell(c, 'perplexity')} | {cell(c, 'rouge1')} | {cell(c, 'rouge2')} | "
-                     f"{cell(c, 'rougeL')} | {cell(c, 'identification')} |")
+                     f"{cell(c, 'rougeL')} | {cell(c, 'identification')} | {cell(c, 'tokens_per_request', '.1f')} | "
+                     f"{cell(c, 'bytes_per_user', 'd')} |")
     if ident:
         lines += ["", f"Identification: share of {ident['generations']} greedy generations closer (all-MiniLM-L6-v2 cosine) "
                       f"to their own user's reference ({ident['reference']}) than to each of the other "

@@ -5,10 +5,10 @@ Design
 * Requests wait in a bounded queue (`max_queue`); a full queue is refused at once (HTTP 429) instead of
   letting latency grow without bound.
 * The worker takes the oldest request, waits up to `wait_ms` for more requests, up to `max_batch` rows,
-  prefills them together (`E2PModel.start_decoding`, every row with its own user
-  embedding or None) and decodes them step by step in one batch.
+  and runs them in the one decode loop (`e2p.generation.Generation`, the same loop as `E2PModel.generate`):
+  this module only admits requests, streams their text and answers them when their rows finish.
 * Between steps, rows that are done leave the batch (EOS, their own `max_tokens`, a stop string, a client that
-  gave up) and requests that arrived meanwhile are prefilled and join it (`Decoding.join`), up to
+  gave up) and requests that arrived meanwhile are prefilled and join it (`Generation.add`), up to
   `max_batch` rows, so a new request does not wait for the running batch to finish and a short request
   never waits for a long one. Rows are independent (left padding, exact masks): joining or leaving does not
   change any row's text (tested).
@@ -24,7 +24,6 @@ Design
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import logging
 import re
 import threading
@@ -35,7 +34,8 @@ from typing import Callable
 
 import torch
 
-from ..model import Decoding, E2PModel, Segments, row_generator
+from ..generation import DecodeRow, Generation
+from ..model import E2PModel, Segments
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,6 @@ class GenRequest:
     @property
     def do_sample(self) -> bool:
         return self.temperature > 0
-
-    def generator(self) -> torch.Generator | None:
-        """A seeded sampled row's own random stream (None: the global one), as `E2PModel.generate` makes it."""
-        return row_generator(self.do_sample, self.seed)
 
 
 @dataclass
@@ -281,57 +277,32 @@ class Batcher:
         return self._admit(take)
 
     def _process(self, batch: list[GenRequest], involved: list[GenRequest]) -> None:
-        rows, dec = self._prefill(self._admit(batch))
-        self._observe_batch(len(rows))
-        while rows:
+        gen = Generation(self.model)
+        self._join(gen, self._admit(batch))
+        while gen.rows:
             self.last_step = time.monotonic()
-            nxt, failed = self._pick(self.model.next_logits(dec), rows)
-            keep = []
-            for j, row in enumerate(rows):
-                if j in failed:
-                    continue
-                if self._feed(row, int(nxt[j])):
-                    self._complete(row)
-                else:
-                    keep.append(j)
-            if len(keep) < len(rows):
-                rows = [rows[j] for j in keep]
-                if not rows:
-                    break
-                dec, nxt = dec.select(keep), nxt[keep]
-            self.model.advance(dec, nxt)
-            joiners = self._joiners(self.max_batch - len(rows))
+            for row in gen.step():
+                self._complete(row)
+            joiners = self._joiners(self.max_batch - len(gen.rows))
             if joiners:
                 involved += joiners
-                new_rows, new_dec = self._prefill(joiners, len(rows) + len(joiners))
-                if new_rows:
-                    dec, rows = dec.join(new_dec), rows + new_rows
-                    self._observe_batch(len(rows))
+                self._join(gen, joiners)
 
-    def _prefill(self, requests: list[GenRequest], batch_size: int | None = None) -> tuple[list["_Row"], Decoding | None]:
-        """Prefill `requests` together; if that fails, each alone, so that a request the model cannot take fails
-        by itself and never its neighbours (rows are independent, so this gives the same text)."""
+    def _join(self, gen: Generation, requests: list[GenRequest]) -> None:
+        """Prefill `requests` into the running generation (a request the model cannot take fails alone)."""
         if not requests:
-            return [], None
-        try:
-            rows = [self._new_row(r, batch_size or len(requests)) for r in requests]
-            return rows, self.model.start_decoding([r.segments for r in requests], [r.embedding for r in requests])
-        except Exception as exc:
-            if len(requests) == 1:
-                self._fail(requests[0], exc)
-                return [], None
-        rows, decs = [], []
-        for r in requests:
-            row, dec = self._prefill([r], batch_size)
-            if dec is not None:
-                rows += row
-                decs.append(dec)
-        return rows, (functools.reduce(Decoding.join, decs) if decs else None)
+            return
+        size = len(gen.rows) + len(requests)
+        rows = [self._new_row(r, size) for r in requests]
+        for row in gen.add(rows, [r.segments for r in requests], [r.embedding for r in requests]):
+            self._fail(row.request, row.error)
+        self._observe_batch(len(gen.rows))
 
     def _new_row(self, r: GenRequest, batch_size: int) -> "_Row":
         tok = self.model.tokenizer
-        return _Row(r, RowText(lambda ids: tok.decode(ids, skip_special_tokens=True), r.stops,
-                               each_step=r.on_delta is not None), batch_size)
+        text = RowText(lambda ids: tok.decode(ids, skip_special_tokens=True), r.stops, each_step=r.on_delta is not None)
+        return _Row(temperature=r.temperature, top_p=r.top_p, seed=r.seed, max_tokens=r.max_tokens, request=r,
+                    text=text, batcher=self, batch_size=batch_size)
 
     def _fail(self, r: GenRequest, exc: Exception) -> None:
         """This request alone failed: it gets the error, the batch goes on without it."""
@@ -339,33 +310,14 @@ class Batcher:
         if not r.future.done():
             r.future.set_exception(GenerationError("generation failed for this request; see the server log"))
 
-    def _pick(self, logits: torch.Tensor, rows: list["_Row"]) -> tuple[torch.Tensor, set[int]]:
-        """Every row's token with its own settings: greedy rows together, each sampled row on its own.
-        -> (tokens, rows that failed: non-finite logits or a sampling error; they get their error here)."""
-        nxt = logits.argmax(-1)
-        finite = torch.isfinite(logits).all(-1)
-        failed = set()
-        for j, row in enumerate(rows):
-            r = row.request
-            try:
-                if not bool(finite[j]):
-                    raise FloatingPointError("the model produced non-finite logits for this row")
-                nxt[j] = self.model.pick_rows(logits[j:j + 1], [(r.temperature, r.top_p, row.generator)])[0]
-            except Exception as exc:
-                self._fail(r, exc)
-                failed.add(j)
-        return nxt, failed
-
     def _observe_batch(self, size: int) -> None:
         self.batch_sizes.append(size)
         if self.metrics is not None:
             self.metrics.batch_size.observe(size)
 
     def _feed(self, row: "_Row", token: int) -> bool:
-        """One new token for `row` (streamed if asked); -> whether the row is done."""
+        """One new token for `row` (streamed if asked); -> whether the row must stop here."""
         r = row.request
-        if token in self.model.eos_ids:
-            return True
         if self.metrics is not None:
             self.metrics.generated_tokens.inc()
         if row.text.each_step:
@@ -375,10 +327,13 @@ class Batcher:
             delta = row.text.add(token)  # collected only: no decoding, no tokenizer
         if delta and r.on_delta is not None:
             r.on_delta(delta)
-        return len(row.text.tokens) >= r.max_tokens or row.text.stopped or r.cancelled
+        return row.text.stopped or r.cancelled
 
     def _complete(self, row: "_Row") -> None:
         r = row.request
+        if row.finish_reason == "error":
+            self._fail(r, row.error)
+            return
         if r.future.done():  # failed or cancelled meanwhile
             return
         try:
@@ -399,14 +354,16 @@ class Batcher:
             self._fail(r, exc)
 
 
-@dataclass
-class _Row:
-    """A request being decoded: its text assembler (which holds its tokens) and its own random stream."""
-    request: GenRequest
-    text: RowText
+@dataclass(eq=False)
+class _Row(DecodeRow):
+    """A request's row in the decode loop: its text assembler streams and checks stop strings per token."""
+
+    request: GenRequest | None = None
+    text: RowText | None = None
+    batcher: Batcher | None = None
     batch_size: int = 0
     started: float = field(default_factory=time.monotonic)
-    generator: torch.Generator | None = field(init=False)
 
-    def __post_init__(self):
-        self.generator = self.request.generator()
+    def accept(self, token: int) -> bool:
+        super().accept(token)
+        return self.batcher._feed(self, token)

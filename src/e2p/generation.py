@@ -1,0 +1,191 @@
+"""The one decode loop: a running batch whose rows each have their own user, sampling settings, random stream
+and stopping, and which rows may join and leave between steps. `E2PModel.generate` runs it to the end; the
+server's batcher only admits rows, streams their text and answers them when they finish."""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from .model import E2PModel, Segments
+
+log = logging.getLogger(__name__)
+
+
+class Decoding:
+    """A running batch of generations: the KV cache, attention mask, next positions and last hidden states of B
+    rows. Rows are independent (left padding, exact masks), so they can leave (`select`) and new, separately
+    prefilled rows can join (`join`) between steps without changing any row's result."""
+
+    def __init__(self, lm_config, cache, mask: torch.Tensor, positions: torch.Tensor, last: torch.Tensor):
+        self.lm_config, self.cache, self.mask, self.positions, self.last = lm_config, cache, mask, positions, last
+
+    def _layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
+
+    def _rebuild(self, layers, mask, positions, last) -> "Decoding":
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.lm_config)
+        for i, (k, v) in enumerate(layers):
+            cache.update(k, v, i)
+        return Decoding(self.lm_config, cache, mask, positions, last)
+
+    def select(self, rows: list[int]) -> "Decoding":
+        """Only these rows (in this order); padding columns no row needs any more are dropped."""
+        idx = torch.tensor(rows, dtype=torch.long)
+        mask = self.mask[idx]
+        drop = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
+        layers = [(k[idx][:, :, drop:], v[idx][:, :, drop:]) for k, v in self._layers()]
+        return self._rebuild(layers, mask[:, drop:], self.positions[idx], self.last[idx])
+
+    def join(self, other: "Decoding") -> "Decoding":
+        """This batch's rows, then `other`'s: the shorter history is left-padded (masked) to the longer."""
+        T = max(self.mask.shape[1], other.mask.shape[1])
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = T - t.shape[dim]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([torch.zeros(shape, dtype=t.dtype), t], dim=dim)
+
+        layers = [(torch.cat([pad(k1, 2), pad(k2.to(k1.dtype), 2)]), torch.cat([pad(v1, 2), pad(v2.to(v1.dtype), 2)]))
+                  for (k1, v1), (k2, v2) in zip(self._layers(), other._layers())]
+        return self._rebuild(layers, torch.cat([pad(self.mask, 1), pad(other.mask, 1)]),
+                             torch.cat([self.positions, other.positions]), torch.cat([self.last, other.last.to(self.last.dtype)]))
+
+
+def row_generator(do_sample: bool, seed: int | None) -> torch.Generator | None:
+    """A sampled row's own random stream when a seed is given (None: the global one)."""
+    return torch.Generator().manual_seed(seed) if do_sample and seed is not None else None
+
+
+
+@dataclass(eq=False)  # identity: a row is this generation, never equal to another with the same tokens
+class DecodeRow:
+    """One row being generated: its sampling settings (temperature 0: greedy), its own random stream (seeded:
+    the same text alone or in any batch) and its tokens. Subclasses add what a caller needs per token (the
+    server streams text and checks stop strings) by overriding `accept`."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 64
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (EOS or `accept` said so) | "length" | "error"
+    error: Exception | None = None
+    generator: torch.Generator | None = field(init=False, default=None)
+
+    def __post_init__(self):
+        self.generator = row_generator(self.temperature > 0, self.seed)
+
+    def accept(self, token: int) -> bool:
+        """Take one generated (non-EOS) token; -> whether to stop here."""
+        self.tokens.append(token)
+        return False
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Generation:
+    """A running batch of `DecodeRow`s on one model: `add` prefills rows (they join between steps), `step`
+    gives every row one token and returns the rows that finished. A row the model cannot take (prefill error,
+    non-finite logits, a sampling error) finishes alone with `finish_reason="error"`; its neighbours go on."""
+
+    def __init__(self, model: "E2PModel"):
+        self.model = model
+        self.rows: list[DecodeRow] = []
+        self.dec: Decoding | None = None
+
+    def add(self, rows: Sequence[DecodeRow], segments: Sequence["Segments"], embeddings=None) -> list[DecodeRow]:
+        """Prefill `rows` together (each alone if that fails) and join them to the batch; -> the rows that failed."""
+        embeddings = list(embeddings) if embeddings is not None else [None] * len(rows)
+        for r in rows:
+            if r.max_tokens <= 0:
+                r.finish_reason = "length"  # nothing to generate: never prefilled
+        keep = [i for i, r in enumerate(rows) if not r.done]
+        rows, segments, embeddings = [rows[i] for i in keep], [segments[i] for i in keep], [embeddings[i] for i in keep]
+        failed: list[DecodeRow] = []
+        dec = self._prefill(list(rows), list(segments), embeddings, failed)
+        if dec is not None:
+            joined = [r for r in rows if not r.done]
+            self.dec = dec if self.dec is None else self.dec.join(dec)
+            self.rows += joined
+        return failed
+
+    def _prefill(self, rows, segments, embeddings, failed) -> Decoding | None:
+        if not rows:
+            return None
+        try:
+            return self.model.start_decoding(segments, embeddings)
+        except Exception as exc:
+            if len(rows) == 1:
+                self._fail(rows[0], exc)
+                failed.append(rows[0])
+                return None
+        decs = [self._prefill([r], [s], [e], failed) for r, s, e in zip(rows, segments, embeddings)]
+        decs = [d for d in decs if d is not None]
+        return functools.reduce(Decoding.join, decs) if decs else None
+
+    @staticmethod
+    def _fail(row: DecodeRow, exc: Exception) -> None:
+        log.debug("row failed: %s", exc)
+        row.finish_reason, row.error = "error", exc
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """Every row's token with its own settings: greedy rows together, each sampled row from its own stream."""
+        nxt = logits.argmax(-1)
+        finite = torch.isfinite(logits).all(-1)
+        for j, row in enumerate(self.rows):
+            try:
+                if not bool(finite[j]):
+                    raise FloatingPointError("the model produced non-finite logits for this row")
+                if row.temperature > 0:
+                    nxt[j] = self.model.pick(logits[j:j + 1], True, row.temperature, row.top_p, row.generator)[0]
+            except Exception as exc:
+                self._fail(row, exc)
+        return nxt
+
+    @torch.no_grad()
+    def step(self) -> list[DecodeRow]:
+        """One token for every row; finished rows (EOS, `accept` said stop, max_tokens, error) leave the batch
+        and are returned. No compute is spent on a row after it finishes."""
+        if not self.rows:
+            return []
+        nxt = self._pick(self.model.next_logits(self.dec))
+        for j, row in enumerate(self.rows):
+            if row.done:
+                continue
+            t = int(nxt[j])
+            if t in self.model.eos_ids:
+                row.finish_reason = "stop"
+            elif row.accept(t):
+                row.finish_reason = "stop"
+            elif len(row.tokens) >= row.max_tokens:
+                row.finish_reason = "length"
+        keep = [j for j, row in enumerate(self.rows) if not row.done]
+        finished = [row for row in self.rows if row.done]
+        if len(keep) < len(self.rows):
+            self.rows = [self.rows[j] for j in keep]
+            if not self.rows:
+                self.dec = None
+                return finished
+            self.dec, nxt = self.dec.select(keep), nxt[keep]
+        self.model.advance(self.dec, nxt)
+        return finished
+
+    def drop(self, rows: Sequence[DecodeRow]) -> None:
+        """Take rows out of the batch now (e.g. their client left)."""
+        gone = {id(r) for r in rows}
+        keep = [j for j, r in enumerate(self.rows) if id(r) not in gone]
+        if len(keep) < len(self.rows):
+            self.rows = [self.rows[j] for j in keep]
+            self.dec = self.dec.select(keep) if self.rows else None
