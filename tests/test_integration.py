@@ -60,7 +60,7 @@ def test_cli_train_generate_eval(shared_data, tmp_path):
     for c in res["conditions"].values():
         assert c["perplexity"] > 1 and c["tokens_per_request"] > 0
     assert res["conditions"]["text"]["tokens_per_request"] > res["conditions"]["none"]["tokens_per_request"]
-    assert (tmp_path / "ev" / "REPORT.md").is_file() and (tmp_path / "ev" / "perplexity.png").is_file()
+    assert (tmp_path / "ev" / "REPORT.md").is_file() and (tmp_path / "ev" / "evaluation.png").is_file()
 
 
 def test_cli_errors_are_clear(tmp_path):

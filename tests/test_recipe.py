@@ -1,11 +1,12 @@
-"""Recipe helpers that decide what the projector is trained on."""
+"""Recipe helpers that decide what the projector is trained on (the persona experiments' recipe in research/)."""
 import torch
 
 from e2p import Projector
 from e2p.data.persona import PersonaExample
 from e2p.model import E2PModel, new_config
-from e2p.recipe import (RecipeConfig, _reconstruction_items, calibrate_person_scale, person_table, persona_key,
-                        split_people)
+from e2p.recipe import calibrate_person_scale
+from research.persona.recipe import PersonaRecipeConfig as RecipeConfig
+from research.persona.recipe import person_table, persona_key, reconstruction_items, split_people
 from e2p.train import Item
 
 
@@ -38,7 +39,7 @@ def test_sentence_reconstruction_targets_come_from_the_embedded_view(tiny):
     long = [f"i {verb} {thing}." for verb in ("like", "love", "play") for thing in ("dogs", "cats", "music", "guitar")]
     examples = [_ex("a", long), _ex("b", ["i like dogs.", "i am a nurse.", "i love music."])]
     enc = CountingEncoder()
-    items, table = _reconstruction_items(backbone, projector, examples, enc, RecipeConfig(reconstruct_sentences=2))
+    items, table = reconstruction_items(backbone, projector, examples, enc, RecipeConfig(reconstruct_sentences=2))
     assert len(items) == 2 and table.shape[0] == 2  # one item per distinct persona
     tok = backbone.tokenizer
     for item, view in zip(items, enc.seen):
@@ -88,7 +89,7 @@ class SentenceEncoder:
 
 def test_recipe_with_sentence_slots_trains_one_prefix_token_per_sentence(tiny, tmp_path):
     from e2p.encoders import SentenceSlotEncoder
-    from e2p.recipe import run_recipe
+    from research.persona.recipe import run_recipe
 
     facts = ["i like dogs.", "i am a nurse.", "i love music.", "i live in ohio.", "i drive a truck.", "i hate rain."]
     examples = [_ex(f"p{i}", [facts[i % 6], facts[(i + 1) % 6], facts[(i + 3) % 6]], reply=f"hello number {i}")

@@ -3,15 +3,10 @@ end to end on the tiny backbone with tiny synthetic persona, MSC and PENS files.
 import hashlib
 import json
 import random
-import sys
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from conftest import WORDS
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `research` is beside `src`
 
 CONTENT = [w for w in WORDS if w.isalpha() and w not in ("system", "user", "assistant")]
 
@@ -76,7 +71,8 @@ def write_pens(path, users=10, news=14):
 
 def test_persona_study_on_the_one_loop(tiny, tmp_path):
     from e2p.data.persona import persona_split
-    from e2p.recipe import RecipeConfig, run_recipe
+    from research.persona.recipe import PersonaRecipeConfig as RecipeConfig
+    from research.persona.recipe import run_recipe
     from research.persona.study import add_noise, run_persona_study
 
     data = tmp_path / "data"

@@ -21,7 +21,7 @@ import numpy as np
 
 from e2p import load_backbone
 from e2p.behaviour import click_encoder
-from e2p.data.contract import UserTable, load_examples, load_users, split_users, write_users
+from e2p.data.contract import load_examples, load_users, split_users, write_users
 from e2p.data.pens import load_pens
 from e2p.evaluate import Condition, compare, run_conditions
 from e2p.recipe import RecipeConfig, train_on_examples

@@ -14,7 +14,7 @@ Conditions (all scored on the same target tokens of users never trained on):
   lora_text                LoRA (rank 8) trained with the profile as text
   copy                     generations only: the other reader's headline the prompt quotes (ROUGE reference point)
 Per-user prompt tuning for seen users (a free prefix per user, learned on half of each test user's own headlines)
-is scripts/oracle_prefix_ceiling.py: it needs a split of each user's targets, so it reports on its own halves.
+is research/pens/oracle_prefix_ceiling.py: it needs a split of each user's targets, so it reports on its own halves.
 """
 from __future__ import annotations
 

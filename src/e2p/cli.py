@@ -25,11 +25,10 @@ def _scaled_recipe(args, **overrides):
     from .recipe import RecipeConfig
 
     cfg = RecipeConfig(injection=args.injection, num_prefix_tokens=args.prefix_tokens, seed=args.seed,
-                       prefix_position=args.prefix_position, include_msc=args.with_msc,
-                       batch_size=args.batch_size, text_steps=args.text_steps, val_examples=args.val_examples,
-                       embedding_slots=args.embedding_slots, hidden_dims=_hidden_dims(args.hidden_dims), **overrides)
+                       prefix_position=args.prefix_position, batch_size=args.batch_size, text_steps=args.text_steps,
+                       val_examples=args.val_examples, hidden_dims=_hidden_dims(args.hidden_dims), **overrides)
     if args.steps is not None:  # --steps N: total over all stages, keeping the recipe's proportions
-        stages = ["shared_steps", "reconstruct_steps", "e2p_steps"]
+        stages = ["shared_steps", "e2p_steps"]
         total = sum(getattr(cfg, s) for s in stages) + 2 * cfg.text_steps
         scale = args.steps / max(total, 1)
         for s in stages + ["text_steps"]:
@@ -76,49 +75,50 @@ def _load_contract(args):
 
 def cmd_train_contract(args) -> None:
     from .backbone import load_backbone
-    from .recipe import train_on_examples
 
     users, examples = _load_contract(args)
-    cfg = _scaled_recipe(args, reconstruct_steps=0)
     backbone = load_backbone(args.backbone)  # no text encoder: the embeddings come from the file
-    report = train_on_examples(backbone, users, examples, args.out, cfg, val_users=args.val_users, minutes=args.minutes,
-                               shared_dir=args.shared_from)
+    _train_and_report(args, backbone, users, examples)
+
+
+def _train_and_report(args, backbone, users, examples, encoder_name: str = "") -> None:
+    from .recipe import train_on_examples
+
+    report = train_on_examples(backbone, users, examples, args.out, _scaled_recipe(args), val_users=args.val_users,
+                               minutes=args.minutes, shared_dir=args.shared_from, resume=args.resume,
+                               encoder_name=encoder_name)
     print(f"trained on {report['train_users']} users ({report['train_examples']} examples) in {report['seconds']:.0f}s; "
           f"{report['validation_users']} validation users never trained on")
     if "person_scale" in report:
         print(f"person_scale {report['person_scale']['chosen']} (calibrated on {report['selection_users']} validation users)")
+        if report["person_scale"]["chosen"] == 0:
+            print("warning: on validation users every share of the person part made targets worse, so the projector "
+                  "equals its shared prefix: these embeddings do not carry what the targets need about new users. "
+                  "Try embeddings that describe users more richly, more users to train on, or a smaller projector "
+                  "(--hidden-dims linear).")
     print(f"verdict on {report['verdict_users']} other validation users: {report['verdict']['text']}")
     print(f"projector saved to {args.out}; details in {Path(args.out) / 'training_report.json'}")
 
 
 def cmd_train(args) -> None:
+    """Persona files: converted in memory to the data contract (each person's persona embedded by the text
+    encoder, each reply an example) and trained by the same recipe as your own files."""
     from .data.persona import LoadReport, load_persona, persona_split
+    from .data.persona_contract import persona_contract
     from .distributed import init_distributed
-    from .recipe import run_recipe
 
     if _contract_files(args):
         return cmd_train_contract(args)
     init_distributed()  # torchrun / accelerate launch: one process per worker, batches split across them
     report = LoadReport()
     path = Path(args.data)
-    cfg = _scaled_recipe(args)
     # a folder: its training split, leakage-free (persona_split); a file: all of it
-    examples = persona_split(path, cfg.include_msc, report)[0] if path.is_dir() else load_persona(path, "all", report)
+    examples = persona_split(path, args.with_msc, report)[0] if path.is_dir() else load_persona(path, "all", report)
     print(f"data: {report}")
     backbone, encoder = _load(args.backbone, args.encoder)
-    result = run_recipe(backbone, encoder, examples, args.out, cfg, resume=args.resume, minutes=args.minutes)
-    print(json.dumps(result["stages"], indent=2))
-    scale = result.get("person_scale")
-    if scale:
-        print(f"person_scale {scale['chosen']} (validation loss by scale: "
-              + ", ".join(f"{k}: {v:.4f}" for k, v in scale["validation_loss"].items()) + ")")
-        if scale["chosen"] == 0:
-            print("warning: on validation people (new people, new persona sentences) every share of the person part made "
-                  "replies worse, so the projector equals its shared prefix. The embeddings do not carry what these "
-                  "replies need about new people: try embeddings that describe the person more richly, more people "
-                  "to train on, or compare `e2p eval` against the shared prefix before serving it.")
-    print(f"projector saved to {args.out} (load it with Projector.from_pretrained({str(args.out)!r}))")
-
+    users, contract = persona_contract(examples, encoder, _scaled_recipe(args).history_turns)
+    _train_and_report(args, backbone, users, contract, encoder_name=getattr(encoder, "name", ""))
+    print(f"load it with Projector.from_pretrained({str(args.out)!r})")
 
 def cmd_eval(args) -> None:
     from .config import E2PConfig, resolve_projector
@@ -273,9 +273,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=None, help="total optimizer steps over all stages (default: the recipe's)")
     t.add_argument("--minutes", type=float, default=None, help="wall-clock budget, split across stages")
     t.add_argument("--prefix-tokens", type=int, default=1)
-    t.add_argument("--embedding-slots", type=int, default=1,
-                   help="> 1: embed each persona sentence on its own, in this many slots, one prefix token per slot "
-                        "(the user's embedding becomes slots x the encoder's size; --prefix-tokens is then ignored)")
     t.add_argument("--hidden-dims", default="1024",
                    help="the projector's hidden layers, e.g. 1024 or 512,512; 'linear' for a linear map (less to "
                         "overfit when there are few training users)")

@@ -67,7 +67,7 @@ def run_demo(args) -> None:
 
 
 def run_demo_on_data(args) -> None:
-    from .data.persona import LoadReport, load_persona, persona_split
+    from .data.persona import persona_split
     from .encoders import TextEncoder, encoder_for
     from .data.persona_contract import persona_contract
     from .evaluate import evaluate_examples
@@ -77,18 +77,11 @@ def run_demo_on_data(args) -> None:
     from .projector import Projector, parameter_summary
 
     data = find_data(args.data)
-    print(f"loading the frozen backbone (SmolLM2-135M-Instruct) and the encoder (all-MiniLM-L6-v2) ...")
+    print("loading the frozen backbone (SmolLM2-135M-Instruct) and the encoder (all-MiniLM-L6-v2) ...")
     backbone = load_backbone(args.backbone)
     encoder = TextEncoder()
     train, test = persona_split(data)
-    projector_dir = resolve_projector(args.projector) if args.projector else SHIPPED
-    if not (projector_dir / "config.json").is_file():
-        from .recipe import RecipeConfig, run_recipe
-
-        projector_dir = Path(tempfile.mkdtemp(prefix="e2p-demo-"))
-        print(f"no shipped projector; training a small one into {projector_dir} (a few CPU minutes) ...")
-        cfg = RecipeConfig(shared_steps=20, reconstruct_steps=0, e2p_steps=30, eval_every=15, val_examples=32)
-        run_recipe(backbone, encoder, train, projector_dir, cfg)
+    projector_dir = resolve_projector(args.projector or SHIPPED)
     projector = Projector.from_pretrained(projector_dir, backbone)
     projector.eval()
     print(f"projector {projector_dir}: {projector.config.injection} injection, k={projector.config.num_prefix_tokens}, "

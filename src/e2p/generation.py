@@ -6,12 +6,9 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
-
-if TYPE_CHECKING:
-    from .model import E2PModel, Segments
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +97,12 @@ class Generation:
     gives every row one token and returns the rows that finished. A row the model cannot take (prefill error,
     non-finite logits, a sampling error) finishes alone with `finish_reason="error"`; its neighbours go on."""
 
-    def __init__(self, model: "E2PModel"):
+    def __init__(self, model):  # an e2p.model.E2PModel (its start_decoding, next_logits, pick, advance, eos_ids)
         self.model = model
         self.rows: list[DecodeRow] = []
         self.dec: Decoding | None = None
 
-    def add(self, rows: Sequence[DecodeRow], segments: Sequence["Segments"], embeddings=None) -> list[DecodeRow]:
+    def add(self, rows: Sequence[DecodeRow], segments: Sequence, embeddings=None) -> list[DecodeRow]:
         """Prefill `rows` together (each alone if that fails) and join them to the batch; -> the rows that failed."""
         embeddings = list(embeddings) if embeddings is not None else [None] * len(rows)
         for r in rows:

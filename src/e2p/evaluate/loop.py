@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..config import E2PConfig, resolve_projector
 from ..data.contract import Example, UserTable

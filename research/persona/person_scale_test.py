@@ -1,6 +1,6 @@
 """A trained projector on test people at fixed person scales, against its shared prefix and its shuffled control.
 
-    python scripts/person_scale_test.py runs/exp9 [--scales 1 0.5] [--limit 160] [--data ../shared/data]
+    python research/persona/person_scale_test.py runs/exp9 [--scales 1 0.5] [--limit 160] [--data ../shared/data]
 
 For reference only: `e2p train` chooses the scale on validation people and `e2p eval` scores that choice. This
 shows what the person part does on the test people at other scales (e.g. when validation chose 0, the shared
@@ -18,7 +18,7 @@ from e2p.encoders import encoder_for
 from e2p.evaluate import derangement, paired_bootstrap
 from e2p.model import E2PModel
 from e2p.projector import Projector
-from e2p.recipe import RecipeConfig, _reply_row, person_table
+from recipe import PersonaRecipeConfig as RecipeConfig, person_table, reply_row
 from e2p.train import Item, row_losses
 
 
@@ -43,7 +43,7 @@ def main() -> None:
         people = [e.person_id for e in examples]
         own = [index[p] for p in people]
         other = [own[j] for j in derangement(people, 0)]
-        rows = [_reply_row(model, e, RecipeConfig()) for e in examples]
+        rows = [reply_row(model, e, RecipeConfig()) for e in examples]
         base = row_losses(shared_model, [Item(r, -1) for r in rows], None, 16)
         counts = base[1]
         ppl = lambda s: math.exp(s[0].sum() / counts.sum())

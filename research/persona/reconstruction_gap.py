@@ -1,6 +1,6 @@
 """How much of the person a projector's prefix carries, on people whose persona sentences it has or has not seen.
 
-    python scripts/reconstruction_gap.py PROJECTOR_DIR [--data ../shared/data] [--n 48]
+    python research/persona/reconstruction_gap.py PROJECTOR_DIR [--data ../shared/data] [--n 48]
 
 For 48 personas of each group, the frozen backbone is asked "Tell me about yourself." with only the prefix and
 scored on restating the whole persona, once with the person's own embedding and once with another person's.
@@ -19,7 +19,8 @@ from e2p.data.persona import persona_split
 from e2p.encoders import TextEncoder
 from e2p.model import E2PModel
 from e2p.projector import Projector
-from e2p.recipe import RecipeConfig, _reconstruction_items, _sample, split_people
+from e2p.recipe import sample_examples
+from recipe import PersonaRecipeConfig as RecipeConfig, reconstruction_items, split_people
 from e2p.train import evaluate_loss
 
 
@@ -37,9 +38,9 @@ def main() -> None:
     train, test = persona_split(args.data)  # without MSC: the same people with and without it
     rest, val = split_people(train, cfg.val_people, cfg.seed)
     model = E2PModel(backbone, projector)
-    for name, examples in [("train", _sample(rest, 3000, 2)), ("val", val), ("test", _sample(test, 3000, 1))]:
-        items, table = _reconstruction_items(backbone, projector, examples, encoder, cfg, augment=False)
-        items = _sample(items, args.n, 0)
+    for name, examples in [("train", sample_examples(rest, 3000, 2)), ("val", val), ("test", sample_examples(test, 3000, 1))]:
+        items, table = reconstruction_items(backbone, projector, examples, encoder, cfg, augment=False)
+        items = sample_examples(items, args.n, 0)
         t = time.time()
         own = evaluate_loss(model, items, table)
         shuffled = evaluate_loss(model, items, table, shuffle_people=True)

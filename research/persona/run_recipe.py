@@ -1,6 +1,6 @@
 """Run the training recipe with any RecipeConfig fields, as the experiments in docs/experiments.md did.
 
-    python scripts/run_recipe.py OUT_DIR '{"e2p_steps": 100, "distill_weight": 0.8, ...}' [--data PATH]
+    python research/persona/run_recipe.py OUT_DIR '{"e2p_steps": 100, "distill_weight": 0.8, ...}' [--data PATH]
 
 Same as `e2p train` (training split of PATH, default ../shared/data), but every recipe field can be set;
 resumes stages already in OUT_DIR (a stage folder with the same config and seed is skipped).
@@ -12,7 +12,7 @@ import logging
 from e2p.backbone import load_backbone
 from e2p.data.persona import persona_split
 from e2p.encoders import TextEncoder
-from e2p.recipe import RecipeConfig, run_recipe
+from recipe import PersonaRecipeConfig as RecipeConfig, run_recipe
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """How much can a persona *embedding* tell the frozen backbone about a new person? Ceilings without training a projector.
 
-    python scripts/persona_ceiling.py [--data ../shared/data] [--limit 160] [--people-half 0|1]
+    python research/persona/persona_ceiling.py [--data ../shared/data] [--limit 160] [--people-half 0|1]
 
 On Synthetic-Persona-Chat test replies (the examples `e2p eval --limit N --people-half H` scores), the untrained
 backbone reads one of these in its system prompt, once for the person and once for another person (the same
@@ -33,7 +33,7 @@ from e2p.data.persona import normalize_sentence, people_half, persona_split
 from e2p.encoders import TextEncoder
 from e2p.evaluate import derangement, paired_bootstrap
 from e2p.model import E2PModel
-from e2p.recipe import RecipeConfig, _reply_row
+from recipe import PersonaRecipeConfig as RecipeConfig, reply_row
 from e2p.train import Item, row_losses
 
 
@@ -191,7 +191,7 @@ def main() -> None:
     model = E2PModel(backbone)
 
     def score(texts):
-        items = [Item(_reply_row(model, e, RecipeConfig(), t), -1) for e, t in zip(examples, texts)]
+        items = [Item(reply_row(model, e, RecipeConfig(), t), -1) for e, t in zip(examples, texts)]
         return row_losses(model, items, None, 16)
 
     bar = tqdm(total=1 + 2 * len(sources), desc="conditions")

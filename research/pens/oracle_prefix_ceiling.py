@@ -1,6 +1,6 @@
 """Ceiling of a one-token user prefix on a data-contract folder: what would a *perfect* user signal give?
 
-    python scripts/oracle_prefix_ceiling.py --users data/pens/test/users.npz --examples data/pens/test/examples.jsonl \
+    python research/pens/oracle_prefix_ceiling.py --users data/pens/test/users.npz --examples data/pens/test/examples.jsonl \
         --shared runs/pens-behaviour/shared_prefix --out runs/pens-oracle
 
 Each evaluated user gets a free prefix of their own (a one-hot user id through the projector, i.e. per-user prompt

@@ -1,16 +1,16 @@
 """The trained lexical ceiling: what the words nearest a persona embedding give once the model is trained to read them.
 
-    python scripts/keyword_hybrid.py [--data ../shared/data] [--shared runs/exp1/shared_prefix]
+    python research/persona/keyword_hybrid.py [--data ../shared/data] [--shared runs/exp1/shared_prefix]
                                      [--text-trained runs/exp2/shared_prefix_text] [--out runs/kwexp/shared_prefix_kw]
                                      [--words nearest|oracle] [--steps 30]
 
 --words oracle puts the persona's own content words there instead (at most 12, stopwords and words common to
-many personas removed, as scripts/persona_ceiling.py's oracle_words): what a *perfect* keyword decoder of the
+many personas removed, as research/persona/persona_ceiling.py's oracle_words): what a *perfect* keyword decoder of the
 embedding would give a model trained to read it.
 
 Like `shared_prefix_text` (the shared prefix trained 30 more steps with the persona text in the system prompt),
 but the system prompt holds the 12 vocabulary words nearest the persona's all-MiniLM-L6-v2 embedding
-(scripts/persona_ceiling.py: `words`). Then, on each Synthetic-Persona-Chat test half (the 160 replies
+(research/persona/persona_ceiling.py: `words`). Then, on each Synthetic-Persona-Chat test half (the 160 replies
 `e2p eval --limit 160 --people-half H` scores), the shared prefix, the text-trained prefix with the person's own
 and another person's text, and the keyword-trained prefix with own and another person's words.
 """
@@ -26,7 +26,8 @@ from e2p.encoders import TextEncoder
 from e2p.evaluate import derangement, paired_bootstrap
 from e2p.model import E2PModel
 from e2p.projector import Projector
-from e2p.recipe import RecipeConfig, _reply_row, _sample, split_people
+from e2p.recipe import sample_examples
+from recipe import PersonaRecipeConfig as RecipeConfig, reply_row, split_people
 from e2p.train import Item, TrainConfig, row_losses, train_projector
 from persona_ceiling import ContentWords, nearest_words, unit
 
@@ -51,9 +52,9 @@ def main() -> None:
     model = E2PModel(backbone, Projector.from_pretrained(args.shared, backbone))
 
     def rows(model, examples, texts):  # the recipe's reply rows (2 turns of history, 32 target tokens)
-        return [Item(_reply_row(model, e, RecipeConfig(), t), -1) for e, t in zip(examples, texts)]
+        return [Item(reply_row(model, e, RecipeConfig(), t), -1) for e, t in zip(examples, texts)]
 
-    tr, vs = _sample(rest, args.steps * 16, len("shared_prefix_text")), _sample(val, 48, 0)
+    tr, vs = sample_examples(rest, args.steps * 16, len("shared_prefix_text")), sample_examples(val, 48, 0)
     train_projector(model, rows(model, tr, words([e.persona_text for e in tr])), None, args.out,
                     TrainConfig(steps=args.steps, batch_size=16, lr=1e-3, eval_every=10, seed=0),
                     val_items=rows(model, vs, words([e.persona_text for e in vs])), name="shared_prefix_kw")
