@@ -15,7 +15,7 @@ import torch
 from .checkpoint import load_optimizer, save_optimizer
 from .model import E2PModel, per_row_sum
 from .projector import Projector
-from .scoring import Item, batch_embeddings, shuffled_people, evaluate_loss, row_losses  # noqa: F401 (re-exported)
+from .scoring import Item, evaluate_loss, row_losses, shuffled_people  # noqa: F401 (Item, row_losses re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
         torch.manual_seed(cfg.seed * 100003 + step)
         for g in optimizer.param_groups:
             g["lr"] = cfg.lr * schedule(step)
-        emb = batch_embeddings(batch, table)
+        emb = None if table is None else table[torch.tensor([it.person for it in batch])]
         other = None
         if cfg.contrastive_weight > 0 and emb is not None:
             people = torch.tensor([it.person for it in batch])

@@ -277,8 +277,9 @@ class Batcher:
         return self._admit(take)
 
     def _process(self, batch: list[GenRequest], involved: list[GenRequest]) -> None:
+        live = self._admit(batch)
         gen = Generation(self.model)
-        self._join(gen, self._admit(batch))
+        self._join(gen, live)
         while gen.rows:
             self.last_step = time.monotonic()
             for row in gen.step():
