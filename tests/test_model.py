@@ -206,3 +206,13 @@ def test_the_one_decode_loop_rows_join_leave_and_fail_alone(tiny):
     assert {id(r) for r in finished} == {id(r) for r in rows}
     assert [r.tokens for r in rows] == alone
     assert all(r.finish_reason in ("stop", "length") for r in rows)
+
+
+def test_generate_with_a_batch_size_admits_rows_as_others_finish(tiny):
+    """At most batch_size rows decode at once, a waiting row joining when one finishes: same text as all at once."""
+    m = _model(tiny, "deep", "start")
+    prompts = [msgs for msgs, _ in CONVS] * 2
+    emb = [torch.randn(8) if i % 3 else None for i in range(len(prompts))]
+    together = m.generate(prompts, emb, 9, batch_size=2)
+    assert together == m.generate(prompts, emb, 9)
+    assert together == [m.generate([p], [e], 9)[0] for p, e in zip(prompts, emb)]

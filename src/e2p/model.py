@@ -302,29 +302,31 @@ class E2PModel(nn.Module):
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                  persona_texts: Sequence[str | None] | None = None, seed: int | None = None,
                  batch_size: int | None = None) -> list[str]:
-        """Generate for a batch where every row may be a different user (or none: embedding None);
-        `batch_size` rows at a time (None: all at once)."""
+        """Generate for a batch where every row may be a different user (or none: embedding None); at most
+        `batch_size` rows decode at once (None: all), a waiting row joining as soon as another finishes."""
         rows = [self.format(p, persona_text=(persona_texts[i] if persona_texts else None)) for i, p in enumerate(prompts)]
-        step = batch_size or max(len(rows), 1)
-        tokens = []
-        for i in range(0, len(rows), step):
-            chunk = embeddings[i:i + step] if embeddings is not None else None
-            tokens += self.generate_tokens(rows[i:i + step], chunk, max_new_tokens, do_sample, temperature, top_p, seed)
+        tokens = self.generate_tokens(rows, embeddings, max_new_tokens, do_sample, temperature, top_p, seed, batch_size)
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
     @torch.no_grad()
     def generate_tokens(self, rows: Sequence[Segments], embeddings=None, max_new_tokens: int = 64,
                         do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                        seed: int | None = None) -> list[list[int]]:
-        """Token-level batched decoding with a KV cache: the one decode loop (`Generation`) run to the end.
+                        seed: int | None = None, batch_size: int | None = None) -> list[list[int]]:
+        """Token-level batched decoding with a KV cache: the one decode loop (`Generation`) run to the end, at
+        most `batch_size` rows at once (continuous batching: a waiting row joins when another finishes).
 
         With `seed`, every sampled row draws from its own generator seeded with it, as the server does for a
         request's `seed`: a row's text is the same alone, in any batch, from the CLI, the API or the server."""
         settings = [DecodeRow(temperature=temperature if do_sample else 0.0, top_p=top_p, seed=seed,
                               max_tokens=max_new_tokens) for _ in rows]
+        embeddings = list(embeddings) if embeddings is not None else [None] * len(rows)
+        room, waiting = batch_size or max(len(rows), 1), 0
         gen = Generation(self)
-        gen.add(settings, rows, embeddings)
-        while gen.rows:
+        while waiting < len(rows) or gen.rows:
+            take = min(room - len(gen.rows), len(rows) - waiting)
+            if take > 0:
+                gen.add(settings[waiting:waiting + take], rows[waiting:waiting + take], embeddings[waiting:waiting + take])
+                waiting += take
             gen.step()
         failed = next((r.error for r in settings if r.error is not None), None)
         if failed is not None:
