@@ -216,3 +216,13 @@ def test_generate_with_a_batch_size_admits_rows_as_others_finish(tiny):
     together = m.generate(prompts, emb, 9, batch_size=2)
     assert together == m.generate(prompts, emb, 9)
     assert together == [m.generate([p], [e], 9)[0] for p, e in zip(prompts, emb)]
+
+
+def test_loss_with_a_batch_size_is_the_same_loss(tiny):
+    m = _model(tiny, "deep", "start")
+    rows = [m.format(msgs, reply=reply) for msgs, reply in CONVS] * 2
+    emb = torch.randn(len(rows), 8)
+    with torch.no_grad():
+        whole, chunked = m.loss(rows, emb, "none"), m.loss(rows, emb, "none", batch_size=2)
+        assert torch.allclose(whole[0], chunked[0], atol=1e-4) and torch.equal(whole[1], chunked[1])
+        assert torch.allclose(m.loss(rows, emb), m.loss(rows, emb, batch_size=3), atol=1e-5)

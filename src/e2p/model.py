@@ -285,11 +285,18 @@ class E2PModel(nn.Module):
         row = torch.arange(len(rows)).unsqueeze(1).expand_as(predicts)[predicts]
         return logits.float(), labels, row
 
-    def loss(self, rows: Sequence[Segments], embeddings=None, reduction: str = "mean") -> torch.Tensor:
+    def loss(self, rows: Sequence[Segments], embeddings=None, reduction: str = "mean",
+             batch_size: int | None = None) -> torch.Tensor:
         """Cross-entropy on target tokens only, logits computed only where a target is predicted.
 
         reduction "mean": mean over all target tokens; "none": ([B] summed NLL, [B] token counts).
+        `batch_size`: at most this many rows per forward pass (the result is the same).
         """
+        if batch_size and len(rows) > batch_size:
+            parts = [self.loss(rows[i:i + batch_size], None if embeddings is None else embeddings[i:i + batch_size],
+                               "none") for i in range(0, len(rows), batch_size)]
+            nll, count = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            return nll.sum() / count.sum() if reduction == "mean" else (nll, count)
         logits, labels, row = self.target_logits(rows, embeddings)
         nll = F.cross_entropy(logits, labels, reduction="none")
         if reduction == "mean":
