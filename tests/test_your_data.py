@@ -113,6 +113,16 @@ def test_training_on_a_table_says_whether_the_embedding_carries_the_person(train
     assert report["verdict"]["text"].startswith("YES")
 
 
+def test_a_reused_shared_prefix_lands_in_the_run_and_the_verdict_is_measured(trained, tmp_path):
+    """--shared-from: the shared prefix is not trained again, the new run folder still holds its own control."""
+    tmp, backbone, users, examples, report = trained
+    cfg = RecipeConfig(**{**FAST, "e2p_steps": 4, "eval_every": 2})
+    again = train_on_examples(backbone, users, examples, tmp_path / "again", cfg, val_users=16, progress=False,
+                              shared_dir=tmp / "run" / "shared_prefix")
+    assert "shared_prefix" not in again["stages"] and (tmp_path / "again" / "shared_prefix" / "config.json").is_file()
+    assert again["verdict"]["carries_person"] is not None, again["verdict"]["text"]
+
+
 def test_the_evaluation_loop_scores_conditions_generations_and_identification(trained):
     from e2p.data.contract import split_users
 

@@ -133,7 +133,10 @@ def train_prefix_stages(backbone, items, table: torch.Tensor | None, out_dir: st
         report["shared_dir"] = str(folder)
     else:
         shared = Projector.from_pretrained(shared_dir, backbone)
-        report["shared_dir"] = str(shared_dir)
+        if Path(shared_dir).resolve() != (out_dir / "shared_prefix").resolve():
+            shared.save_pretrained(out_dir / "shared_prefix")  # the run folder holds its own control, as always
+        report["shared_dir"] = str(out_dir / "shared_prefix")
+        report["shared_from"] = str(shared_dir)
     if table is not None and cfg.e2p_steps > 0:
         people = sorted({p for _, _, p in items if p >= 0})
         mean = table[people].mean(0) if cfg.center_embeddings and people else None
