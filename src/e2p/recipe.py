@@ -232,6 +232,7 @@ def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: Recip
         with_text = lambda ex: (ex.prompt, ex.target, users.index[ex.user], ex.profile_text)
         train_text_stages(backbone, [with_text(ex) for ex in train_ex], [with_text(ex) for ex in picked], table,
                           out_dir, cfg, report, progress)
+        report["seconds"] = sum(stage["seconds"] for stage in report["stages"].values())
     controls = [c for c in conditions_for(out_dir, with_text=False) if c.name != "none"]
     checked = evaluate_examples(backbone, users, verdict_ex, out_dir, out_dir / "validation", conditions=controls,
                                 limit=4 * cfg.val_examples, generate=0, max_target_tokens=cfg.max_target_tokens,
