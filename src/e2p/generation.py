@@ -63,7 +63,6 @@ def row_generator(do_sample: bool, seed: int | None) -> torch.Generator | None:
     return torch.Generator().manual_seed(seed) if do_sample and seed is not None else None
 
 
-
 @dataclass(eq=False)  # identity: a row is this generation, never equal to another with the same tokens
 class DecodeRow:
     """One row being generated: its sampling settings (temperature 0: greedy), its own random stream (seeded:
@@ -178,11 +177,3 @@ class Generation:
             self.dec, nxt = self.dec.select(keep), nxt[keep]
         self.model.advance(self.dec, nxt)
         return finished
-
-    def drop(self, rows: Sequence[DecodeRow]) -> None:
-        """Take rows out of the batch now (e.g. their client left)."""
-        gone = {id(r) for r in rows}
-        keep = [j for j, r in enumerate(self.rows) if id(r) not in gone]
-        if len(keep) < len(self.rows):
-            self.rows = [self.rows[j] for j in keep]
-            self.dec = self.dec.select(keep) if self.rows else None

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from .backbone import Backbone
 from .config import E2PConfig
 from .errors import E2PError
-from .generation import DecodeRow, Decoding, Generation, row_generator  # noqa: F401 (re-exported)
+from .generation import DecodeRow, Decoding, Generation
 from .projector import Projector, check_backbone
 
 log = logging.getLogger(__name__)
@@ -376,15 +376,6 @@ class E2PModel(nn.Module):
                     position_ids=dec.positions, past_key_values=dec.cache)
         out = self._hidden(step, use_cache=True)
         dec.cache, dec.last = _output_cache(out), out.last_hidden_state[:, -1]
-
-    def pick_rows(self, logits: torch.Tensor, settings: Sequence[tuple[float, float, torch.Generator | None]]) -> torch.Tensor:
-        """[B] tokens, each row with its own (temperature, top_p, generator): temperature 0 is greedy, a sampled
-        row draws from its own generator (None: the global one). The one sampling rule of the CLI and the server."""
-        nxt = logits.argmax(-1)
-        for j, (temperature, top_p, gen) in enumerate(settings):
-            if temperature > 0:
-                nxt[j] = self.pick(logits[j:j + 1], True, temperature, top_p, gen)[0]
-        return nxt
 
     @staticmethod
     def pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen=None) -> torch.Tensor:

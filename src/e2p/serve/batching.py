@@ -71,10 +71,6 @@ class GenRequest:
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # the client left: stop generating this row
 
-    @property
-    def do_sample(self) -> bool:
-        return self.temperature > 0
-
 
 @dataclass
 class GenResult:
