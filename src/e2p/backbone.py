@@ -1,7 +1,9 @@
 """Load a frozen causal LM and its tokenizer: the bundled SmolLM2 GGUF (cached once), an HF dir or a GGUF file."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import logging
 import os
 from dataclasses import dataclass
@@ -58,8 +60,11 @@ def _load_gguf(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("de-quantizing %s (once; later loads use the cache)", path)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # transformers draws its conversion bar with bare tqdm, past its own verbosity switch: quiet unless -v
+    quiet = contextlib.redirect_stderr(io.StringIO()) if not log.isEnabledFor(logging.INFO) else contextlib.nullcontext()
+    with quiet:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     return model, tokenizer
 
 

@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="reply to a message as one or more users")
     common(g)
-    g.add_argument("--projector", required=True)
+    g.add_argument("--projector", default="persona-deep-k1",
+                   help="a shipped name or a folder `e2p train` wrote (default: persona-deep-k1)")
     g.add_argument("--persona", action="append", help="persona text of a user (repeatable)")
     g.add_argument("--embedding", action="append", help="embedding file .npy/.json/.safetensors/.csv (repeatable)")
     g.add_argument("--message", required=True)

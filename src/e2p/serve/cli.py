@@ -89,7 +89,7 @@ def cmd_users_list(args) -> None:
 def add_serve_commands(sub) -> None:
     """Add `serve` and `users` to the `e2p` subcommand parser."""
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a live user-embedding store")
-    s.add_argument("--projector", default=None, help="projector dir (omit: the plain backbone, no personalization)")
+    s.add_argument("--projector", default=None, help="a shipped name (persona-deep-k1) or a folder `e2p train` wrote (omit: the plain backbone)")
     s.add_argument("--backbone", default=None, help="model dir or .gguf (default: bundled SmolLM2-135M-Instruct)")
     s.add_argument("--store", required=True, help="SQLite embedding store (created if missing)")
     s.add_argument("--host", default="127.0.0.1")
