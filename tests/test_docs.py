@@ -73,3 +73,56 @@ def test_readme_python_blocks_run(real_backbone, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     for block in code:
         exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+
+
+def all_blocks(path: Path) -> list[tuple[str, str]]:
+    """(language, text) of every fenced block of a Markdown file."""
+    out, lang, lines = [], None, []
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            if lang is None:
+                lang, lines = line[3:].strip(), []
+            else:
+                out.append((lang, "\n".join(lines)))
+                lang = None
+        elif lang is not None:
+            lines.append(line)
+    return out
+
+
+NEEDS = re.compile(r"#\s*(runs as written|needs\b)")
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_every_block_runs_as_written_or_says_what_it_needs(path):
+    """A newcomer can tell, before pasting, whether a block will run in a fresh clone: the README's Python blocks
+    are run by the test above; every other block is a diagram or a data sample (```text, json, jsonl) or carries a `# needs ...` comment
+    (data, a trained run, a server, a GPU) or `# runs as written`."""
+    for i, (lang, text) in enumerate(all_blocks(path)):
+        if lang in ("text", "json", "jsonl") or (path.name == "README.md" and lang == "python"):
+            continue
+        assert NEEDS.search(text), (f"{path.name}, block {i + 1} ({lang or 'no language'}): add a `# needs ...` or "
+                                    f"`# runs as written` comment, or mark a diagram ```text:\n{text[:200]}")
+
+
+def script_lines() -> list[tuple[str, str]]:
+    out = []
+    for path in DOCS:
+        for block in blocks(path, SHELL):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split("#", 1)[0].strip()
+                for part in re.split(r"&&|\||;", line):
+                    words = part.split()
+                    if len(words) > 1 and words[0] in ("python", ".venv/bin/python") and words[1].endswith(".py"):
+                        out.append((path.name, part.strip()))
+    return out
+
+
+@pytest.mark.parametrize("where, line", script_lines())
+def test_documented_scripts_exist_with_their_flags(where, line):
+    words = line.split()
+    script = ROOT / words[1]
+    assert script.is_file(), f"{where}: `{line}`: {words[1]} does not exist"
+    source = script.read_text()
+    for flag in {w.split("=")[0] for w in words[2:] if w.startswith("--")}:
+        assert f'"{flag}"' in source, f"{where}: `{line}`: {words[1]} has no option {flag}"
