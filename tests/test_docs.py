@@ -1,5 +1,6 @@
 """The docs run as written: every `e2p ...` command line in README.md and docs/*.md uses only subcommands and
-flags that `e2p ... --help` knows, and the README's Python blocks run (the first needs the real backbone)."""
+flags that `e2p ... --help` knows, every `python script.py` names a script that exists with those flags, the
+README's Python blocks run (the first needs the real backbone), and every other block says what it needs."""
 from __future__ import annotations
 
 import re
@@ -11,34 +12,38 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def blocks(path: Path, langs: tuple[str, ...]) -> list[str]:
-    """The fenced code blocks of a Markdown file whose language is one of `langs` ("" for none)."""
+def all_blocks(path: Path) -> list[tuple[str, str]]:
+    """(language, text) of every fenced code block of a Markdown file ("" for no language)."""
     out, lang, lines = [], None, []
     for line in path.read_text().splitlines():
         if line.startswith("```"):
             if lang is None:
                 lang, lines = line[3:].strip(), []
             else:
-                if lang in langs:
-                    out.append("\n".join(lines) + "\n")
+                out.append((lang, "\n".join(lines) + "\n"))
                 lang = None
         elif lang is not None:
             lines.append(line)
     return out
 
 
+def blocks(path: Path, langs: tuple[str, ...]) -> list[str]:
+    return [text for lang, text in all_blocks(path) if lang in langs]
+
+
 SHELL = ("bash", "sh", "console", "")  # shell blocks, and blocks that name no language
 
 
-def command_lines() -> list[tuple[str, str]]:
+def documented_lines(starts: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(file, command) for every shell command line in the docs whose first word is one of `starts`."""
     out = []
     for path in DOCS:
         for block in blocks(path, SHELL):
             for line in block.replace("\\\n", " ").splitlines():
                 line = line.split("#", 1)[0].strip()
-                for part in re.split(r"&&|\|", line):
+                for part in re.split(r"&&|\||;", line):
                     words = part.split()
-                    if words and words[0] in ("e2p", ".venv/bin/e2p"):
+                    if words and words[0] in starts:
                         out.append((path.name, part.strip()))
     return out
 
@@ -58,7 +63,7 @@ def help_of(words: list[str]) -> tuple[list[str], str]:
     return path, parser.format_help()
 
 
-@pytest.mark.parametrize("where, line", command_lines())
+@pytest.mark.parametrize("where, line", documented_lines(("e2p", ".venv/bin/e2p")))
 def test_documented_command_lines_match_the_cli(where, line):
     words = [w for w in re.split(r"[\s\[\]|]+", line) if w][1:]
     path, text = help_of([w for w in words if not w.startswith("-")][:2])
@@ -74,20 +79,6 @@ def test_readme_python_blocks_run(real_backbone, monkeypatch, tmp_path):
     for block in code:
         exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
 
-
-def all_blocks(path: Path) -> list[tuple[str, str]]:
-    """(language, text) of every fenced block of a Markdown file."""
-    out, lang, lines = [], None, []
-    for line in path.read_text().splitlines():
-        if line.startswith("```"):
-            if lang is None:
-                lang, lines = line[3:].strip(), []
-            else:
-                out.append((lang, "\n".join(lines)))
-                lang = None
-        elif lang is not None:
-            lines.append(line)
-    return out
 
 
 NEEDS = re.compile(r"#\s*(runs as written|needs\b)")
@@ -105,20 +96,8 @@ def test_every_block_runs_as_written_or_says_what_it_needs(path):
                                     f"`# runs as written` comment, or mark a diagram ```text:\n{text[:200]}")
 
 
-def script_lines() -> list[tuple[str, str]]:
-    out = []
-    for path in DOCS:
-        for block in blocks(path, SHELL):
-            for line in block.replace("\\\n", " ").splitlines():
-                line = line.split("#", 1)[0].strip()
-                for part in re.split(r"&&|\||;", line):
-                    words = part.split()
-                    if len(words) > 1 and words[0] in ("python", ".venv/bin/python") and words[1].endswith(".py"):
-                        out.append((path.name, part.strip()))
-    return out
-
-
-@pytest.mark.parametrize("where, line", script_lines())
+@pytest.mark.parametrize("where, line", [(w, line) for w, line in documented_lines(("python", ".venv/bin/python"))
+                                         if line.split()[1:2] and line.split()[1].endswith(".py")])
 def test_documented_scripts_exist_with_their_flags(where, line):
     words = line.split()
     script = ROOT / words[1]
