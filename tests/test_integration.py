@@ -67,3 +67,19 @@ def test_cli_errors_are_clear(tmp_path):
     r = subprocess.run([sys.executable, "-m", "e2p.cli", "generate", "--projector", str(tmp_path), "--persona", "x",
                         "--message", "hi"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "config.json" in r.stderr
+
+
+def test_first_run_prints_no_third_party_noise(tmp_path):
+    """A newcomer's first command converts the bundled GGUF (into a fresh cache here): transformers' conversion
+    and "Loading weights" bars stay quiet without -v; the reply comes; the default projector is the shipped one."""
+    import os
+
+    env = {**os.environ, "E2P_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "e2p.cli", "generate", "--persona", "I am a chef in Paris.",
+                        "--message", "What do you do?", "--max-new-tokens", "4"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "cache" / "SmolLM2-135M-Instruct" / "config.json").is_file()
+    for noise in ("Converting", "Loading weights", "it/s]"):
+        assert noise not in r.stderr, r.stderr
+    assert r.stdout.strip()
