@@ -4,7 +4,7 @@
 # SRC: the PENS folder or .tsv file. TEST_USERS_FILE (optional): a PENS file of further users who are only
 # evaluated, never trained on (without it, 20% of SRC's users are held out by user). Everything is chosen on
 # validation users inside `e2p train`; nothing here looks at the test users until the study scores them.
-# Knobs (environment): OUT (default runs/pens-full), LORA_STEPS (300), TEXT_STEPS (60), GENERATE (68), LIMIT (all).
+# Then the ceiling (oracle_prefix_ceiling.py). Knobs (environment): OUT (default runs/pens-full), LORA_STEPS (300), TEXT_STEPS (60), GENERATE (68), LIMIT (all).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SRC=${1:?usage: research/pens/full_run.sh SRC [TEST_USERS_FILE]}
@@ -31,3 +31,6 @@ limit=()
 [ -n "${LIMIT:-}" ] && limit=(--limit "$LIMIT")
 stage study "$PY" research/pens/study.py --data "$OUT/data" --behaviour "$OUT/behaviour" \
     --text-profile "$OUT/textprofile" --lora "$OUT/lora" --out "$OUT/study" --generate "${GENERATE:-68}" "${limit[@]}"
+# the ceiling: per-user prompt tuning on half of each test user's own headlines (an oracle: it trains on test users)
+stage oracle "$PY" research/pens/oracle_prefix_ceiling.py --users "$OUT/data/test/users.npz" \
+    --examples "$OUT/data/test/examples.jsonl" --shared "$OUT/behaviour/shared_prefix" --out "$OUT/oracle"
