@@ -173,15 +173,19 @@ def test_row_text_sends_only_settled_text():
 
     pieces = [" Hel", "lo", " wor", "ld", " ", "\ufffd", "é", " ST", "AR", " ST", "OP", " more"]
     decode = lambda ids: "".join(pieces[i] for i in ids).replace("\ufffdé", "é")  # a character in two tokens
-    row = RowText(decode, ["STOP"])
-    deltas = [row.add(i) for i in range(len(pieces)) if not row.stopped]
+    row, tokens = RowText(decode, ["STOP"]), []
+    deltas = []
+    for i in range(len(pieces)):  # the decode loop appends a token to the row, then the text takes the row's tokens
+        if not row.stopped:
+            tokens.append(i)
+            deltas.append(row.add(tokens))
     assert deltas == ["Hel", "lo", " wor", "ld", "", "", " é", " ", "STAR", " ", ""]
-    final, last = row.finish()
+    final, last = row.finish(tokens)
     assert row.stopped and final == "Hello world é STAR " and "".join(deltas) + last == final
     plain = RowText(decode, [])
     for i in range(5):
-        plain.add(i)
-    assert plain.sent == "Hello world" and plain.finish() == ("Hello world", "")
+        plain.add(list(range(i + 1)))
+    assert plain.sent == "Hello world" and plain.finish(list(range(5))) == ("Hello world", "")
 
 
 def slowed(model: E2PModel, seconds: float) -> E2PModel:

@@ -88,31 +88,30 @@ def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 class RowText:
-    """One row's text as its tokens arrive: the final text is `decode(tokens).strip()` cut at the first stop
-    string; `add` returns only new text that no later token can change, so the deltas add up to it exactly.
-    With `each_step` False (nothing streamed, no stop string) tokens are only collected and decoded once, at
-    `finish`."""
+    """One row's text as its tokens arrive (the row holds the tokens; this holds what was sent): the final text is
+    `decode(tokens).strip()` cut at the first stop string; `add` returns only new text that no later token can
+    change, so the deltas add up to it exactly. With `each_step` False (nothing streamed, no stop string) the
+    tokens are decoded once, at `finish`."""
 
     def __init__(self, decode: Callable[[list[int]], str], stops: list[str], each_step: bool = True):
         self.decode = decode
         self.stops = [x for x in stops if x]
         self.each_step = each_step or bool(self.stops)
-        self.tokens: list[int] = []
         self.sent = ""
         self.stopped = False
 
-    def add(self, token: int) -> str:
-        """Take one token; -> the new delta ("" if nothing is certain yet). Sets `stopped` at a stop string."""
-        self.tokens.append(token)
+    def add(self, tokens: list[int]) -> str:
+        """The row's tokens, one more than last time; -> the new delta ("" if nothing is certain yet). Sets
+        `stopped` at a stop string."""
         if not self.each_step:
             return ""
-        text = self.decode(self.tokens).lstrip()
+        text = self.decode(tokens).lstrip()
         cut, self.stopped = _cut_at_stop(text, self.stops)
         return self._emit(cut if self.stopped else self._settled(text))
 
-    def finish(self) -> tuple[str, str]:
-        """-> (the final text, the last delta that completes what was sent)."""
-        final, _ = _cut_at_stop(self.decode(self.tokens).strip(), self.stops)
+    def finish(self, tokens: list[int]) -> tuple[str, str]:
+        """The row's tokens; -> (the final text, the last delta that completes what was sent)."""
+        final, _ = _cut_at_stop(self.decode(tokens).strip(), self.stops)
         if not final.startswith(self.sent):  # cannot happen with a byte-level tokenizer; never send a wrong text
             log.warning("streamed text %r is not a prefix of the final text %r", self.sent, final)
             return final, ""
@@ -312,16 +311,16 @@ class Batcher:
         if self.metrics is not None:
             self.metrics.batch_size.observe(size)
 
-    def _feed(self, row: "_Row", token: int) -> bool:
-        """One new token for `row` (streamed if asked); -> whether the row must stop here."""
+    def _feed(self, row: "_Row") -> bool:
+        """`row` took one new token (streamed if asked); -> whether the row must stop here."""
         r = row.request
         if self.metrics is not None:
             self.metrics.generated_tokens.inc()
         if row.text.each_step:
             with self.tokenizer_lock:
-                delta = row.text.add(token)
+                delta = row.text.add(row.tokens)
         else:
-            delta = row.text.add(token)  # collected only: no decoding, no tokenizer
+            delta = ""  # collected only (in row.tokens): no decoding, no tokenizer
         if delta and r.on_delta is not None:
             r.on_delta(delta)
         return row.text.stopped or r.cancelled
@@ -335,10 +334,10 @@ class Batcher:
             return
         try:
             with self.tokenizer_lock:
-                text, delta = row.text.finish()
+                text, delta = row.text.finish(row.tokens)
             if delta and r.on_delta is not None:
                 r.on_delta(delta)
-            n = len(row.text.tokens)
+            n = len(row.tokens)
             finish = "stop" if row.text.stopped or n < r.max_tokens else "length"
             elapsed = time.monotonic() - row.started
             if self.metrics is not None:
@@ -363,4 +362,4 @@ class _Row(DecodeRow):
 
     def accept(self, token: int) -> bool:
         super().accept(token)
-        return self.batcher._feed(self, token)
+        return self.batcher._feed(self)
