@@ -80,15 +80,14 @@ def test_readme_python_blocks_run(real_backbone, monkeypatch, tmp_path):
         exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
 
 
-
 NEEDS = re.compile(r"#\s*(runs as written|needs\b)")
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
 def test_every_block_runs_as_written_or_says_what_it_needs(path):
     """A newcomer can tell, before pasting, whether a block will run in a fresh clone: the README's Python blocks
-    are run by the test above; every other block is a diagram or a data sample (```text, json, jsonl) or carries a `# needs ...` comment
-    (data, a trained run, a server, a GPU) or `# runs as written`."""
+    are run by the test above; every other block is a diagram or a data sample (```text, json, jsonl) or carries
+    a `# needs ...` comment (data, a trained run, a server, a GPU) or `# runs as written`."""
     for i, (lang, text) in enumerate(all_blocks(path)):
         if lang in ("text", "json", "jsonl") or (path.name == "README.md" and lang == "python"):
             continue

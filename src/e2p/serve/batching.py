@@ -91,7 +91,7 @@ class RowText:
     """One row's text as its tokens arrive (the row holds the tokens; this holds what was sent): the final text is
     `decode(tokens).strip()` cut at the first stop string; `add` returns only new text that no later token can
     change, so the deltas add up to it exactly. With `each_step` False (nothing streamed, no stop string) the
-    tokens are decoded once, at `finish`."""
+    caller skips `add` and the tokens are decoded once, at `finish`."""
 
     def __init__(self, decode: Callable[[list[int]], str], stops: list[str], each_step: bool = True):
         self.decode = decode
@@ -103,8 +103,6 @@ class RowText:
     def add(self, tokens: list[int]) -> str:
         """The row's tokens, one more than last time; -> the new delta ("" if nothing is certain yet). Sets
         `stopped` at a stop string."""
-        if not self.each_step:
-            return ""
         text = self.decode(tokens).lstrip()
         cut, self.stopped = _cut_at_stop(text, self.stops)
         return self._emit(cut if self.stopped else self._settled(text))
@@ -316,13 +314,11 @@ class Batcher:
         r = row.request
         if self.metrics is not None:
             self.metrics.generated_tokens.inc()
-        if row.text.each_step:
+        if row.text.each_step:  # otherwise the tokens are only collected (in row.tokens): no decoding, no tokenizer
             with self.tokenizer_lock:
                 delta = row.text.add(row.tokens)
-        else:
-            delta = ""  # collected only (in row.tokens): no decoding, no tokenizer
-        if delta and r.on_delta is not None:
-            r.on_delta(delta)
+            if delta and r.on_delta is not None:
+                r.on_delta(delta)
         return row.text.stopped or r.cancelled
 
     def _complete(self, row: "_Row") -> None:
