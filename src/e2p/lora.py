@@ -30,7 +30,7 @@ def train_lora(backbone, rows, *, steps: int = 300, lr: float = 3e-4, rank: int 
     torch.manual_seed(seed)
     peft_model = get_peft_model(backbone.model, lcfg)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    model = E2PModel(backbone, None)
+    model = E2PModel(backbone, None, training=True)
     opt = torch.optim.AdamW(params, lr=lr)
     rng = np.random.default_rng(seed)
     start, losses, step = time.time(), [], 0

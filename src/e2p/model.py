@@ -1,7 +1,6 @@
 """E2PModel: the one place that builds prefixed inputs, computes the loss and generates."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .backbone import Backbone
+from .devices import autocast as autocast_context, cpu_has_native_bf16
 from .config import E2PConfig
 from .errors import E2PError
 from .generation import DecodeRow, Decoding, Generation
@@ -35,14 +35,47 @@ class Segments:
     target: list[int] = field(default_factory=list)
 
 
-@functools.lru_cache(maxsize=1)
-def bf16_supported() -> bool:
-    """bf16 autocast only pays on CPUs with native bf16 (AVX512-BF16 / AMX); elsewhere it is ~100x slower."""
+bf16_supported = cpu_has_native_bf16  # the name benchmarks and older scripts import
+
+PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def plain_prompt(messages: Messages, add_generation_prompt: bool, bos: str = "", eos: str = "") -> str:
+    """The prompt format of a backbone without a chat template (a base model): the tokenizer's BOS, then each turn
+    as "Role: content" separated by blank lines, an assistant turn ending with EOS, and "Assistant:" to reply."""
+    parts = []
+    for m in messages:
+        role = PLAIN_ROLES.get(m["role"], str(m["role"]).capitalize())
+        parts.append(f"{role}: {m['content']}" + (eos if m["role"] == "assistant" else ""))
+    text = bos + "\n\n".join(parts)
+    if add_generation_prompt:
+        text += ("\n\n" if parts else "") + "Assistant:"
+    return text
+
+
+class DeepInjectionError(E2PError, ValueError):
+    """The backbone does not keep its attention cache as per-layer keys and values."""
+
+
+def check_deep_injection(lm: nn.Module) -> None:
+    """Deep injection writes a prefix into every layer's key/value cache: refuse, by name, an architecture whose
+    cache is something else (state-space or recurrent layers, encoder-decoder caches)."""
+    arch = type(lm).__name__
     try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        cache = _output_cache(lm.base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=_device(lm)), use_cache=True))
+        layers = getattr(cache, "layers", None)
+        ok = layers is not None and len(layers) == lm.config.num_hidden_layers and all(
+            getattr(layer, "keys", None) is not None and layer.keys.dim() == 4 and layer.keys.shape[2] == 1 for layer in layers)
+    except Exception as exc:  # noqa: BLE001 - any failure means the layout is not the one deep injection writes
+        raise DeepInjectionError(f"deep injection needs per-layer key/value caches; {arch} failed to build one ({exc}): "
+                                 "train with --injection input") from None
+    if not ok:
+        raise DeepInjectionError(f"deep injection needs per-layer key/value caches, and {arch} keeps its cache as "
+                                 f"{type(cache).__name__}: train with --injection input, which works on every causal LM")
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,20 +111,37 @@ class E2PModel(nn.Module):
     """A frozen backbone plus (optionally) a projector; rows of a batch may belong to different users.
 
     With `projector=None` it is the plain backbone (the `none` / `text` conditions), using the
-    formatting settings of `config` (or the defaults).
+    formatting settings of `config` (or the defaults). Everything runs on the backbone's device; `autocast`
+    None takes the backbone's precision for `training` or inference (e2p.devices.resolve_dtype), False turns it
+    off, True or a dtype forces bf16 / that dtype.
     """
 
     def __init__(self, backbone: Backbone, projector: Projector | None = None, config: E2PConfig | None = None,
-                 autocast: bool | None = None, max_prompt_tokens: int = 1024):
+                 autocast: bool | torch.dtype | None = None, max_prompt_tokens: int = 1024, training: bool = False):
         super().__init__()
         if projector is not None:
+            if projector.config.injection == "deep":
+                check_deep_injection(backbone.model)
+                if getattr(backbone.model, "is_gradient_checkpointing", False):
+                    # transformers' checkpointed layers drop the cache, and with it a deep prefix's keys and values
+                    raise DeepInjectionError("gradient checkpointing works with --injection input only: transformers "
+                                             "drops the key/value cache, where a deep prefix lives, in checkpointed layers")
             check_backbone(projector.config, backbone)
+            projector.to(backbone.device)
         self.backbone = backbone
         self.lm = backbone.model
+        self.base = backbone.model.base_model  # the decoder stack: .model (Llama, Qwen2, Gemma), .gpt_neox, ...
+        self.device = backbone.device
         self.tokenizer = backbone.tokenizer
         self.projector = projector
         self.config = projector.config if projector is not None else (config or E2PConfig())
-        self.autocast = bf16_supported() if autocast is None else autocast
+        if autocast is None:
+            autocast = backbone.precision(training).autocast if hasattr(backbone, "precision") else None
+        elif autocast is True:
+            autocast = torch.bfloat16
+        self.autocast = autocast or None  # the autocast dtype, None: compute in the weights' dtype
+        self.softcap = getattr(self.lm.config, "final_logit_softcapping", None)
+        self.plain_format = getattr(self.tokenizer, "chat_template", None) is None
         self.max_prompt_tokens = max_prompt_tokens
         eos = {self.tokenizer.eos_token_id}
         gen_eos = getattr(getattr(self.lm, "generation_config", None), "eos_token_id", None)
@@ -110,10 +160,22 @@ class E2PModel(nn.Module):
         return self.num_prefix_tokens if (has_embedding or self.projector.config.is_shared) else 0
 
     # --- formatting -------------------------------------------------------------------------
+    @functools.cached_property
+    def _bos_text(self) -> str:
+        """The BOS token when the tokenizer puts one in front of text itself (Gemma, Llama): the plain format keeps it."""
+        tok = self.tokenizer
+        with_special = tok("a")["input_ids"]
+        plain = tok("a", add_special_tokens=False)["input_ids"]
+        if tok.bos_token and tok.bos_token_id is not None and with_special[:1] == [tok.bos_token_id] != plain[:1]:
+            return tok.bos_token
+        return ""
+
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _render(self, messages: Messages, add_generation_prompt: bool) -> str:
+        if self.plain_format:
+            return plain_prompt(messages, add_generation_prompt, self._bos_text, self.tokenizer.eos_token or "")
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def format(self, messages: Messages | str, reply: str | None = None, persona_text: str | None = None,
@@ -181,19 +243,20 @@ class E2PModel(nn.Module):
         `embeddings`: a [B, E] tensor, or a list whose None entries mean "no user" (plain backbone row).
         A shared projector (embedding_dim 0) gives every row its prefix.
         """
+        dev = self.device
         if self.projector is None:
-            return None, torch.zeros(batch_size, dtype=torch.bool)
+            return None, torch.zeros(batch_size, dtype=torch.bool, device=dev)
         if self.projector.config.is_shared:
-            return self.projector(batch_size=batch_size), torch.ones(batch_size, dtype=torch.bool)
+            return self.projector(batch_size=batch_size), torch.ones(batch_size, dtype=torch.bool, device=dev)
         if embeddings is None:
-            return None, torch.zeros(batch_size, dtype=torch.bool)
+            return None, torch.zeros(batch_size, dtype=torch.bool, device=dev)
         if isinstance(embeddings, torch.Tensor) or (len(embeddings) and all(e is not None for e in embeddings)):
             e = embeddings if isinstance(embeddings, torch.Tensor) else torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in embeddings])
             if len(e) != batch_size:
                 raise ValueError(f"{len(e)} embeddings for a batch of {batch_size}")
-            return self.projector(e), torch.ones(batch_size, dtype=torch.bool)
-        has = torch.tensor([e is not None for e in embeddings], dtype=torch.bool)
-        out = torch.zeros(batch_size, self.projector.config.num_prefix_tokens, self.projector.config.prefix_dim)
+            return self.projector(e), torch.ones(batch_size, dtype=torch.bool, device=dev)
+        has = torch.tensor([e is not None for e in embeddings], dtype=torch.bool, device=dev)
+        out = torch.zeros(batch_size, self.projector.config.num_prefix_tokens, self.projector.config.prefix_dim, device=dev)
         if has.any():
             rows = torch.stack([torch.as_tensor(embeddings[i], dtype=torch.float32) for i in range(batch_size) if has[i]])
             out = out.to(self.projector.shared.dtype)
@@ -211,6 +274,7 @@ class E2PModel(nn.Module):
         lengths = [len(r.pre) + n_inline[i] + len(r.post) + len(r.target) for i, r in enumerate(rows)]
         T = max(lengths)
         pad_id = self.tokenizer.pad_token_id
+        # built on the host (many small writes), then moved in one copy each
         ids = torch.full((B, T), pad_id, dtype=torch.long)
         mask = torch.zeros(B, T, dtype=torch.long)
         is_prefix = torch.zeros(B, T, dtype=torch.bool)
@@ -223,11 +287,13 @@ class E2PModel(nn.Module):
             is_prefix[i, s + len(r.pre): s + len(r.pre) + n_inline[i]] = True
             if r.target:
                 is_target[i, T - len(r.target):] = True
+        dev = self.device
+        ids, mask, is_prefix, is_target = ids.to(dev), mask.to(dev), is_prefix.to(dev), is_target.to(dev)
         embeds = self.lm.get_input_embeddings()(ids)
         if prefix is not None and not deep and is_prefix.any():
             embeds = embeds.masked_scatter(is_prefix.unsqueeze(-1), prefix[has].to(embeds.dtype).reshape(-1))
         if deep and prefix is not None and self.config.prefix_position == "after_sink":
-            prefix = torch.cat([self._sink_kv(rows).to(prefix.dtype).expand(B, 1, -1), prefix], dim=1)
+            prefix = torch.cat([self._sink_kv(rows).to(prefix.dtype), prefix], dim=1)
         n_cache = prefix.shape[1] if deep and prefix is not None else 0
         offset = (has.long() * n_cache).unsqueeze(1) if deep else 0
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0) + offset
@@ -238,12 +304,15 @@ class E2PModel(nn.Module):
         return batch
 
     def _sink_kv(self, rows: Sequence[Segments]) -> torch.Tensor:
-        """[1, 1, L*2*kv]: every layer's key/value of the prompt's first token at position 0 (frozen, cached),
+        """[B, 1, L*2*kv]: every layer's key/value of each row's first token at position 0 (frozen, cached),
         so that with "after_sink" the model's attention sink stays a real token and the prefix sits behind it."""
-        first = (rows[0].pre or rows[0].post)[:1]
-        if getattr(self, "_sink", None) is None or self._sink[0] != first:
-            self._sink = (first, token_keys_values(self.lm, first).unsqueeze(0))
-        return self._sink[1]
+        firsts = [tuple((r.pre or r.post)[:1]) for r in rows]  # each row its own first token, as it was trained
+        sinks = self.__dict__.setdefault("_sinks", {})
+        if len(sinks) > 256:
+            sinks.clear()
+        for first in set(firsts) - set(sinks):
+            sinks[first] = token_keys_values(self.lm, list(first))
+        return torch.stack([sinks[first] for first in firsts])
 
     def _deep_cache(self, prefix: torch.Tensor):
         """[B, k, L*2*kv] -> a DynamicCache holding each layer's prefix keys and values."""
@@ -254,20 +323,29 @@ class E2PModel(nn.Module):
         n_kv = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
         head_dim = self.backbone.kv_dim // n_kv
         kv = prefix.view(B, k, cfg.num_hidden_layers, 2, n_kv, head_dim).permute(2, 3, 0, 4, 1, 5)
+        kv = kv.to(self.backbone.dtype)  # the weights' dtype (bf16 on a GPU in bf16)
         cache = DynamicCache(config=cfg)
         for layer in range(cfg.num_hidden_layers):
             cache.update(kv[layer, 0].contiguous(), kv[layer, 1].contiguous(), layer)
         return cache
 
     def _autocast(self):
-        return torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        return autocast_context(self.device, self.autocast)
 
     def _hidden(self, batch: dict, use_cache: bool = False):
         with self._autocast():
-            return self.lm.model(
+            return self.base(
                 inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], use_cache=use_cache, **_cache_kwarg(self.lm.model, batch.get("past_key_values")),
+                position_ids=batch["position_ids"], use_cache=use_cache, **_cache_kwarg(self.base, batch.get("past_key_values")),
             )
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float logits from last hidden states, as the model's own head computes them (Gemma's soft-capping too)."""
+        with self._autocast():
+            logits = self.lm.get_output_embeddings()(hidden).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
     # --- loss -----------------------------------------------------------------------------------
     def target_logits(self, rows: Sequence[Segments], embeddings=None):
@@ -280,10 +358,8 @@ class E2PModel(nn.Module):
         predicts = batch["is_target"][:, 1:]  # position t predicts token t+1
         h = hidden[:, :-1][predicts]
         labels = batch["ids"][:, 1:][predicts]
-        with self._autocast():
-            logits = self.lm.get_output_embeddings()(h)
-        row = torch.arange(len(rows)).unsqueeze(1).expand_as(predicts)[predicts]
-        return logits.float(), labels, row
+        row = torch.arange(len(rows), device=self.device).unsqueeze(1).expand_as(predicts)[predicts]
+        return self.logits(h), labels, row
 
     def loss(self, rows: Sequence[Segments], embeddings=None, reduction: str = "mean",
              batch_size: int | None = None) -> torch.Tensor:
@@ -358,8 +434,7 @@ class E2PModel(nn.Module):
     @torch.no_grad()
     def next_logits(self, dec: "Decoding") -> torch.Tensor:
         """[B, vocab] float logits of every row's next token."""
-        with self._autocast():
-            return self.lm.get_output_embeddings()(dec.last).float()
+        return self.logits(dec.last)
 
     def next_tokens(self, dec: "Decoding", do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                     gen: torch.Generator | None = None) -> torch.Tensor:
@@ -370,7 +445,7 @@ class E2PModel(nn.Module):
     def advance(self, dec: "Decoding", tokens: torch.Tensor) -> None:
         """Feed each row its token: one forward step of the whole batch."""
         B = len(tokens)
-        dec.mask = torch.cat([dec.mask, torch.ones(B, 1, dtype=dec.mask.dtype)], dim=1)
+        dec.mask = torch.cat([dec.mask, torch.ones(B, 1, dtype=dec.mask.dtype, device=dec.mask.device)], dim=1)
         dec.positions = dec.positions + 1
         step = dict(inputs_embeds=self.lm.get_input_embeddings()(tokens.unsqueeze(1)), attention_mask=dec.mask,
                     position_ids=dec.positions, past_key_values=dec.cache)
@@ -395,7 +470,7 @@ class E2PModel(nn.Module):
 @torch.no_grad()
 def token_keys_values(lm: nn.Module, ids: Sequence[int]) -> torch.Tensor:
     """[t, L*2*kv]: every layer's keys and values of `ids` (from position 0), laid out as a deep prefix."""
-    cache = _output_cache(lm.model(input_ids=torch.tensor([list(ids)]), use_cache=True))
+    cache = _output_cache(lm.base_model(input_ids=torch.tensor([list(ids)], device=_device(lm)), use_cache=True))
     layers = [torch.stack([cache.layers[i].keys[0].permute(1, 0, 2).flatten(1),  # [n_kv, t, hd] -> [t, n_kv*hd]
                            cache.layers[i].values[0].permute(1, 0, 2).flatten(1)], dim=1)
               for i in range(lm.config.num_hidden_layers)]
@@ -404,4 +479,4 @@ def token_keys_values(lm: nn.Module, ids: Sequence[int]) -> torch.Tensor:
 
 def per_row_sum(values: torch.Tensor, row: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Sum flattened per-token `values` back into their rows (`row` from :meth:`E2PModel.target_logits`)."""
-    return torch.zeros(n_rows, dtype=values.dtype).index_add(0, row, values)
+    return torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, row, values)

@@ -156,7 +156,7 @@ def _stage(backbone, name: str, projector: Projector, folder: Path, items, val_i
            contrastive: float = 0.0, resume: bool = False) -> Projector:
     """Train one stage on ``(prompt, reply, person[, profile_text])`` tuples; record it in `report`; reload the
     best checkpoint from `folder`."""
-    model = E2PModel(backbone, projector)
+    model = E2PModel(backbone, projector, training=True)
     rows = lambda tuples: [Item(model.format(t[0], reply=t[1], persona_text=t[3] if len(t) > 3 else None,
                                              max_target_tokens=cfg.max_target_tokens), t[2]) for t in tuples]
     tc = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=lr, eval_every=cfg.eval_every, seed=cfg.seed,

@@ -564,12 +564,13 @@ class TextStream:
             self.serving.batcher.discard(self.job)
 
 
-def load_model(projector_dir: str | None, backbone_name: str | None = None, max_prompt_tokens: int = 1024) -> E2PModel:
-    """Backbone + projector from disk, ready to serve."""
+def load_model(projector_dir: str | None, backbone_name: str | None = None, max_prompt_tokens: int = 1024,
+               device: str = "auto", dtype: str = "auto") -> E2PModel:
+    """Backbone + projector from disk, ready to serve (on a CPU 'auto' is float32: batch-independent answers)."""
     from ..backbone import load_backbone
     from ..projector import Projector
 
-    backbone = load_backbone(backbone_name)
+    backbone = load_backbone(backbone_name, device=device, dtype=dtype)
     projector = None
     if projector_dir is not None:
         projector = Projector.from_pretrained(projector_dir, backbone)
