@@ -93,3 +93,53 @@ def test_time_budget_stops_every_rank_at_the_same_step(tmp_path):
                       timeout=240)
     assert ranks[0]["steps"] == ranks[1]["steps"] < 30
     assert ranks[1]["writes"] == []
+
+
+CONTRACT_HELPER = str(Path(__file__).with_name("train_dist_contract.py"))
+
+
+def _contract_data(tmp: Path) -> list[str]:
+    """A tiny backbone saved as a Hugging Face folder, 12 users' embeddings and 48 examples: `e2p train`'s inputs."""
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_backbone
+
+    bb = make_backbone()
+    bb.model.save_pretrained(tmp / "backbone")
+    bb.tokenizer.save_pretrained(tmp / "backbone")
+    users = [f"u{i}" for i in range(12)]
+    np.savez(tmp / "users.npz", user=np.array(users), embedding=np.random.default_rng(0).normal(size=(12, 8)).astype("float32"))
+    replies = ["i like dogs .", "i play guitar .", "i am a nurse .", "i love cats ."]
+    with open(tmp / "examples.jsonl", "w") as f:
+        for i, u in enumerate(users):
+            for j in range(4):
+                f.write(json.dumps({"user": u, "prompt": "tell me about yourself", "completion": replies[(i + j) % 4]}) + "\n")
+    return ["train", "--backbone", str(tmp / "backbone"), "--users", str(tmp / "users.npz"), "--examples",
+            str(tmp / "examples.jsonl"), "--steps", "8", "--batch-size", "4", "--dropout", "0", "--dtype", "float32",
+            "--val-examples", "4", "--device", "cpu"]
+
+
+def test_e2p_train_on_the_contract_under_torchrun_is_data_parallel(tmp_path):
+    """`torchrun -m e2p.cli train --users U --examples E`: one process group, the same projector as one process,
+    and only rank 0 writes the run folder."""
+    argv = _contract_data(tmp_path)
+    single = subprocess.run([sys.executable, CONTRACT_HELPER, str(tmp_path / "one"), str(tmp_path / "log-one"), "--", *argv],
+                            env=_env(), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), CONTRACT_HELPER, str(tmp_path / "two"), str(tmp_path / "log-two"), "--", *argv]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "log-two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[1]["writes"] == [], ranks[1]["writes"][:5]
+    assert ranks[0]["writes"]
+    for part in ["model.safetensors", "shared_prefix/model.safetensors"]:
+        a, b = load_file(str(tmp_path / "one" / part)), load_file(str(tmp_path / "two" / part))
+        for k in a:
+            assert torch.allclose(a[k], b[k], rtol=0, atol=1e-4), (part, k, float((a[k] - b[k]).abs().max()))
+    one = json.loads((tmp_path / "one" / "training_report.json").read_text())
+    two = json.loads((tmp_path / "two" / "training_report.json").read_text())
+    assert one["stages"]["e2p"]["steps"] == two["stages"]["e2p"]["steps"] > 0
+    assert two["verdict"]["text"]

@@ -37,7 +37,8 @@ def _scaled_recipe(args, **overrides):
 
     cfg = RecipeConfig(injection=args.injection, num_prefix_tokens=args.prefix_tokens, seed=args.seed,
                        prefix_position=args.prefix_position, batch_size=args.batch_size, text_steps=args.text_steps,
-                       val_examples=args.val_examples, hidden_dims=_hidden_dims(args.hidden_dims), **overrides)
+                       val_examples=args.val_examples, hidden_dims=_hidden_dims(args.hidden_dims), dropout=args.dropout,
+                       **overrides)
     if args.steps is not None:  # --steps N: total over all stages, keeping the recipe's proportions
         stages = ["shared_steps", "e2p_steps"]
         total = sum(getattr(cfg, s) for s in stages) + 2 * cfg.text_steps
@@ -297,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden-dims", default="1024",
                    help="the projector's hidden layers, e.g. 1024 or 512,512; 'linear' for a linear map (less to "
                         "overfit when there are few training users)")
+    t.add_argument("--dropout", type=float, default=0.1, help="dropout in the projector's hidden layers (0: a "
+                                                                "data-parallel run gives exactly one process's result)")
     t.add_argument("--injection", choices=["input", "deep"], default="deep")
     t.add_argument("--prefix-position", choices=["start", "after_sink", "after_system"], default="start",
                    help="start: position 0 (measured best); after_sink: behind the prompt's first token; after_system: input only")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .distributed import barrier, is_main_process
 from .errors import DataError
 from .model import E2PModel, new_config, token_keys_values
 from .projector import Projector
@@ -104,8 +105,10 @@ def train_prefix_stages(backbone, items, table: torch.Tensor | None, out_dir: st
     `items`. Returns a report with each stage's steps, best validation loss, seconds and parameters.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "recipe.json").write_text(json.dumps(asdict(cfg), indent=2))
+    main = is_main_process()  # under torchrun every rank trains its share of each batch; rank 0 alone writes
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "recipe.json").write_text(json.dumps(asdict(cfg), indent=2))
     train_shared = shared_dir is None or not (Path(shared_dir) / "config.json").is_file()
     total_steps = (cfg.shared_steps if train_shared else 0) + (cfg.e2p_steps if table is not None else 0)
     report: dict = {"train_items": len(items), "train_people": len({p for _, _, p in items if p >= 0}), "stages": {},
@@ -128,12 +131,12 @@ def train_prefix_stages(backbone, items, table: torch.Tensor | None, out_dir: st
         folder = out_dir / "shared_prefix"
         if cfg.shared_steps > 0:
             shared = stage("shared_prefix", shared, folder, cfg.shared_steps, cfg.shared_lr, None)
-        else:
+        elif main:
             shared.save_pretrained(folder)
         report["shared_dir"] = str(folder)
     else:
         shared = Projector.from_pretrained(shared_dir, backbone)
-        if Path(shared_dir).resolve() != (out_dir / "shared_prefix").resolve():
+        if main and Path(shared_dir).resolve() != (out_dir / "shared_prefix").resolve():
             shared.save_pretrained(out_dir / "shared_prefix")  # the run folder holds its own control, as always
         report["shared_dir"] = str(out_dir / "shared_prefix")
         report["shared_from"] = str(shared_dir)
@@ -147,7 +150,8 @@ def train_prefix_stages(backbone, items, table: torch.Tensor | None, out_dir: st
               contrastive=cfg.contrastive_weight)
         report["e2p_dir"] = str(out_dir)
     report["seconds"] = time.time() - t0
-    (out_dir / "training_report.json").write_text(json.dumps(report, indent=2))
+    if main:
+        (out_dir / "training_report.json").write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -225,7 +229,9 @@ def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: Recip
         items = [Item(model.format(ex.prompt, reply=ex.target, max_target_tokens=cfg.max_target_tokens), users.index[ex.user])
                  for ex in sample_examples(calib, 2 * cfg.val_examples, cfg.seed + 11)]
         report["person_scale"] = calibrate_person_scale(backbone, e2p, items, table, cfg.person_scales)
-        e2p.save_pretrained(out_dir)
+        if is_main_process():  # every rank computed the same scale; one writes it
+            e2p.save_pretrained(out_dir)
+        barrier()
     if cfg.text_steps > 0:
         if not all(ex.profile_text for ex in examples):
             raise DataError("--text-steps trains the text conditions, which need a profile_text on every example")
@@ -233,6 +239,8 @@ def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: Recip
         train_text_stages(backbone, [with_text(ex) for ex in train_ex], [with_text(ex) for ex in picked], table,
                           out_dir, cfg, report, progress)
         report["seconds"] = sum(stage["seconds"] for stage in report["stages"].values())
+    if not is_main_process():  # the verdict is rank 0's alone (it writes the report)
+        return report
     controls = [c for c in conditions_for(out_dir, with_text=False) if c.name != "none"]
     checked = evaluate_examples(backbone, users, verdict_ex, out_dir, out_dir / "validation", conditions=controls,
                                 limit=4 * cfg.val_examples, generate=0, max_target_tokens=cfg.max_target_tokens,
