@@ -49,7 +49,7 @@ def step(model, loss_fn, rows, emb, optimizer) -> float:
 
 
 def setup(backbone, batch: int):
-    model = make_model(backbone, make_projector(backbone, "input"), fixed_length=False)
+    model = make_model(backbone, make_projector(backbone, "input"), fixed_length=False, training=True)
     model.projector.train()
     torch.manual_seed(0)
     opt = torch.optim.AdamW(model.projector.parameters(), lr=0.0)  # lr 0: every step sees the same weights

@@ -141,12 +141,19 @@ def tiny_backbone():
     return make_backbone()
 
 
-def get_backbone(tiny: bool):
+def get_backbone(tiny: bool, device: str = "auto", dtype: str = "auto"):
+    """The real backbone (or the tests' tiny one) on --device in --dtype, as the product loads it."""
+    from e2p.devices import resolve_device, resolve_dtype
+
     if tiny:
-        return tiny_backbone()
+        bb = tiny_backbone()
+        where = resolve_device(device)
+        bb.model.to(device=where, dtype=resolve_dtype(dtype, where).weights)
+        bb.dtype_spec = dtype
+        return bb
     from e2p.backbone import load_backbone
 
-    return load_backbone()
+    return load_backbone(device=device, dtype=dtype)
 
 
 def make_projector(backbone, injection: str, seed: int = 0, embedding_dim: int = 384):
@@ -158,12 +165,13 @@ def make_projector(backbone, injection: str, seed: int = 0, embedding_dim: int =
     return Projector(new_config(backbone, embedding_dim=embedding_dim, injection=injection)).eval()
 
 
-def make_model(backbone, projector=None, fixed_length: bool = True):
+def make_model(backbone, projector=None, fixed_length: bool = True, training: bool = False):
     """An E2PModel; with fixed_length, EOS is disabled on this instance so every row decodes exactly
-    max_new_tokens tokens (a fair tokens/s comparison; the library itself is unchanged)."""
+    max_new_tokens tokens (a fair tokens/s comparison; the library itself is unchanged). `training`: the
+    precision the product trains in ('auto' on a CPU: bf16 autocast where native)."""
     from e2p.model import E2PModel
 
-    model = E2PModel(backbone, projector)
+    model = E2PModel(backbone, projector, training=training)
     if fixed_length:
         model.eos_ids = [-1]  # no real token has id -1: never stops early
     return model
@@ -185,7 +193,8 @@ def machine() -> dict:
 
     return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-            "platform": platform.platform(), "native_bf16": bf16_supported()}
+            "platform": platform.platform(), "native_bf16": bf16_supported(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def ratio(a: float, b: float) -> float:

@@ -59,6 +59,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="JSON (default benchmarks/results.json; results_tiny.json with --tiny)")
     ap.add_argument("--png", default=None, help="scaling plot (default: scaling.png next to --out)")
     ap.add_argument("--only", nargs="*", choices=["generation", "train_step", "cost", "scaling"], default=None)
+    from e2p.devices import add_device_arguments, describe
+
+    add_device_arguments(ap)
     args = ap.parse_args(argv)
     here = Path(__file__).resolve().parent
     out = Path(args.out) if args.out else here / ("results_tiny.json" if args.tiny else "results.json")
@@ -70,9 +73,10 @@ def main(argv=None) -> dict:
         settings["scaling"].update(TINY_SCALING)
     started = time.time()
     torch.manual_seed(0)
-    backbone = get_backbone(args.tiny)
+    backbone = get_backbone(args.tiny, args.device, args.dtype)
     load_s = time.time() - started
-    print(f"backbone {backbone.name} loaded in {load_s:.1f}s; torch threads {torch.get_num_threads()}", flush=True)
+    where = describe(backbone.device, backbone.precision())
+    print(f"backbone {backbone.name} loaded in {load_s:.1f}s on {where}; torch threads {torch.get_num_threads()}", flush=True)
 
     def ctx(name):
         return Context(backbone=backbone, tiny=args.tiny, quick=args.quick, settings=settings[name] if name in settings else {})
@@ -107,7 +111,7 @@ def main(argv=None) -> dict:
         **headline,
         "mode": {"quick": args.quick, "tiny": args.tiny,
                  "warning": "tiny random model: smoke test only, figures are meaningless" if args.tiny else None},
-        "backbone": backbone.name, "backbone_load_s": round(load_s, 1), "machine": machine(),
+        "backbone": backbone.name, "backbone_load_s": round(load_s, 1), "machine": machine(), "device": where,
         "settings": settings, "timing": "median of `repeats` runs after 1 warm-up run",
         "results": results, "total_wall_s": round(time.time() - started, 1),
     }

@@ -142,10 +142,10 @@ class Generation:
     def _pick(self, logits: torch.Tensor) -> torch.Tensor:
         """Every row's token with its own settings: greedy rows together, each sampled row from its own stream."""
         nxt = logits.argmax(-1)
-        finite = torch.isfinite(logits).all(-1)
+        finite = torch.isfinite(logits).all(-1).tolist()  # one transfer per step, not one per row
         for j, row in enumerate(self.rows):
             try:
-                if not bool(finite[j]):
+                if not finite[j]:
                     raise FloatingPointError("the model produced non-finite logits for this row")
                 if row.temperature > 0:
                     nxt[j] = self.model.pick(logits[j:j + 1], True, row.temperature, row.top_p, row.generator)[0]
@@ -160,10 +160,11 @@ class Generation:
         if not self.rows:
             return []
         nxt = self._pick(self.model.next_logits(self.dec))
+        tokens = nxt.tolist()  # the ids leave the device once per step (the text is decoded on the host)
         for j, row in enumerate(self.rows):
             if row.done:
                 continue
-            t = int(nxt[j])
+            t = tokens[j]
             if t in self.model.eos_ids:
                 row.finish_reason = "stop"
             elif row.accept(t):

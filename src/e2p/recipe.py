@@ -82,11 +82,12 @@ def init_shared(backbone, projector: Projector, text: str = "Persona:") -> None:
     k = projector.config.num_prefix_tokens
     with torch.no_grad():
         if projector.config.injection == "input":
-            vec = backbone.model.get_input_embeddings()(ids)[0]
+            vec = backbone.model.get_input_embeddings()(ids.to(backbone.device))[0]
         else:
             # after_sink: the prefix sits behind the prompt's first token, so take its keys/values from there
             sink = E2PModel(backbone, projector).format("hi").post[:1] if projector.config.prefix_position == "after_sink" else []
             vec = token_keys_values(backbone.model, sink + ids[0].tolist())[len(sink):]  # [t, L*2*kv]
+        vec = vec.to(projector.shared.device, projector.shared.dtype)
         projector.shared.data[: vec.shape[0]] = vec
         if vec.shape[0] < k:
             projector.shared.data[vec.shape[0]:] = vec[-1]

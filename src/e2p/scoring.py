@@ -53,8 +53,8 @@ def row_losses(model: E2PModel, items: Sequence[Item], table: torch.Tensor | Non
                 if shuffle_people and emb is not None:
                     emb = emb[shuffled_people(torch.tensor([it.person for it in chunk]), gen)]
                 s, c = model.loss([it.row for it in chunk], emb, reduction="none")
-                nll.append(s.numpy())
-                cnt.append(c.numpy())
+                nll.append(s.cpu().numpy())  # the result leaves for the statistics (intervals over users)
+                cnt.append(c.cpu().numpy())
                 if progress is not None:
                     progress.update(len(chunk))
     finally:
