@@ -33,7 +33,7 @@ def tiny_model() -> E2PModel:
     projector = Projector(new_config(backbone, embedding_dim=8, num_prefix_tokens=2))
     torch.nn.init.normal_(projector.mlp[-1].weight, std=0.5)
     projector.eval()
-    return E2PModel(backbone, projector, autocast=False, max_prompt_tokens=48)
+    return E2PModel(backbone, projector, max_prompt_tokens=48)  # the machine's default precision, as `e2p serve` runs
 
 
 class Server:
@@ -137,7 +137,8 @@ def test_chat_and_completion_with_stored_user(served, client, http):
 
     ids = model.tokenizer("i like", add_special_tokens=False)["input_ids"]
     toks = model.generate_tokens([Segments([], ids)], [torch.tensor(vec(1))], max_new_tokens=6)[0]
-    assert comp.choices[0].text == model.tokenizer.decode(toks, skip_special_tokens=True).strip()
+    decode = lambda t: model.tokenizer.decode(t, skip_special_tokens=True)
+    assert comp.choices[0].text == decode(ids + toks)[len("i like"):]  # the continuation, its leading space kept
     assert comp.usage.prompt_tokens == len(ids) + 2  # the user's two soft tokens take context like text tokens
     plain_comp = client.completions.create(model=MODEL, prompt="i like", max_tokens=6, temperature=0)
     assert plain_comp.usage.prompt_tokens == len(ids)
@@ -167,13 +168,12 @@ def test_streaming_matches_non_streaming(served, client, http):
 
 
 def test_row_text_sends_only_settled_text():
-    """Deltas never include what a later token could change: trailing spaces, a half-decoded character or
-    the start of a stop string; they always add up to the final (stripped, cut) text."""
+    """Deltas never include what a later token could change: trailing spaces (chat replies), a half-decoded
+    character or the start of a stop string; they always add up to the final (trimmed, cut) text."""
     from e2p.serve.batching import RowText
 
-    pieces = [" Hel", "lo", " wor", "ld", " ", "\ufffd", "é", " ST", "AR", " ST", "OP", " more"]
-    decode = lambda ids: "".join(pieces[i] for i in ids).replace("\ufffdé", "é")  # a character in two tokens
-    row, tokens = RowText(decode, ["STOP"]), []
+    pieces = [" Hel", "lo", " wor", "ld", " ", "", "é", " ST", "AR", " ST", "OP", " more"]  # "" : half a character
+    row, tokens = RowText(pieces.__getitem__, ["STOP"], trim=True), []
     deltas = []
     for i in range(len(pieces)):  # the decode loop appends a token to the row, then the text takes the row's tokens
         if not row.stopped:
@@ -182,10 +182,12 @@ def test_row_text_sends_only_settled_text():
     assert deltas == ["Hel", "lo", " wor", "ld", "", "", " é", " ", "STAR", " ", ""]
     final, last = row.finish(tokens)
     assert row.stopped and final == "Hello world é STAR " and "".join(deltas) + last == final
-    plain = RowText(decode, [])
+    plain = RowText(pieces.__getitem__, [], trim=True)
     for i in range(5):
         plain.add(list(range(i + 1)))
     assert plain.sent == "Hello world" and plain.finish(list(range(5))) == ("Hello world", "")
+    exact = RowText(pieces.__getitem__, [])  # /v1/completions: the text exactly, leading and trailing spaces too
+    assert exact.add([0]) == " Hel" and exact.finish(list(range(5))) == (" Hello world ", "lo world ")
 
 
 def slowed(model: E2PModel, seconds: float) -> E2PModel:
@@ -458,7 +460,7 @@ def test_embeddings_endpoint_and_text_puts_use_the_projectors_encoder(tmp_path):
 
     backbone = make_backbone()
     projector = Projector(new_config(backbone, embedding_dim=2 * 384, embedding_slots=2, num_prefix_tokens=2)).eval()
-    app = create_app(E2PModel(backbone, projector, autocast=False), EmbeddingStore(tmp_path / "s.db"),
+    app = create_app(E2PModel(backbone, projector), EmbeddingStore(tmp_path / "s.db"),
                      ServeConfig(model_name=MODEL, api_keys=[API], admin_key=ADMIN, max_tokens_limit=8))
     server = Server(app)
     texts = ["I love dogs. I play chess.", "I am a nurse."]

@@ -15,9 +15,11 @@ Design
 * Any requests share a batch: each row picks its token with its own settings (greedy, or sampled with its
   temperature and top_p); a row with a `seed` samples from its own generator, so the same seed gives the
   same text whatever else the server is doing.
-* Streaming: every step hands each streamed row's new text to its `on_delta` callback at once. A delta is
-  only text that cannot change any more (held back: trailing spaces, a half-decoded character, a tail that
-  may begin a stop string), so the deltas always add up to the non-streamed text.
+* Streaming: every step hands each streamed row's new text to its `on_delta` callback at once. Each token is
+  decoded once (`Detokenizer`) and stop strings are searched only in the tail it can complete (`RowText`), so a
+  step costs time in its new text, not in the reply so far. A delta is only text that cannot change any more
+  (held back: a half-decoded character, a tail that may begin a stop string, and for chat replies trailing
+  spaces), so the deltas always add up to the non-streamed text.
 * A request whose deadline passed while it waited, or whose client gave up, is dropped before it costs
   compute.
 """
@@ -25,12 +27,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import re
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -65,6 +66,7 @@ class GenRequest:
     top_p: float = 1.0
     seed: int | None = None
     stops: list[str] = field(default_factory=list)
+    trim: bool = True  # leading / trailing whitespace dropped (chat replies); False: the text exactly (completions)
     deadline: float = float("inf")  # time.monotonic() value
     on_delta: Callable[[str], None] | None = None  # streaming: called from the worker with each new piece of text
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
@@ -82,51 +84,141 @@ class GenResult:
     queue_seconds: float
 
 
-def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+class Detokenizer:
+    """A row's tokens -> text, each token decoded once, in a few tokens of context (tokenizers' `DecodeStream` on a
+    fast tokenizer). Re-decoding the whole reply every step cost time quadratic in its length and, decoded out of
+    context, lost the space a tokenizer puts in front of the first token ("I like" + " hiking"); here the stream
+    starts after the prompt's last tokens. Incomplete UTF-8 is held back until its character is complete."""
+
+    CONTEXT = 6  # prompt tokens the stream starts after (what vLLM's incremental detokenizer uses too, about)
+
+    def __init__(self, tokenizer, context: Sequence[int] = ()):
+        self.tokenizer = tokenizer
+        self.context = list(context)[-self.CONTEXT:]
+        self.tokens: list[int] = []
+        self.done = 0  # tokens whose text was returned
+        self.stream = None
+        if getattr(tokenizer, "_tokenizer", None) is not None:
+            from tokenizers.decoders import DecodeStream
+
+            self.stream = DecodeStream(ids=self.context, skip_special_tokens=True)
+
+    def step(self, token: int) -> str:
+        """One more token; -> its text, or "" while it is held back (part of a character, a special token)."""
+        self.tokens.append(token)
+        piece = None
+        if self.stream is not None:
+            try:
+                piece = self.stream.step(self.tokenizer._tokenizer, token)
+            except Exception:  # e.g. a decoder whose earlier text changes with later tokens: decode windows instead
+                log.debug("DecodeStream failed; decoding this row in windows", exc_info=True)
+                self.stream = None
+        if self.stream is None:
+            piece = self._window(final=False)
+        if piece:
+            self.done = len(self.tokens)
+        return piece or ""
+
+    def flush(self) -> str:
+        """The text of the tokens still held back, at the end of the row (a character left incomplete decodes to
+        U+FFFD, as a whole-reply decode gives it)."""
+        piece = self._window(final=True) if self.done < len(self.tokens) else ""
+        self.done = len(self.tokens)
+        return piece
+
+    def _window(self, final: bool) -> str:
+        """The held-back tokens' text, decoded after the CONTEXT tokens before them ("" if still incomplete)."""
+        before = (self.context + self.tokens[:self.done])[-self.CONTEXT:]
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
+        head, text = decode(before), decode(before + self.tokens[self.done:])
+        if not final and (len(text) <= len(head) or text.endswith("\ufffd")):
+            return ""
+        return text[len(head):] if text.startswith(head) else text
 
 
 class RowText:
-    """One row's text as its tokens arrive (the row holds the tokens; this holds what was sent): the final text is
-    `decode(tokens).strip()` cut at the first stop string; `add` returns only new text that no later token can
-    change, so the deltas add up to it exactly. With `each_step` False (nothing streamed, no stop string) the
-    caller skips `add` and the tokens are decoded once, at `finish`."""
+    """One row's text as its tokens arrive: `add` returns only new text that no later token can change, so the
+    deltas add up exactly to `finish`'s final text. The final text is cut before the first stop string; with `trim`
+    (chat replies, as E2PModel.generate gives them) leading and trailing whitespace is dropped, without it
+    (/v1/completions) the text is kept exactly. Each step costs time in the new text only: stop strings are
+    searched only in the tail the newest piece can complete, never the whole reply. With `each_step` False
+    (nothing streamed, no stop string) the caller skips `add` and the tokens are decoded at `finish`."""
 
-    def __init__(self, decode: Callable[[list[int]], str], stops: list[str], each_step: bool = True):
-        self.decode = decode
+    def __init__(self, step: Callable[[int], str], stops: list[str], trim: bool = False, each_step: bool = True,
+                 flush: Callable[[], str] | None = None):
+        self.step, self.flush = step, flush or (lambda: "")
         self.stops = [x for x in stops if x]
+        self.longest = max((len(x) for x in self.stops), default=0)
+        self.trim = trim
         self.each_step = each_step or bool(self.stops)
-        self.sent = ""
+        self.parts: list[str] = []  # the text sent so far, in pieces
+        self.held = ""  # text received but not sent: trailing whitespace (trim) or the start of a stop string
+        self.begun = False  # trim: the first non-whitespace text has arrived
+        self.seen = 0  # tokens taken so far
         self.stopped = False
 
+    @property
+    def sent(self) -> str:
+        return "".join(self.parts)
+
     def add(self, tokens: list[int]) -> str:
-        """The row's tokens, one more than last time; -> the new delta ("" if nothing is certain yet). Sets
+        """The row's tokens (one more than last time); -> the new delta ("" if nothing is certain yet). Sets
         `stopped` at a stop string."""
-        text = self.decode(tokens).lstrip()
-        cut, self.stopped = _cut_at_stop(text, self.stops)
-        return self._emit(cut if self.stopped else self._settled(text))
+        delta = []
+        for token in tokens[self.seen:]:
+            self.seen += 1
+            if not self.stopped:
+                delta.append(self._take(self.step(token)))
+        return "".join(delta)
 
     def finish(self, tokens: list[int]) -> tuple[str, str]:
         """The row's tokens; -> (the final text, the last delta that completes what was sent)."""
-        final, _ = _cut_at_stop(self.decode(tokens).strip(), self.stops)
-        if not final.startswith(self.sent):  # cannot happen with a byte-level tokenizer; never send a wrong text
-            log.warning("streamed text %r is not a prefix of the final text %r", self.sent, final)
-            return final, ""
-        return final, self._emit(final)
+        delta = self.add(tokens)
+        if not self.stopped:
+            delta += self._take(self.flush())
+        if not self.stopped:
+            rest = self.held.rstrip() if self.trim else self.held
+            self.held = ""
+            self.parts.append(rest)
+            delta += rest
+        return self.sent, delta
 
-    def _settled(self, text: str) -> str:
-        text = re.sub(r"[\s\ufffd]+$", "", text)  # trailing spaces may be stripped; a character may be half decoded
-        for k in range(min(len(text), max((len(x) for x in self.stops), default=0)), 0, -1):
-            if any(x.startswith(text[-k:]) for x in self.stops):
-                return text[:-k]  # may be the start of a stop string
-        return text
-
-    def _emit(self, text: str) -> str:
-        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+    def _take(self, piece: str) -> str:
+        """Add one decoded piece; -> the part of the text that became certain."""
+        if self.trim and not self.begun:
+            piece = piece.lstrip()
+            self.begun = bool(piece)
+        if not piece:
             return ""
-        delta, self.sent = text[len(self.sent):], text
-        return delta
+        text = self.held + piece
+        if self.stops:  # only a stop ending in `piece` is new: search the last len(piece) + longest - 1 characters
+            start = max(len(text) - len(piece) - self.longest + 1, 0)
+            cuts = [i for i in (text.find(x, start) for x in self.stops) if i >= 0]
+            if cuts:
+                self.stopped, self.held = True, ""
+                return self._send(text[:min(cuts)])
+        keep = self._stop_start(text)
+        if self.trim:
+            keep = max(keep, len(text) - len(text.rstrip()))  # trailing whitespace may be trimmed at the end
+        self.held = text[len(text) - keep:] if keep else ""
+        return self._send(text[:len(text) - keep])
+
+    def _stop_start(self, text: str) -> int:
+        """The length of the longest end of `text` that may begin a stop string (held back until it is decided)."""
+        best = 0
+        for x in self.stops:
+            i = text.find(x[0], max(len(text) - len(x) + 1, 0))
+            while i >= 0 and len(text) - i > best:
+                if x.startswith(text[i:]):
+                    best = len(text) - i
+                    break
+                i = text.find(x[0], i + 1)
+        return best
+
+    def _send(self, text: str) -> str:
+        if text:
+            self.parts.append(text)
+        return text
 
 
 class Batcher:
@@ -293,8 +385,8 @@ class Batcher:
         self._observe_batch(len(gen.rows))
 
     def _new_row(self, r: GenRequest, batch_size: int) -> "_Row":
-        tok = self.model.tokenizer
-        text = RowText(lambda ids: tok.decode(ids, skip_special_tokens=True), r.stops, each_step=r.on_delta is not None)
+        detok = Detokenizer(self.model.tokenizer, r.segments.post)  # the reply goes on from the prompt's last tokens
+        text = RowText(detok.step, r.stops, trim=r.trim, each_step=r.on_delta is not None, flush=detok.flush)
         return _Row(temperature=r.temperature, top_p=r.top_p, seed=r.seed, max_tokens=r.max_tokens, request=r,
                     text=text, batcher=self, batch_size=batch_size)
 

@@ -47,7 +47,8 @@ def cmd_serve(args) -> None:
                          max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
                          request_timeout_s=args.request_timeout, allow_unknown_users=args.allow_unknown_users,
                          max_messages=args.max_messages, max_prompt_chars=args.max_prompt_chars,
-                         stall_seconds=args.stall_seconds,
+                         stall_seconds=args.stall_seconds, max_stop_strings=args.max_stop_strings,
+                         max_stop_chars=args.max_stop_chars,
                          metrics_key=args.metrics_key or os.environ.get("E2P_METRICS_KEY") or None)
     app = create_app(model, store, config)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
@@ -116,6 +117,8 @@ def add_serve_commands(sub) -> None:
     s.add_argument("--allow-unknown-users", action="store_true", help="unknown `user`: answer unpersonalized, not 404")
     s.add_argument("--max-messages", type=int, default=256, help="chat messages per request (400 above it)")
     s.add_argument("--max-prompt-chars", type=int, default=32_000, help="characters of prompt text per request (400 above)")
+    s.add_argument("--max-stop-strings", type=int, default=16, help="`stop` strings per request (400 above it)")
+    s.add_argument("--max-stop-chars", type=int, default=256, help="characters per `stop` string (400 above it)")
     s.add_argument("--stall-seconds", type=float, default=30.0,
                    help="/healthz answers 503 when the decoding worker made no step for this long while busy")
     s.add_argument("--metrics-key", default=None, help="key GET /metrics needs (prefer env E2P_METRICS_KEY; default: open)")

@@ -54,6 +54,8 @@ class ServeConfig:
     max_prompt_chars: int = 32_000  # characters of text per request, so formatting stays short for everyone
     stall_seconds: float = 30.0  # /healthz fails when the batcher has made no step for this long while busy
     metrics_key: str | None = None  # set: GET /metrics needs `Authorization: Bearer <metrics_key>` (or the admin key)
+    max_stop_strings: int = 16  # `stop` strings per request: matching runs in the one decoding thread
+    max_stop_chars: int = 256  # characters per stop string (the tail searched each step is this long)
 
     @property
     def open(self) -> bool:
@@ -193,6 +195,19 @@ class OpenAIServing:
             raise APIError(400, "only n=1 is supported: send several requests instead", param="n", code="invalid_value")
         if req.user is not None:
             self.check_user(req.user)
+        self.check_stops(req.stop)
+
+    def check_stops(self, stop: str | list[str] | None) -> None:
+        """Bounded stop matching: it runs in the decoding thread every step, so its size is every user's latency."""
+        config = self.config
+        stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+        if len(stops) > config.max_stop_strings:
+            raise APIError(400, f"{len(stops)} stop strings, the limit is {config.max_stop_strings}: send fewer",
+                           param="stop", code="invalid_value")
+        longest = max((len(s) for s in stops), default=0)
+        if longest > config.max_stop_chars:
+            raise APIError(400, f"a stop string has {longest} characters, the limit is {config.max_stop_chars}: "
+                                "shorten it", param="stop", code="invalid_value")
 
     @staticmethod
     def check_user(user_id: str) -> str:
@@ -323,6 +338,7 @@ class OpenAIServing:
                on_delta: Callable[[str], None] | None = None) -> GenRequest:
         job = GenRequest(segments=prompt.segments, embedding=prompt.embedding, max_tokens=prompt.max_tokens,
                          temperature=req.temperature, top_p=req.top_p, seed=req.seed, stops=req.stop_list(),
+                         trim=isinstance(req, ChatCompletionRequest),
                          on_delta=on_delta, deadline=time.monotonic() + self.config.request_timeout_s)
         try:
             self.batcher.submit(job)
