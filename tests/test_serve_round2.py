@@ -2,10 +2,13 @@
 decoded once per token with its leading space, and the other fixes, each tested through HTTP where a client meets it."""
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
@@ -124,3 +127,76 @@ def test_completions_keep_the_leading_space_streamed_and_echoed(served):
             parts = [json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines()
                      if line.startswith("data: {") and json.loads(line[6:])["choices"]]
         assert "".join(parts) == (echoed if echo else text)
+
+
+# --- 3. text embeddings and the user endpoints: bounded, on threads of their own -------------------------------
+class HeldEncoder:
+    """An encoder that holds every call until `gate` is set (a slow encoder under a flood of long texts)."""
+
+    def __init__(self):
+        self.gate, self.entered = threading.Event(), threading.Event()
+
+    def encode(self, texts):
+        self.entered.set()
+        assert self.gate.wait(60)
+        return np.full((len(texts), 8), 0.1, dtype=np.float32)
+
+
+def test_text_embeddings_and_user_writes_cannot_starve_store_reads(tmp_path):
+    """45 held text embeddings, then 45 held PUTs (more than the 40 threads the server reads the store with), are
+    answered 429 above their limits, and meanwhile a stored user's chat (and GET, behind the embeddings) answers
+    at once."""
+    encoder, model = HeldEncoder(), tiny_model()
+    store = EmbeddingStore(tmp_path / "s.db")
+    store.put("ann", vec(1))
+    config = ServeConfig(model_name=MODEL, api_keys=[API], admin_key=ADMIN, max_tokens_limit=32, max_embed_requests=2,
+                         max_user_requests=4)
+    server = Server(create_app(model, store, config, encoder=encoder))
+    put_gate, real_put = threading.Event(), store.put
+
+    def held_put(*args, **kwargs):
+        assert put_gate.wait(60)
+        return real_put(*args, **kwargs)
+
+    def flood(http, pool, send, limit: int, code: str) -> list:
+        """45 requests at once: all but `limit` answered 429 at once, the rest held."""
+        futures = [pool.submit(send, http, i) for i in range(45)]
+        deadline = time.monotonic() + 30
+        while sum(f.done() for f in futures) < 45 - limit:
+            assert time.monotonic() < deadline, sum(f.done() for f in futures)
+            time.sleep(0.05)
+        for f in futures:
+            if f.done():
+                assert_error(f.result(), 429, code)
+                assert f.result().headers["retry-after"] == "1"
+        return futures
+
+    def answers_at_once(http, *requests) -> None:
+        started = time.monotonic()
+        for method, url, body in requests:
+            r = http.request(method, url, json=body, timeout=10)
+            assert r.status_code == 200, r.text
+        assert time.monotonic() - started < 5  # the store reads did not wait for the held requests
+
+    chat = ("POST", "/v1/chat/completions", chat_body(user="ann"))
+    try:
+        with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as http, \
+                concurrent.futures.ThreadPoolExecutor(50) as pool:
+            try:
+                texts = flood(http, pool, lambda c, i: c.post("/v1/embeddings", json={"model": MODEL, "input": f"t {i}"}),
+                              2, "embedding_queue_full")
+                assert encoder.entered.is_set()
+                answers_at_once(http, ("GET", "/v1/users/ann/embedding", None), chat)
+                encoder.gate.set()
+                assert sorted(f.result(30).status_code for f in texts) == [200] * 2 + [429] * 43
+                store.put = held_put
+                puts = flood(http, pool, lambda c, i: c.put(f"/v1/users/u{i}/embedding", json={"embedding": vec(i)},
+                                                             headers=ADMIN_AUTH), 4, "user_queue_full")
+                answers_at_once(http, chat)
+                put_gate.set()
+                assert sorted(f.result(30).status_code for f in puts) == [200] * 4 + [429] * 41
+            finally:
+                encoder.gate.set()
+                put_gate.set()
+    finally:
+        server.stop()

@@ -99,6 +99,7 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
         finally:
             log.info("shutting down: finishing queued requests", extra={"queued": batcher.depth()})
             await run_in_threadpool(batcher.stop, True)
+            serving.close()
             log.info("stopped")
 
     app = FastAPI(title="e2p", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,

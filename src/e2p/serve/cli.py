@@ -48,7 +48,8 @@ def cmd_serve(args) -> None:
                          request_timeout_s=args.request_timeout, allow_unknown_users=args.allow_unknown_users,
                          max_messages=args.max_messages, max_prompt_chars=args.max_prompt_chars,
                          stall_seconds=args.stall_seconds, max_stop_strings=args.max_stop_strings,
-                         max_stop_chars=args.max_stop_chars,
+                         max_stop_chars=args.max_stop_chars, max_embed_requests=args.max_embed_requests,
+                         max_user_requests=args.max_user_requests,
                          metrics_key=args.metrics_key or os.environ.get("E2P_METRICS_KEY") or None)
     app = create_app(model, store, config)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
@@ -119,6 +120,10 @@ def add_serve_commands(sub) -> None:
     s.add_argument("--max-prompt-chars", type=int, default=32_000, help="characters of prompt text per request (400 above)")
     s.add_argument("--max-stop-strings", type=int, default=16, help="`stop` strings per request (400 above it)")
     s.add_argument("--max-stop-chars", type=int, default=256, help="characters per `stop` string (400 above it)")
+    s.add_argument("--max-embed-requests", type=int, default=8,
+                   help="text embeddings in flight (/v1/embeddings, PUT {\"text\"}) on their own thread (429 above)")
+    s.add_argument("--max-user-requests", type=int, default=32,
+                   help="PUT / GET / DELETE /v1/users/{id}/embedding in flight on their own threads (429 above)")
     s.add_argument("--stall-seconds", type=float, default=30.0,
                    help="/healthz answers 503 when the decoding worker made no step for this long while busy")
     s.add_argument("--metrics-key", default=None, help="key GET /metrics needs (prefer env E2P_METRICS_KEY; default: open)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
+import functools
 import hmac
 import json
 import logging
@@ -56,6 +58,8 @@ class ServeConfig:
     metrics_key: str | None = None  # set: GET /metrics needs `Authorization: Bearer <metrics_key>` (or the admin key)
     max_stop_strings: int = 16  # `stop` strings per request: matching runs in the one decoding thread
     max_stop_chars: int = 256  # characters per stop string (the tail searched each step is this long)
+    max_embed_requests: int = 8  # text embeddings in flight (/v1/embeddings, PUT {"text"}), one encoder thread; 429 above
+    max_user_requests: int = 32  # PUT / GET / DELETE /v1/users/{id}/embedding in flight, own threads; 429 above
 
     @property
     def open(self) -> bool:
@@ -75,6 +79,32 @@ class APIError(Exception):
         """`{"error": {"message", "type", "param", "code"}}` (protocol.ErrorResponse)."""
         return dump(ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param,
                                                   code=self.code)))
+
+
+class Admission:
+    """At most `limit` requests of one kind in flight, each run on this kind's own threads: the next one is refused
+    at once (429 with Retry-After), so that a flood of text embeddings or user-endpoint calls can neither queue
+    without bound nor take the shared thread pool that personalized chats read the store through."""
+
+    def __init__(self, limit: int, threads: int, what: str, code: str):
+        if limit < 1:
+            raise ValueError(f"the limit on {what} must be >= 1")
+        self.limit, self.what, self.code, self.active = limit, what, code, 0
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"e2p-{code}")
+        self._lock = threading.Lock()
+
+    async def run(self, fn: Callable, *args):
+        """`fn(*args)` on this kind's threads, or 429 when `limit` requests of this kind are in flight already."""
+        with self._lock:
+            if self.active >= self.limit:
+                raise APIError(429, f"{self.limit} {self.what} are in flight already: retry after a short wait",
+                               type="rate_limit_error", code=self.code, headers={"retry-after": "1"})
+            self.active += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
+        finally:
+            with self._lock:
+                self.active -= 1
 
 
 class ClientGoneError(Exception):
@@ -136,6 +166,9 @@ class OpenAIServing:
         if self.embedding_dim is not None:
             store._claim_dim(self.embedding_dim)  # refuses a store of another encoder at start-up
         self.embedder = UserEmbedder(projector.config, encoder) if self.embedding_dim is not None else None
+        # the encoder runs one text at a time anyway (UserEmbedder's lock): one thread, so waiting texts hold none
+        self.text_admission = Admission(config.max_embed_requests, 1, "text-embedding requests", "embedding_queue_full")
+        self.user_admission = Admission(config.max_user_requests, 4, "user-embedding requests", "user_queue_full")
         self.created = int(time.time())
 
     # --- auth -----------------------------------------------------------------------------------------
@@ -273,10 +306,12 @@ class OpenAIServing:
         metrics.personalized.labels("none").inc()
         return None, {"x-e2p-embedding": "none"}
 
-    async def stored(self, user: str):
-        """The user's stored record (None if unknown); a damaged row or a busy / damaged store is an error for
-        this request only."""
+    async def stored(self, user: str, admission: Admission | None = None):
+        """The user's stored record (None if unknown), read on the shared threads (a chat) or on `admission`'s (the
+        user endpoints); a damaged row or a busy / damaged store is an error for this request only."""
         try:
+            if admission is not None:
+                return await admission.run(self.store.get, user)
             return await run_in_threadpool(self.store.get, user)
         except CorruptEmbeddingError as exc:
             raise APIError(409, str(exc), param="user", code="corrupt_embedding") from None
@@ -476,7 +511,7 @@ class OpenAIServing:
             raise APIError(400, "this server's projector reads no user embedding (none, or a shared prefix): there is "
                                 "nothing to embed", param=param, code="no_user_embedding")
         try:
-            return await run_in_threadpool(self.embedder.embed, texts)
+            return await self.text_admission.run(self.embedder.embed, texts)
         except TextEmbeddingError as exc:
             raise APIError(400, str(exc), param=param, code="invalid_value") from None
         except ConfigError as exc:
@@ -504,7 +539,7 @@ class OpenAIServing:
         try:
             if self.embedding_dim is not None:
                 as_vector(vector, self.embedding_dim)
-            record = await run_in_threadpool(self.store.put, user_id, vector)
+            record = await self.user_admission.run(self.store.put, user_id, vector)
         except StoreBusyError as exc:
             raise APIError(503, str(exc), type="server_error", code="store_busy", headers={"retry-after": "1"}) from None
         except (EmbeddingError, StoreError) as exc:
@@ -516,7 +551,7 @@ class OpenAIServing:
     async def get_embedding(self, user_id: str, is_admin: bool) -> dict:
         """A user's stored embedding's metadata; the vector too for the admin."""
         self.check_user(user_id)
-        record = await self.stored(user_id)
+        record = await self.stored(user_id, self.user_admission)
         if record is None:
             raise APIError(404, f"user {user_id!r} has no stored embedding", param="user", code="user_not_found")
         out: dict[str, Any] = {"object": "user.embedding", **record.metadata()}
@@ -526,7 +561,7 @@ class OpenAIServing:
 
     async def delete_embedding(self, user_id: str) -> dict:
         self.check_user(user_id)
-        deleted = await run_in_threadpool(self.store.delete, user_id)
+        deleted = await self.user_admission.run(self.store.delete, user_id)
         if not deleted:
             raise APIError(404, f"user {user_id!r} has no stored embedding", param="user", code="user_not_found")
         self.metrics.store_writes.labels("delete").inc()
@@ -534,6 +569,11 @@ class OpenAIServing:
         return {"object": "user.embedding.deleted", "user": user_id, "deleted": True}
 
     # --- operations -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """At shutdown: the embedding and user-endpoint threads finish what runs and drop what waits."""
+        for admission in (self.text_admission, self.user_admission):
+            admission.pool.shutdown(wait=False, cancel_futures=True)
+
     def health(self) -> tuple[dict, int]:
         """Liveness of the decoding worker: 503 when it died or has made no step for `stall_seconds` while busy."""
         batcher, config = self.batcher, self.config
