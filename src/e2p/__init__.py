@@ -1,7 +1,6 @@
 """e2p: personalize a frozen causal LM with Embedding-to-Prefix."""
 from .config import E2PConfig
 from .errors import BackboneMismatchError, ConfigError, DataError, E2PError, EmbeddingError
-from .projector import Projector
 
 __all__ = [
     "E2PConfig", "Projector", "E2PModel", "load_backbone", "TextEncoder",
@@ -10,7 +9,10 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def __getattr__(name):  # lazy: importing e2p should not import transformers
+def __getattr__(name):  # lazy: importing e2p imports neither torch nor transformers (e2p.edge runs without them)
+    if name == "Projector":
+        from .projector import Projector
+        return Projector
     if name == "E2PModel":
         from .model import E2PModel
         return E2PModel

@@ -200,3 +200,11 @@ def enable_gradient_checkpointing(backbone: Backbone) -> None:
     for module in lm.modules():
         if getattr(module, "gradient_checkpointing", False):
             module.training = True  # this object only: its dropout and other submodules stay in eval mode
+
+
+def default_gguf(name: str) -> Path:
+    """The GGUF of a named backbone (what the llama-cpp engine runs by default): SmolLM2's bundled Q4_1, Gemma's
+    assembled Q4_K_M. Other backbones name their GGUF with --gguf."""
+    if name not in NAMED_BACKBONES:
+        raise ConfigError(f"backbone {name!r} has no bundled GGUF: pass --gguf FILE for the llama-cpp engine")
+    return _named_gguf_path(name)

@@ -162,7 +162,7 @@ def cmd_eval(args) -> None:
     config = E2PConfig.load(resolve_projector(args.projector))
     users, contract = persona_contract(examples, encoder_for(config, encoder), config.history_turns)
     evaluate_examples(backbone, users, contract, args.projector, args.out, generate=args.generate,
-                      batch_size=args.batch_size, seed=args.seed, encoder=encoder)
+                      batch_size=args.batch_size, seed=args.seed, encoder=encoder, engine=_eval_engine(args, backbone))
     print((Path(args.out) / "REPORT.md").read_text())
 
 
@@ -174,8 +174,14 @@ def cmd_eval_contract(args) -> None:
     users, examples = _load_contract(args)
     backbone = _backbone(args)
     evaluate_examples(backbone, users, examples, args.projector, args.out, limit=args.limit, generate=args.generate,
-                      batch_size=args.batch_size, seed=args.seed)
+                      batch_size=args.batch_size, seed=args.seed, engine=_eval_engine(args, backbone))
     print((Path(args.out) / "REPORT.md").read_text())
+
+
+def _eval_engine(args, backbone):
+    from .engines import evaluation_engine
+
+    return evaluation_engine(backbone, args.engine, args.gguf, n_seq_max=args.batch_size)
 
 
 def cmd_data(args) -> None:
@@ -225,9 +231,10 @@ def _read_embedding(path: str, dim: int | None = None):
 def cmd_generate(args) -> None:
     import torch
 
-    from .model import E2PModel
+    from .engines import DEFAULT_PROJECTOR, make_model
     from .projector import Projector
 
+    args.projector = args.projector or DEFAULT_PROJECTOR[args.engine]
     users = [("persona", p) for p in args.persona or []] + [("embedding", e) for e in args.embedding or []]
     if not users:
         raise E2PError("give at least one --persona TEXT or --embedding FILE")
@@ -238,7 +245,7 @@ def cmd_generate(args) -> None:
     backbone, _ = _load(args, need_encoder=False)
     projector = Projector.from_pretrained(args.projector, backbone)
     projector.eval()
-    model = E2PModel(backbone, projector)
+    model = make_model(backbone, projector, engine=args.engine, gguf=args.gguf, n_seq_max=max(len(users), 1))
     vectors = []
     personas = [v for kind, v in users if kind == "persona"]
     if personas:
@@ -269,6 +276,7 @@ BACKBONE_HELP = ("a named backbone (SmolLM2-135M-Instruct, the default; gemma-3-
 
 def build_parser() -> argparse.ArgumentParser:
     from .devices import add_device_arguments
+    from .engines import add_engine_arguments
 
     parser = argparse.ArgumentParser(prog="e2p", description="Embedding-to-Prefix personalization for a frozen LLM")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -326,14 +334,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--encoder", default=None)
+    add_engine_arguments(e)
     e.add_argument("--people-half", type=int, choices=[0, 1], default=None,
                    help="evaluate only one of two disjoint halves of the people (by id parity)")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="reply to a message as one or more users")
     common(g)
-    g.add_argument("--projector", default="persona-deep-k1",
-                   help="a shipped name or a folder `e2p train` wrote (default: persona-deep-k1)")
+    g.add_argument("--projector", default=None,
+                   help="a shipped name or a folder `e2p train` wrote (default: persona-deep-k1; with --engine "
+                        "llama-cpp the input-injection persona-input-k1)")
+    add_engine_arguments(g)
     g.add_argument("--persona", action="append", help="persona text of a user (repeatable)")
     g.add_argument("--embedding", action="append", help="embedding file .npy/.json/.safetensors/.csv (repeatable)")
     g.add_argument("--message", required=True)

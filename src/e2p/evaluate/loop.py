@@ -58,9 +58,10 @@ def conditions_for(projector_dir: str | Path, with_text: bool) -> list[Condition
     return [c for c in conds if c.projector_dir is None or (c.projector_dir / "config.json").is_file()]
 
 
-def _model(backbone, cond: Condition, plain: E2PConfig) -> E2PModel:
+def _model(backbone, cond: Condition, plain: E2PConfig, engine=None) -> E2PModel:
+    """The condition's model on the chosen engine (`engine(backbone, projector, config)`; default: torch)."""
     projector = Projector.from_pretrained(cond.projector_dir, backbone).eval() if cond.projector_dir else None
-    return E2PModel(backbone, projector, config=None if projector else plain)
+    return (engine or E2PModel)(backbone, projector, config=None if projector else plain)
 
 
 @contextmanager
@@ -82,7 +83,8 @@ def _adapter(backbone, folder: Path | None):
 
 def run_conditions(backbone, conditions: list[Condition], examples: list[Example], users: UserTable, *,
                    plain_config: E2PConfig | None = None, max_target_tokens: int = 64, batch_size: int = 16,
-                   generate: int = 0, max_new_tokens: int = 32, seed: int = 0, progress: bool = True) -> dict:
+                   generate: int = 0, max_new_tokens: int = 32, seed: int = 0, progress: bool = True,
+                   engine=None) -> dict:
     """Score every condition on the same examples (same target tokens, checked) and, for the first `generate`
     examples, greedy generations. -> {"nll": {cond: [N]}, "counts": [N], "generations": {cond: [G]}}."""
     from tqdm.auto import tqdm
@@ -97,7 +99,7 @@ def run_conditions(backbone, conditions: list[Condition], examples: list[Example
         table = table_of.tensor()
         own = [table_of.index[ex.user] for ex in examples]
         persons = {"own": own, "shuffled": [own[j] for j in swap], "none": own}
-        model = _model(backbone, cond, plain)
+        model = _model(backbone, cond, plain, engine)
         reads_user = model.projector is not None and not model.projector.config.is_shared and cond.embeddings != "none"
         text = lambda ex: ex.profile_text if cond.with_text else None
         rows = [model.format(ex.prompt, reply=ex.target, persona_text=text(ex), max_target_tokens=max_target_tokens)
@@ -192,14 +194,15 @@ def evaluate_examples(backbone, users: UserTable, examples: list[Example], proje
                       out_dir: str | Path | None = None, *, conditions: list[Condition] | None = None,
                       limit: int | None = None, generate: int = 64, max_target_tokens: int | None = None,
                       batch_size: int = 16, seed: int = 0, encoder=None, progress: bool = True,
-                      baselines: dict | None = None, pairs: list[tuple[str, str]] | None = None) -> dict:
+                      baselines: dict | None = None, pairs: list[tuple[str, str]] | None = None, engine=None) -> dict:
     """Every condition the projector folder supports, on the same examples of unseen users: perplexity on
     target tokens, paired 95% intervals over users, ROUGE-1/2/L and identification of greedy generations.
     Writes results.json, REPORT.md and plots to `out_dir` when given. `encoder`: for identification
     (default: all-MiniLM-L6-v2 when generating; pass False to skip). `max_target_tokens`: default the
     projector config's (what it was trained with). `baselines`: {name: fn(example) -> text},
     texts scored like generations (no perplexity), e.g. copying a headline the prompt quotes. `pairs`: the
-    comparisons (default: the standard ones present)."""
+    comparisons (default: the standard ones present). `engine`: how each condition's model is made, e.g.
+    `e2p.engines.llamacpp.LlamaCppModel.factory(backend)` (default: the torch E2PModel)."""
     from .report import write_report
 
     projector_dir = resolve_projector(projector_dir)
@@ -211,7 +214,7 @@ def evaluate_examples(backbone, users: UserTable, examples: list[Example], proje
     plain = E2PConfig.load(projector_dir)
     max_target_tokens = max_target_tokens or plain.max_target_tokens  # as the projector was trained
     scores = run_conditions(backbone, conditions, examples, users, plain_config=plain, max_target_tokens=max_target_tokens,
-                            batch_size=batch_size, generate=generate, seed=seed, progress=progress)
+                            batch_size=batch_size, generate=generate, seed=seed, progress=progress, engine=engine)
     if encoder is None and generate:
         from ..encoders import TextEncoder
 

@@ -1,0 +1,39 @@
+"""Engines that run the backbone's forward passes: torch (E2PModel itself, the default) or llama.cpp
+(`e2p.engines.llamacpp`, input injection on any GGUF). Both format prompts the same way and serve through the
+same decode loop."""
+from __future__ import annotations
+
+ENGINES = ("torch", "llama-cpp")
+DEFAULT_PROJECTOR = {"torch": "persona-deep-k1", "llama-cpp": "persona-input-k1"}
+
+
+def add_engine_arguments(parser) -> None:
+    """--engine and --gguf, the same on generate, eval and serve."""
+    parser.add_argument("--engine", choices=ENGINES, default="torch",
+                        help="torch (any Hugging Face causal LM, input or deep projectors) or llama-cpp (the GGUF "
+                             "through llama.cpp, input projectors only; pip install 'e2p[llamacpp]')")
+    parser.add_argument("--gguf", default=None, help="with --engine llama-cpp: the GGUF to run (any quantization "
+                                                     "llama.cpp reads; default: the named backbone's own)")
+
+
+def make_model(backbone, projector=None, config=None, engine: str = "torch", gguf: str | None = None,
+               n_seq_max: int = 16, max_prompt_tokens: int = 1024):
+    """An E2PModel on the chosen engine (the llama-cpp one loads its GGUF here)."""
+    if engine == "llama-cpp":
+        from .llamacpp import LlamaCppModel
+
+        return LlamaCppModel(backbone, projector, config, gguf=gguf, n_seq_max=n_seq_max,
+                             max_prompt_tokens=max_prompt_tokens)
+    from ..model import E2PModel
+
+    return E2PModel(backbone, projector, config, max_prompt_tokens=max_prompt_tokens)
+
+
+def evaluation_engine(backbone, engine: str = "torch", gguf: str | None = None, n_seq_max: int = 16):
+    """The evaluation loop's `engine=` (every condition on one loaded GGUF), or None for torch."""
+    if engine != "llama-cpp":
+        return None
+    from ..backbone import default_gguf
+    from .llamacpp import LlamaCppBackend, LlamaCppModel
+
+    return LlamaCppModel.factory(LlamaCppBackend(gguf or default_gguf(backbone.name), n_seq_max=n_seq_max))

@@ -1,0 +1,102 @@
+"""E2P on llama.cpp: the GGUF is the backbone, a projector's k vectors enter through `llama_batch.embd`.
+
+One llama.cpp context holds up to `n_seq_max` sequences in one KV cache (one sequence id per row), so rows of
+different users decode in one batch, join and leave between steps, exactly like the torch path: `LlamaCppModel`
+is an `E2PModel` whose forward passes run in llama.cpp (`llamacpp_backend`), so the one decode loop
+(`e2p.generation.Generation`), `E2PModel.generate`, the evaluation loop and the server's batcher use it unchanged.
+Formatting (chat template, prefix position, prompt limits) is the torch path's own: both engines feed the same ids.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..model import E2PModel, Segments
+from .llamacpp_backend import LlamaCppBackend, LlamaCppError, LlamaDecoding  # noqa: F401 (re-exported)
+
+
+class LlamaCppModel(E2PModel):
+    """An E2PModel whose forward passes run in llama.cpp. The torch backbone only formats (tokenizer, chat template,
+    sizes); the projector runs in torch on the CPU and its k vectors go in through `llama_batch.embd`. Input
+    injection only: a deep projector's keys and values live inside the layers, where llama.cpp takes no input."""
+
+    def __init__(self, backbone, projector=None, config=None, gguf: str | Path | None = None, n_seq_max: int = 16,
+                 n_ctx: int = 8192, max_prompt_tokens: int = 1024, backend: LlamaCppBackend | None = None):
+        if projector is not None and projector.config.injection != "input":
+            raise ConfigError("the llama-cpp engine takes input-injection projectors only: a deep projector's keys and "
+                              "values live inside every layer, where llama.cpp takes no input. Use --engine torch, or "
+                              "an input projector (e2p train --injection input; shipped: persona-input-k1)")
+        super().__init__(backbone, projector, config, autocast=False, max_prompt_tokens=max_prompt_tokens)
+        from ..backbone import default_gguf
+
+        self.engine = backend or LlamaCppBackend(gguf or default_gguf(backbone.name), n_ctx=n_ctx, n_seq_max=n_seq_max)
+        if self.engine.n_embd != backbone.hidden_size:
+            raise ConfigError(f"{self.engine.path} has hidden size {self.engine.n_embd}, the backbone "
+                              f"{backbone.name} {backbone.hidden_size}: pass the GGUF of the same model")
+
+    @classmethod
+    def factory(cls, backend: LlamaCppBackend, max_prompt_tokens: int = 1024):
+        """`(backbone, projector, config) -> LlamaCppModel` on one loaded GGUF (the evaluation loop's `engine`)."""
+        return lambda backbone, projector=None, config=None: cls(backbone, projector, config, backend=backend,
+                                                                 max_prompt_tokens=max_prompt_tokens)
+
+    def _prefix_vectors(self, n: int, embeddings) -> list[np.ndarray | None]:
+        prefix, has = self.prefixes(embeddings, n)
+        if prefix is None:
+            return [None] * n
+        vecs = prefix.detach().float().cpu().numpy()
+        return [vecs[i] if bool(has[i]) else None for i in range(n)]
+
+    def target_logits(self, rows, embeddings=None):
+        raise NotImplementedError("the llama-cpp engine scores without autograd: use loss(..., reduction='none')")
+
+    @torch.no_grad()
+    def loss(self, rows: Sequence[Segments], embeddings=None, reduction: str = "mean", batch_size: int | None = None):
+        """Cross-entropy on target tokens only, as E2PModel.loss (no gradients: llama.cpp runs inference only)."""
+        rows = list(rows)
+        embeddings = list(embeddings) if embeddings is not None else None
+        nll, count = [], []
+        step = min(batch_size or self.engine.n_seq_max, self.engine.n_seq_max)
+        for i in range(0, len(rows), step):
+            part = rows[i:i + step]
+            prefixes = self._prefix_vectors(len(part), None if embeddings is None else embeddings[i:i + step])
+            seqs = self.engine.take_seqs(len(part))
+            try:
+                logits, _ = self.engine.prefill(part, prefixes, seqs, score=True)
+            finally:
+                self.engine.release(seqs)
+            for r, lg in zip(part, logits):
+                if self.softcap:
+                    lg = np.tanh(lg / self.softcap) * self.softcap
+                lg = lg.astype(np.float64)
+                logz = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
+                nll.append(float((logz - lg[np.arange(len(r.target)), r.target]).sum()))
+                count.append(len(r.target))
+        nll_t, count_t = torch.tensor(nll, dtype=torch.float32), torch.tensor(count)
+        return nll_t.sum() / count_t.sum() if reduction == "mean" else (nll_t, count_t)
+
+    # --- the decode loop's three calls (e2p.generation.Generation) ----------------------------------
+    @torch.no_grad()
+    def start_decoding(self, rows: Sequence[Segments], embeddings=None) -> LlamaDecoding:
+        prefixes = self._prefix_vectors(len(rows), embeddings)
+        seqs = self.engine.take_seqs(len(rows))
+        try:
+            logits, positions = self.engine.prefill(rows, prefixes, seqs)
+        except Exception:
+            self.engine.release(seqs)
+            raise
+        return LlamaDecoding(self.engine, seqs, positions, np.concatenate(logits))
+
+    def next_logits(self, dec: LlamaDecoding) -> torch.Tensor:
+        logits = torch.from_numpy(dec.logits)
+        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
+
+    def advance(self, dec: LlamaDecoding, tokens: torch.Tensor) -> None:
+        entries = [(int(t), pos, s, True) for t, pos, s in zip(tokens.tolist(), dec.positions, dec.seqs)]
+        logits = self.engine.decode(entries)
+        dec.logits = np.stack([logits[i] for i in range(len(entries))])
+        dec.positions = [p + 1 for p in dec.positions]
