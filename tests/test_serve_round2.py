@@ -200,3 +200,27 @@ def test_text_embeddings_and_user_writes_cannot_starve_store_reads(tmp_path):
                 put_gate.set()
     finally:
         server.stop()
+
+
+# --- 4. vectors whose float32 norm overflows behave like their direction ----------------------------------------
+def test_huge_vectors_behave_like_their_direction(served):
+    """Finite values from about 1e18 up overflow the float32 norm; the person part used to become zero (the shared
+    prefix, silently). Now such a vector gives its direction's prefix, and every other vector's is unchanged."""
+    from e2p.projector import unit_rows
+
+    server, app, model, http = served
+    normal = torch.tensor([vec(1), vec(2), [0.0] * 8])
+    assert torch.equal(unit_rows(normal), normal / normal.norm(dim=-1, keepdim=True).clamp_min(1e-6))  # bit for bit
+    projector = model.projector
+    v = torch.tensor(vec(1))
+    with torch.no_grad():
+        assert torch.allclose(projector(torch.stack([v * 1e30])), projector(torch.stack([v])), atol=1e-6)
+        assert torch.allclose(projector(torch.full((1, 8), 3.4e38)), projector(torch.ones(1, 8)), atol=1e-6)
+    for user, vector in (("huge", [x * 1e30 for x in vec(1)]), ("direction", vec(1)), ("max", [3.4e38] * 8),
+                         ("ones", [1.0] * 8)):
+        assert http.put(f"/v1/users/{user}/embedding", json={"embedding": vector}, headers=ADMIN_AUTH).status_code == 200
+    text = lambda **kw: http.post("/v1/chat/completions", json=chat_body(**kw)).json()["choices"][0]["message"]["content"]
+    shared = text(e2p={"embedding": [0.0] * 8})  # the centre (mean 0 here): person part zero, the shared prefix
+    assert text(user="huge") == text(user="direction") != shared
+    assert text(user="max") == text(user="ones") != shared
+    assert text(e2p={"embedding": [x * 1e30 for x in vec(1)]}) == text(user="direction")

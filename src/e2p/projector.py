@@ -82,8 +82,7 @@ class Projector(nn.Module):
                 raise EmbeddingError("this projector needs a user embedding; use a shared prefix for users without one")
             e = self.check_embeddings(embeddings).to(self.shared.device)
             blocks = e.view(-1, self.config.slot_dim)  # [B * slots, slot_dim]
-            e = blocks - self.embedding_mean
-            e = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            e = unit_rows(blocks - self.embedding_mean)
             # the person part is zero for the average person, so style stays in `shared` alone
             person = self.mlp(torch.cat([e, torch.zeros_like(e[:1])]))
             person = person[:-1] - person[-1:]
@@ -149,6 +148,19 @@ def check_backbone(config: E2PConfig, backbone) -> None:
 def parameter_summary(projector: Projector) -> str:
     n = projector.num_parameters()
     return f"{n:,} parameters ({n * 4 / 2**20:.2f} MiB float32)"
+
+
+def unit_rows(e: torch.Tensor) -> torch.Tensor:
+    """[N, D] -> each row divided by its norm (at least 1e-6). A finite row with values from about 1e18 up has a
+    float32 norm that overflows to inf, which would make its person part zero (silently the shared prefix): such a
+    row is first divided by its largest absolute value, so it behaves like its direction. Rows whose norm is
+    finite are computed exactly as before, bit for bit (no branch: no host sync on a GPU)."""
+    norm = e.norm(dim=-1, keepdim=True)
+    huge = ~torch.isfinite(norm)
+    peak = torch.where(huge, e.abs().amax(-1, keepdim=True), torch.ones_like(norm))
+    e = torch.where(huge, e / peak, e)
+    norm = torch.where(huge, e.norm(dim=-1, keepdim=True), norm)
+    return e / norm.clamp_min(1e-6)
 
 
 def used_slots(blocks: torch.Tensor) -> torch.Tensor:
