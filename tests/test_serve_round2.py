@@ -224,3 +224,30 @@ def test_huge_vectors_behave_like_their_direction(served):
     assert text(user="huge") == text(user="direction") != shared
     assert text(user="max") == text(user="ones") != shared
     assert text(e2p={"embedding": [x * 1e30 for x in vec(1)]}) == text(user="direction")
+
+
+# --- 5. every id the store accepts can be managed over HTTP -------------------------------------------------
+def test_ids_with_slashes_work_in_every_user_endpoint(served, tmp_path):
+    """One rule: any id `e2p users import`, PUT and `user` accept is managed in the path percent-encoded."""
+    from urllib.parse import quote
+
+    from e2p.store import import_embeddings
+
+    server, app, model, http = served
+    ids = ["org/alice", "org/team/bob", "a/embedding", "50%/off", "ünï/cødé", " spaced id ", "..", "q?x#y"]
+    rows = tmp_path / "users.jsonl"
+    rows.write_text("".join(json.dumps({"user": u, "embedding": vec(i)}) + "\n" for i, u in enumerate(ids)))
+    assert import_embeddings(rows, app.state.store) == len(ids)
+    for i, user in enumerate(ids):
+        url = f"/v1/users/{quote(user, safe='') if user != '..' else '%2E%2E'}/embedding"  # clients drop `..`
+        got = http.get(url)
+        assert got.status_code == 200 and got.json()["user"] == user and got.json()["version"] == 1, (user, got.text)
+        put = http.put(url, json={"embedding": vec(i + 50)}, headers=ADMIN_AUTH)
+        assert put.status_code == 200 and put.json()["version"] == 2, (user, put.text)
+        reply = http.post("/v1/chat/completions", json=chat_body(user=user))
+        assert reply.status_code == 200 and reply.headers["x-e2p-embedding-version"] == "2"
+        assert http.delete(url, headers=ADMIN_AUTH).json() == {"object": "user.embedding.deleted", "user": user,
+                                                               "deleted": True}
+        assert_error(http.get(url), 404, "user_not_found")
+    assert_error(http.get("/v1/users//embedding"), 400, param="user")  # the empty id: the store's rule, not a route
+    assert_error(http.get("/v1/users/alice/embedding/more"), 404, "not_found")

@@ -204,17 +204,17 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
         """OpenAI's embeddings endpoint: the vectors to store for users (or send inline as `e2p.embedding`)."""
         return await serving.embeddings(req)
 
-    # --- embedding store -------------------------------------------------------------------------------
-    @app.put("/v1/users/{user_id}/embedding", dependencies=[admin])
+    # --- embedding store: any id the store accepts (`org/alice` too), percent-encoded in the path -------------
+    @app.put("/v1/users/{user_id:path}/embedding", dependencies=[admin])
     async def put_embedding(user_id: str, body: EmbeddingPut):
         """Store a user's vector, or embed their profile text with the projector's encoder and store that."""
         return await serving.put_embedding(user_id, body)
 
-    @app.get("/v1/users/{user_id}/embedding")
+    @app.get("/v1/users/{user_id:path}/embedding")
     async def get_embedding(user_id: str, is_admin: bool = inference):
         return await serving.get_embedding(user_id, is_admin)
 
-    @app.delete("/v1/users/{user_id}/embedding", dependencies=[admin])
+    @app.delete("/v1/users/{user_id:path}/embedding", dependencies=[admin])
     async def delete_embedding(user_id: str):
         return await serving.delete_embedding(user_id)
 
