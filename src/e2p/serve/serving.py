@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -133,6 +134,16 @@ def bearer_key(headers: Mapping[str, str]) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+def special_token_pattern(tokenizer) -> re.Pattern | None:
+    """A regex of the tokenizer's special tokens (the chat template's control tokens among them), longest first;
+    None if it has none."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    specials = {t.content for t in added.values() if getattr(t, "special", False)}
+    specials |= set(getattr(tokenizer, "all_special_tokens", []) or [])
+    specials = sorted((t for t in specials if len(t) > 1), key=len, reverse=True)  # one character: nothing to break
+    return re.compile("|".join(map(re.escape, specials))) if specials else None
+
+
 def sse(obj: dict | str) -> str:
     """One server-sent event."""
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n"
@@ -170,6 +181,7 @@ class OpenAIServing:
         self.text_admission = Admission(config.max_embed_requests, 1, "text-embedding requests", "embedding_queue_full")
         self.user_admission = Admission(config.max_user_requests, 4, "user-embedding requests", "user_queue_full")
         self.created = int(time.time())
+        self.special_tokens = special_token_pattern(model.tokenizer)
 
     # --- auth -----------------------------------------------------------------------------------------
     def _is_admin(self, key: str | None) -> bool:
@@ -322,8 +334,22 @@ class OpenAIServing:
 
     # --- prompts -> Segments --------------------------------------------------------------------------
     def _format_chat(self, messages: list[dict]) -> Segments:
+        messages = [{**m, "content": self.plain_text(m["content"])} for m in messages]
         with self.tokenizer_lock:
             return self.model.format(messages)
+
+    def plain_text(self, text: str) -> str:
+        """Message content with the backbone's special-token strings (`<|im_end|>`, `<|im_start|>`, ...) broken by a
+        zero-width joiner after their first character: the text stays visible, but the tokenizer, which matches
+        them verbatim in the rendered prompt, cannot make control tokens of them, so a client's end user cannot
+        close their turn and open a system one. Repeated until none is left (a replacement cannot join two)."""
+        pattern = self.special_tokens
+        for _ in range(8):
+            if pattern is None or not pattern.search(text):
+                return text
+            text = pattern.sub(lambda m: m.group(0)[0] + "\u200d" + m.group(0)[1:], text)
+        raise APIError(400, "message content keeps forming the backbone's control tokens: send plain text",
+                       param="messages", code="invalid_value")
 
     def _format_raw(self, prompt: str) -> Segments:
         model = self.model
