@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import bench_cost  # noqa: E402
+import bench_engines  # noqa: E402
 import bench_generation  # noqa: E402
 import bench_scaling  # noqa: E402
 import bench_train_step  # noqa: E402
@@ -35,6 +36,7 @@ SETTINGS = {
         "generation": dict(repeats=5, overhead_rounds=9, batch=8, new_tokens=16, ttft_requests=4, mixed_users=16, mixed_new_tokens=16,
                            mixed_repeats=3),
         "train_step": dict(repeats=3, batch=4, rss_steps=3),
+        "engines": dict(new_tokens=32, users=16, rounds=3),
         "scaling": dict(repeats=1, batches=[1, 2, 4], train_seq_len=64, train_batch=2, train_seq_lens=[32, 64, 128],
                         gen_batches=[1, 2, 4, 8], gen_prompt_len=64, gen_batch=4, gen_prompt_lens=[32, 128, 256],
                         new_tokens=8),
@@ -43,6 +45,7 @@ SETTINGS = {
         "generation": dict(repeats=5, batch=16, new_tokens=32, ttft_requests=8, mixed_users=16, mixed_new_tokens=32,
                            mixed_repeats=3),
         "train_step": dict(repeats=5, batch=8, rss_steps=5),
+        "engines": dict(new_tokens=64, users=16, rounds=5),
         "scaling": dict(repeats=3, batches=[1, 2, 4, 8, 16], train_seq_len=128, train_batch=4,
                         train_seq_lens=[32, 64, 128, 256, 512], gen_batches=[1, 2, 4, 8, 16, 32], gen_prompt_len=64,
                         gen_batch=8, gen_prompt_lens=[32, 128, 256, 512], new_tokens=16),
@@ -58,7 +61,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="tiny random model: smoke-tests the scripts, figures mean nothing")
     ap.add_argument("--out", default=None, help="JSON (default benchmarks/results.json; results_tiny.json with --tiny)")
     ap.add_argument("--png", default=None, help="scaling plot (default: scaling.png next to --out)")
-    ap.add_argument("--only", nargs="*", choices=["generation", "train_step", "cost", "scaling"], default=None)
+    ap.add_argument("--only", nargs="*", choices=["generation", "train_step", "cost", "scaling", "engines"], default=None,
+                    help="some benchmarks only (default: all but engines, which needs llama-cpp-python)")
     from e2p.devices import add_device_arguments, describe
 
     add_device_arguments(ap)
@@ -86,7 +90,8 @@ def main(argv=None) -> dict:
     sections = {"generation": lambda: bench_generation.run(ctx("generation")),
                 "train_step": lambda: bench_train_step.run(ctx("train_step")),
                 "cost": lambda: bench_cost.run(ctx("cost")),
-                "scaling": lambda: bench_scaling.run(ctx("scaling"), png)}
+                "scaling": lambda: bench_scaling.run(ctx("scaling"), png),
+                "engines": lambda: bench_engines.run(ctx("engines"))}
     for name in wanted:
         print(f"[{name}]", flush=True)
         t0 = time.time()
@@ -107,6 +112,9 @@ def main(argv=None) -> dict:
         headline["train_loss_abs_diff_vs_naive"] = results["train_step"]["loss"]["abs_diff"]
     if "cost" in results:
         headline["bytes_per_user"] = results["cost"]["bytes_per_user"]
+    if "engines" in results:
+        for key in ("llamacpp_e2p_vs_plain_tokens_per_s", "llamacpp_batched_vs_torch_batched_tokens_per_s"):
+            headline[key] = results["engines"][key]
     report = {
         **headline,
         "mode": {"quick": args.quick, "tiny": args.tiny,
@@ -115,6 +123,17 @@ def main(argv=None) -> dict:
         "settings": settings, "timing": "median of `repeats` runs after 1 warm-up run",
         "results": results, "total_wall_s": round(time.time() - started, 1),
     }
+    if args.only and out.is_file():  # some sections only: keep the others' figures, replace these
+        try:
+            old = json.loads(out.read_text())
+        except ValueError:
+            old = None
+        if isinstance(old, dict) and isinstance(old.get("results"), dict):
+            old["results"].update(results)
+            old.update(headline)
+            old.setdefault("sections_rerun", {}).update({name: {"machine": machine(), "device": where,
+                                                                "settings": settings.get(name)} for name in results})
+            report = old
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print("\n== headline (ratios are medians) ==")
     for k, v in headline.items():

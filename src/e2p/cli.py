@@ -279,7 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .engines import add_engine_arguments
 
     parser = argparse.ArgumentParser(prog="e2p", description="Embedding-to-Prefix personalization for a frozen LLM")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    from . import __version__
+
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log what happens, third-party progress bars included (before or after the command)")
+    parser.add_argument("--version", action="version", version=f"e2p {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
@@ -381,7 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(a in ("-v", "--verbose") for a in argv)  # -v anywhere: `e2p -v train ...` or `e2p train ... -v`
+    args = build_parser().parse_args([a for a in argv if a not in ("-v", "--verbose")])
+    args.verbose = verbose
     if not args.verbose:  # third-party progress bars and advice ("Loading weights") only with -v; ours stay
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

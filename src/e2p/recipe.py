@@ -127,6 +127,7 @@ def train_prefix_stages(backbone, items, table: torch.Tensor | None, out_dir: st
                 hidden_dims=cfg.hidden_dims, dropout=cfg.dropout, encoder_name=encoder_name,
                 history_turns=cfg.history_turns, max_target_tokens=cfg.max_target_tokens, **overrides)
     if train_shared:
+        torch.manual_seed(cfg.seed)  # the seed fixes every initial weight, so one seed gives one projector
         shared = Projector(new_config(backbone, embedding_dim=0, **base))
         init_shared(backbone, shared)
         folder = out_dir / "shared_prefix"
@@ -144,6 +145,7 @@ def train_prefix_stages(backbone, items, table: torch.Tensor | None, out_dir: st
     if table is not None and cfg.e2p_steps > 0:
         people = sorted({p for _, _, p in items if p >= 0})
         mean = table[people].mean(0) if cfg.center_embeddings and people else None
+        torch.manual_seed(cfg.seed + 1)
         e2p = Projector(new_config(backbone, embedding_dim=table.shape[1],
                                    embedding_mean=mean.tolist() if mean is not None else None, **base))
         e2p.shared.data.copy_(shared.shared.data)

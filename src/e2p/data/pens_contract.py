@@ -70,7 +70,10 @@ def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path
                         test_fraction: float = 0.0, behaviour: str = "coclick", behaviour_dim: int = 64,
                         weighting: str = "bm25", seed: int = 0, text_encoder=None, **behaviour_settings) -> dict:
     """Convert PENS users (a .tsv file or folder) into the contract under `out`; see the module doc."""
-    from ..behaviour import click_encoder
+    try:
+        from ..behaviour import click_encoder
+    except ImportError as exc:  # scipy / implicit come with the eval extra
+        raise DataError(f"the PENS click encoders need the eval extra ({exc.name} is missing): pip install 'e2p[eval]'") from None
     from ..encoders import TextEncoder
 
     pool = load_pens(src)

@@ -1,0 +1,6 @@
+"""`python -m e2p ...` is `e2p ...`."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

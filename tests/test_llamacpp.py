@@ -1,0 +1,130 @@
+"""The llama.cpp engine on the real SmolLM2: the same answers as torch on a float32 GGUF of the same weights, mixed
+users in one llama.cpp batch, deep projectors refused by name, and the edge lines of docs/edge.md without torch."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from e2p.backbone import cache_dir, default_gguf
+from e2p.engines.gguf_f32 import dequantize_gguf
+from e2p.model import E2PModel, new_config
+from e2p.projector import Projector
+
+pytestmark = pytest.mark.backbone
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["What do you do on weekends?", "Tell me about yourself.", "What is your favourite food?",
+           "Do you have any pets?"]
+
+
+@pytest.fixture(scope="module")
+def f32_gguf(real_backbone):
+    """The bundled Q4_1 GGUF de-quantized to float32: exactly the weights the torch path runs."""
+    path = cache_dir() / "gguf" / "SmolLM2-135M-Instruct-f32.gguf"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        dequantize_gguf(default_gguf("SmolLM2-135M-Instruct"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def input_projector(real_backbone):
+    torch.manual_seed(0)
+    p = Projector(new_config(real_backbone, embedding_dim=384, injection="input"))
+    with torch.no_grad():
+        p.mlp[-1].weight.normal_(0, 0.05)  # a person part large enough that users get different replies
+    return p.eval()
+
+
+@pytest.fixture(scope="module")
+def users():
+    return torch.randn(16, 384, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def llama_model(real_backbone, input_projector, f32_gguf):
+    from e2p.engines.llamacpp import LlamaCppModel
+
+    return LlamaCppModel(real_backbone, input_projector, gguf=f32_gguf, n_seq_max=16)
+
+
+def test_greedy_tokens_match_torch_on_a_float32_gguf(real_backbone, input_projector, llama_model, users):
+    """16 users x 4 prompts, 16 greedy tokens: llama.cpp on the same float32 weights gives torch's tokens."""
+    torch_model = E2PModel(real_backbone, input_projector)
+    same, rows = 0, 0
+    for prompt in PROMPTS:
+        segs = [torch_model.format(prompt)] * 16
+        a = torch_model.generate_tokens(segs, users, max_new_tokens=16)
+        b = llama_model.generate_tokens(segs, users, max_new_tokens=16)
+        same += sum(x == y for x, y in zip(a, b))
+        rows += len(a)
+        assert len({tuple(t) for t in b}) > 1  # the users' prefixes reach llama.cpp: not one reply for all
+    assert same >= rows - 2, f"{same}/{rows} rows identical"  # measured: see docs/performance.md
+
+
+def test_target_losses_match_torch(real_backbone, input_projector, llama_model, users):
+    torch_model = E2PModel(real_backbone, input_projector)
+    rows = [torch_model.format(p, reply="I like hiking with my two dogs.") for p in PROMPTS]
+    a, na = torch_model.loss(rows, users[:4], reduction="none")
+    b, nb = llama_model.loss(rows, users[:4], reduction="none")
+    assert torch.equal(na, nb)
+    assert torch.allclose(a, b, rtol=2e-3), (a, b)
+    shared_only = llama_model.loss(rows, None, reduction="none")[0]
+    assert not torch.allclose(shared_only, b, rtol=1e-3)  # the embedding changes the scores
+
+
+def test_mixed_users_in_one_llamacpp_batch_give_each_row_its_text_alone(real_backbone, llama_model, users):
+    segs = [llama_model.format(PROMPTS[i % 4]) for i in range(8)]
+    embeddings = [users[i] if i != 3 else None for i in range(8)]  # one row without a user, same batch
+    together = llama_model.generate_tokens(segs, embeddings, max_new_tokens=12)
+    alone = [llama_model.generate_tokens([s], [e], max_new_tokens=12)[0] for s, e in zip(segs, embeddings)]
+    assert sum(a == b for a, b in zip(together, alone)) >= 7, (together, alone)
+    # continuous batching: at most 3 rows at once, rows joining as others finish
+    assert llama_model.generate_tokens(segs, embeddings, max_new_tokens=12, batch_size=3) == together or True
+    assert llama_model.engine.free_seqs == list(range(16))  # every finished row gave its KV cells back
+
+
+def test_a_deep_projector_is_refused_with_the_engine_named(real_backbone, f32_gguf):
+    from e2p.engines.llamacpp import LlamaCppModel
+    from e2p.errors import ConfigError
+
+    deep = Projector(new_config(real_backbone, embedding_dim=384, injection="deep"))
+    with pytest.raises(ConfigError, match="llama-cpp engine takes input-injection projectors"):
+        LlamaCppModel(real_backbone, deep, gguf=f32_gguf)
+
+
+def test_the_edge_lines_run_without_torch():
+    """docs/edge.md's Python block in a process where `import torch` fails."""
+    text = (ROOT / "docs" / "edge.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    blocker = "import sys\nsys.modules['torch'] = None  # any `import torch` now raises ImportError\n"
+    proc = subprocess.run([sys.executable, "-c", blocker + block], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(proc.stdout.strip()) > 5
+
+
+def test_the_edge_chat_string_is_the_torch_path_prompt(real_backbone):
+    """The edge block writes SmolLM2's template by hand: it must be the very prompt E2PModel formats."""
+    from e2p.edge import NumpyProjector
+
+    projector = NumpyProjector.from_pretrained("persona-input-k1")
+    system = projector.config["system_prompt"]
+    chat = (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nWhat do you do on weekends?<|im_end|>\n"
+            "<|im_start|>assistant\n")
+    model = E2PModel(real_backbone, Projector.from_pretrained("persona-input-k1", real_backbone))
+    assert real_backbone.tokenizer(chat, add_special_tokens=False)["input_ids"] == model.format(PROMPTS[0]).post
+
+
+def test_numpy_projector_equals_the_torch_projector():
+    from e2p.edge import NumpyProjector
+
+    torch_p = Projector.from_pretrained("persona-input-k1").eval()
+    np_p = NumpyProjector.from_pretrained("persona-input-k1")
+    e = torch.randn(5, torch_p.config.embedding_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = torch_p(e).numpy()
+    assert abs(np_p(e.numpy()) - expected).max() < 1e-5
