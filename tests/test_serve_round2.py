@@ -309,3 +309,72 @@ def test_completions_place_the_prefix_as_format_does(tmp_path, position):
         assert got["usage"]["prompt_tokens"] == len(segments.pre) + len(ids) + 2
     finally:
         server.stop()
+
+
+# --- 7. the smaller ones ----------------------------------------------------------------------------------------
+def test_bodies_that_are_no_json_object_answer_invalid_json(served):
+    server, app, model, http = served
+    json_type = {"content-type": "application/json"}
+    for body, headers in [(b"", json_type), (b"", {}), (b"\xff\xfe{}", json_type), (b'{"model": ', json_type),
+                          (b"[]", json_type), (b"null", json_type), (b'"hi"', json_type)]:
+        r = http.post("/v1/chat/completions", content=body, headers=headers)
+        assert_error(r, 400, "invalid_json")
+        assert "None" not in r.json()["error"]["message"], body
+    assert "empty" in http.post("/v1/completions", content=b"", headers=json_type).json()["error"]["message"]
+
+
+def test_sampling_settings_are_strict_and_finite(served):
+    server, app, model, http = served
+    nan = ('{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}' % MODEL).encode()
+    r = http.post("/v1/chat/completions", content=nan, headers={"content-type": "application/json"})
+    assert_error(r, 400, "invalid_value", "temperature")
+    assert "finite" in r.json()["error"]["message"]
+    for field, value in [("temperature", "0.5"), ("top_p", "1"), ("stream", "yes"), ("stream", 1), ("max_tokens", "4"),
+                         ("max_tokens", 4.0), ("seed", "7"), ("n", True), ("temperature", True)]:
+        assert_error(http.post("/v1/chat/completions", json=chat_body(**{field: value})), 400, "invalid_value", field)
+    assert_error(http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "echo": "true"}), 400,
+                 "invalid_value", "echo")
+    assert_error(http.post("/v1/chat/completions", json=chat_body(stream_options={"include_usage": "yes"})), 400,
+                 param="stream_options.include_usage")
+    assert http.post("/v1/chat/completions", json=chat_body(temperature=1, top_p=1, max_tokens=2)).status_code == 200
+
+
+def test_request_ids_are_bounded(served):
+    server, app, model, http = served
+    assert http.get("/healthz", headers={"x-request-id": "req-42"}).headers["x-request-id"] == "req-42"
+    for sent in ("a" * 60_000, "a" * 129, "two words", "tab\there"):
+        echoed = http.get("/healthz", headers={"x-request-id": sent}).headers["x-request-id"]
+        assert echoed != sent and len(echoed) == 32  # a new id, not the client's
+    assert len(http.get("/healthz", headers={"x-request-id": "a" * 128}).headers["x-request-id"]) == 128
+
+
+def test_two_authorization_headers_are_refused(served):
+    server, app, model, http = served
+    twice = [("authorization", f"Bearer {API}"), ("authorization", "Bearer someone-else")]
+    with httpx.Client(base_url=server.url, timeout=30) as bare:
+        assert_error(bare.post("/v1/chat/completions", json=chat_body(), headers=twice), 401, "invalid_api_key")
+        assert_error(bare.get("/v1/models", headers=[("authorization", f"Bearer {ADMIN}")] * 2), 401, "invalid_api_key")
+        assert bare.get("/v1/models", headers=twice[:1]).status_code == 200
+
+
+def test_content_parts_and_the_function_role(served):
+    server, app, model, http = served
+    no_text = [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text"}]}]
+    r = http.post("/v1/chat/completions", json=chat_body(messages=no_text))
+    assert_error(r, 400, "missing_required_parameter", "messages.0.content.1.text")
+    assert "without `text`" in r.json()["error"]["message"]
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    assert_error(http.post("/v1/chat/completions", json=chat_body(messages=image)), 400, "invalid_value",
+                 "messages.0.content.0.type")
+    # LangChain's FunctionMessage: a function's result, answered as a user turn "NAME: CONTENT"
+    function = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "function", "name": "weather", "content": "fine"}]
+    got = http.post("/v1/chat/completions", json=chat_body(messages=function))
+    assert got.status_code == 200, got.text
+    as_user = function[:2] + [{"role": "user", "content": "weather: fine"}]
+    assert got.json()["choices"][0]["message"]["content"] == http.post(
+        "/v1/chat/completions", json=chat_body(messages=as_user)).json()["choices"][0]["message"]["content"]
+    from e2p.serve.protocol import ChatCompletionRequest
+
+    req = ChatCompletionRequest(model=MODEL, messages=function)
+    assert app.state.serving.chat_messages(req)[-1] == {"role": "user", "content": "weather: fine"}

@@ -3,7 +3,8 @@
 # the PENS text profile (deep injection, the recipe's default) and the persona contract (input injection), then
 # the side-by-side table (research/backbones/compare.py, docs/studies.md).
 #   research/backbones/run.sh [DATA]        DATA: the shared data folder (default ../shared/data)
-# Knobs (environment): OUT (runs/backbones), PENS_LIMIT (840 test headlines), PERSONA_LIMIT (480 test replies).
+# Knobs (environment): OUT (runs/backbones), PENS_LIMIT (840 test headlines), PERSONA_LIMIT (480 test replies),
+# PERSONA_STEPS (90: half the recipe's steps, for time).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${1:-../shared/data}
@@ -18,7 +19,7 @@ for bb in gemma-3-270m SmolLM2-135M-Instruct; do
   t "eval_pens_$bb" "$E2P" eval --backbone "$bb" --users "$OUT/pens/test/users_text.npz" --examples "$OUT/pens/test/examples.jsonl" \
       --projector "$OUT/pens-$bb" --out "$OUT/pens-$bb-eval" --limit "${PENS_LIMIT:-840}" --generate 34
   t "train_persona_$bb" "$E2P" train --backbone "$bb" --users "$OUT/persona/users.npz" --examples "$OUT/persona/examples.jsonl" \
-      --out "$OUT/persona-$bb" --injection input
+      --out "$OUT/persona-$bb" --injection input --steps "${PERSONA_STEPS:-90}"
   t "eval_persona_$bb" "$E2P" eval --backbone "$bb" --users "$OUT/persona/test/users.npz" --examples "$OUT/persona/test/examples.jsonl" \
       --projector "$OUT/persona-$bb" --out "$OUT/persona-$bb-eval" --limit "${PERSONA_LIMIT:-480}" --generate 48
 done

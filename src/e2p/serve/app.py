@@ -3,6 +3,7 @@ embeddings, the embedding store, ops), with its lifespan, error handlers, body l
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -71,6 +72,16 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
+MAX_REQUEST_ID = 128
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,%d}" % MAX_REQUEST_ID)  # printable ASCII, no spaces
+
+
+def request_id_of(sent: str | None) -> str:
+    """The client's `x-request-id` when it is a plausible id (1-128 printable ASCII characters), else a new one:
+    the id is echoed and logged with every line, so it must stay short and unable to forge log lines."""
+    return sent if sent and _REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
+
+
 def _param(loc: tuple) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path")]
     return ".".join(parts) or None
@@ -121,6 +132,10 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
             return error_response(APIError(400, f"request body is not valid JSON ({first.get('msg', '')}): send a "
                                                 "JSON object", code="invalid_json"))
         loc = tuple(first.get("loc", ()))
+        if loc == ("body",):  # the body as a whole: empty, or JSON that is no object
+            what = "empty" if first.get("type") == "missing" else "not a JSON object"
+            return error_response(APIError(400, f"request body is {what}: send a JSON object with "
+                                                "`content-type: application/json`", code="invalid_json"))
         param = _param(loc)
         if first.get("type") == "missing":
             return error_response(APIError(400, f"missing required parameter {param!r}", param=param,
@@ -130,8 +145,10 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = exc.detail if isinstance(exc.detail, str) else "error"
+        if exc.status_code == 400:  # FastAPI's one: a body it could not read as JSON (e.g. not UTF-8)
+            message = "request body could not be read as JSON (it must be UTF-8 text): send a JSON object"
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}: see GET /v1/models, /v1/chat/completions, /v1/completions"
         return error_response(APIError(exc.status_code, message, code=code))
@@ -147,7 +164,7 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
 
     @app.middleware("http")
     async def _observe(request: Request, call_next):
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = request_id_of(request.headers.get("x-request-id"))
         request.state.request_id = request_id
         started = time.perf_counter()
         status = 500

@@ -11,6 +11,10 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Number = Annotated[float, Field(strict=True)]  # a JSON number: "1.5" and true are refused, not converted
+# sampling settings are strict too ("0.5" and "yes" are refused, not converted) and finite (NaN is no temperature)
+Real = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Whole = Annotated[int, Field(strict=True)]
+Flag = Annotated[bool, Field(strict=True)]
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -53,9 +57,18 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class ContentPartError(ValueError):
+    """A content part the server cannot read: `where` names its field inside the message ("content.1.text") and
+    `code` says whether it is missing or unsupported, so the client's 400 points at the part to fix."""
+
+    def __init__(self, message: str, where: str, code: str):
+        super().__init__(message)
+        self.where, self.code = where, code
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
 
@@ -65,29 +78,33 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         parts = []
-        for part in self.content:
-            if part.type != "text" or part.text is None:
-                raise ValueError(f"content part of type {part.type!r} is not supported: send text parts only")
+        for j, part in enumerate(self.content):
+            if part.type != "text":
+                raise ContentPartError(f"content part {j} has type {part.type!r}, which is not supported: send text "
+                                       "parts only", f"content.{j}.type", "invalid_value")
+            if part.text is None:
+                raise ContentPartError(f"content part {j} is a text part without `text`: add its text",
+                                       f"content.{j}.text", "missing_required_parameter")
             parts.append(part.text)
         return "".join(parts)
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
-    include_usage: bool = False
+    include_usage: Flag = False
 
 
 class _SamplingRequest(RequestBody):
     model_config = ConfigDict(extra="ignore")
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1)
-    stream: bool = False
+    max_tokens: Whole | None = Field(default=None, ge=1)
+    temperature: Real = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: Real = Field(default=1.0, gt=0.0, le=1.0)
+    n: Whole = Field(default=1, ge=1)
+    stream: Flag = False
     stream_options: StreamOptions | None = None
     stop: Union[str, list[str], None] = None
-    seed: int | None = Field(default=None, ge=-(2 ** 63), le=2 ** 64 - 1, description="a 64-bit integer")
+    seed: Whole | None = Field(default=None, ge=-(2 ** 63), le=2 ** 64 - 1, description="a 64-bit integer")
     user: str | None = None
     e2p: E2PExtra | None = None
 
@@ -100,12 +117,12 @@ class _SamplingRequest(RequestBody):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: Whole | None = Field(default=None, ge=1)
 
 
 class CompletionRequest(_SamplingRequest):
     prompt: Union[str, list[str]]
-    echo: bool = False
+    echo: Flag = False
 
 
 # --- responses -------------------------------------------------------------------------------------
@@ -211,7 +228,7 @@ class EmbeddingsRequest(RequestBody):
     model: str
     input: Union[str, list[str]]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, ge=1)
+    dimensions: Whole | None = Field(default=None, ge=1)
     user: str | None = None
 
 

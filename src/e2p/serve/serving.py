@@ -29,8 +29,8 @@ from .batching import (Batcher, GenerationError, GenRequest, GenResult, QueueFul
 from .embedder import TextEmbeddingError, UserEmbedder
 from .metrics import Metrics
 from .protocol import (ChatChoice, ChatChoiceMessage, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
-                       ChatCompletionRequest, ChatDelta, Completion, CompletionChoice, CompletionRequest, EmbeddingPut,
-                       EmbeddingsRequest, ErrorBody, ErrorResponse, ModelCard, ModelList, Usage, dump, new_id)
+                       ChatCompletionRequest, ChatDelta, Completion, CompletionChoice, CompletionRequest, ContentPartError,
+                       EmbeddingPut, EmbeddingsRequest, ErrorBody, ErrorResponse, ModelCard, ModelList, Usage, dump, new_id)
 
 log = logging.getLogger("e2p.serve")
 
@@ -128,8 +128,13 @@ def rss_bytes() -> int | None:
 
 
 def bearer_key(headers: Mapping[str, str]) -> str | None:
-    """The key of an `Authorization: Bearer KEY` header, or None."""
-    header = headers.get("authorization", "")
+    """The key of an `Authorization: Bearer KEY` header, or None. Two Authorization headers are refused (401): which
+    one a proxy or the server would read differs, so neither is trusted."""
+    values = headers.getlist("authorization") if hasattr(headers, "getlist") else [headers.get("authorization", "")]
+    if len(values) > 1:
+        raise APIError(401, f"{len(values)} Authorization headers: send exactly one, `Authorization: Bearer KEY`",
+                       code="invalid_api_key")
+    header = values[0] if values else ""
     scheme, _, token = header.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
@@ -270,7 +275,8 @@ class OpenAIServing:
                                 "shorten it or drop older turns", param=param, code="context_length_exceeded")
 
     def chat_messages(self, req: ChatCompletionRequest) -> list[dict]:
-        """The request's messages as plain `{"role", "content"}` text (developer -> system), within the limits."""
+        """The request's messages as plain `{"role", "content"}` text, within the limits: developer -> system, and
+        function (LangChain's FunctionMessage: a function's result) -> a user turn "NAME: CONTENT"."""
         if len(req.messages) > self.config.max_messages:
             raise APIError(400, f"{len(req.messages)} messages, the limit is {self.config.max_messages}: send the "
                                 "recent turns only", param="messages", code="too_many_messages")
@@ -280,9 +286,12 @@ class OpenAIServing:
                 raise APIError(400, "tool messages are not supported", param=f"messages.{i}.role", code="invalid_value")
             try:
                 text = m.text()
-            except ValueError as exc:
-                raise APIError(400, str(exc), param=f"messages.{i}.content", code="invalid_value") from None
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+            except ContentPartError as exc:
+                raise APIError(400, f"messages.{i}: {exc}", param=f"messages.{i}.{exc.where}", code=exc.code) from None
+            role = {"developer": "system", "function": "user"}.get(m.role, m.role)
+            if m.role == "function" and m.name:
+                text = f"{m.name}: {text}"
+            messages.append({"role": role, "content": text})
         return messages
 
     # --- the user's embedding -------------------------------------------------------------------------
