@@ -39,7 +39,7 @@ def cmd_serve(args) -> None:
     if not api_keys and not admin_key:
         log.warning("no API keys: the server is open to anyone who can reach it")
     model = load_model(args.projector, args.backbone, max_prompt_tokens=args.max_prompt_tokens, device=args.device,
-                       dtype=args.dtype)
+                       dtype=args.dtype, engine=args.engine, gguf=args.gguf, max_batch_size=args.max_batch_size)
     name = args.model_name or (f"e2p-{os.path.basename(os.path.normpath(args.projector))}" if args.projector else "e2p")
     store = EmbeddingStore(args.store)
     config = ServeConfig(model_name=name, api_keys=api_keys, admin_key=admin_key, max_body_bytes=args.max_body_bytes,
@@ -93,11 +93,13 @@ def add_serve_commands(sub) -> None:
     """Add `serve` and `users` to the `e2p` subcommand parser."""
     from ..cli import BACKBONE_HELP
     from ..devices import add_device_arguments
+    from ..engines import add_engine_arguments
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a live user-embedding store")
     s.add_argument("--projector", default=None, help="a shipped name (persona-deep-k1) or a folder `e2p train` wrote (omit: the plain backbone)")
     s.add_argument("--backbone", default=None, help=BACKBONE_HELP)
     add_device_arguments(s)
+    add_engine_arguments(s)
     s.add_argument("--store", required=True, help="SQLite embedding store (created if missing)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
