@@ -132,7 +132,8 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
             return error_response(APIError(400, f"request body is not valid JSON ({first.get('msg', '')}): send a "
                                                 "JSON object", code="invalid_json"))
         loc = tuple(first.get("loc", ()))
-        if loc == ("body",):  # the body as a whole: empty, or JSON that is no object
+        if loc == ("body",) and first.get("type") in ("missing", "model_attributes_type", "dict_type", "model_type"):
+            # the body as a whole: empty, or JSON that is no object
             what = "empty" if first.get("type") == "missing" else "not a JSON object"
             return error_response(APIError(400, f"request body is {what}: send a JSON object with "
                                                 "`content-type: application/json`", code="invalid_json"))
