@@ -90,7 +90,7 @@ class Detokenizer:
     context, lost the space a tokenizer puts in front of the first token ("I like" + " hiking"); here the stream
     starts after the prompt's last tokens. Incomplete UTF-8 is held back until its character is complete."""
 
-    CONTEXT = 6  # prompt tokens the stream starts after (what vLLM's incremental detokenizer uses too, about)
+    CONTEXT = 6  # prompt tokens the stream starts after (vLLM's incremental detokenizer starts 5 back)
 
     def __init__(self, tokenizer, context: Sequence[int] = ()):
         self.tokenizer = tokenizer
