@@ -35,7 +35,7 @@ def _quiet(L) -> None:
 
         @L.llama_log_callback
         def callback(level, text, user_data):
-            if verbose or level >= 3:  # GGML_LOG_LEVEL_WARN
+            if verbose or level in (3, 4):  # GGML_LOG_LEVEL_WARN, _ERROR (5 continues the last line)
                 msg = text.decode("utf-8", "replace").rstrip()
                 if msg:
                     log.warning("llama.cpp: %s", msg)
@@ -46,34 +46,6 @@ def _quiet(L) -> None:
 
 class LlamaCppError(E2PError, RuntimeError):
     """llama.cpp refused a batch (out of KV cache, a context too short, a bad GGUF)."""
-
-
-def _llama():
-    try:
-        import llama_cpp
-    except ImportError:
-        raise ConfigError("--engine llama-cpp needs llama-cpp-python: pip install 'e2p[llamacpp]'") from None
-    return llama_cpp
-
-
-_LOG_CALLBACK = None
-
-
-def _quiet(L) -> None:
-    """llama.cpp prints every tensor it loads to stderr; keep warnings and errors only (e2p -v shows all)."""
-    global _LOG_CALLBACK
-    if _LOG_CALLBACK is None:
-        verbose = log.isEnabledFor(logging.DEBUG)
-
-        @L.llama_log_callback
-        def callback(level, text, user_data):
-            if verbose or level >= 3:  # GGML_LOG_LEVEL_WARN
-                msg = text.decode("utf-8", "replace").rstrip()
-                if msg:
-                    log.warning("llama.cpp: %s", msg)
-
-        _LOG_CALLBACK = callback
-        L.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
 
 class LlamaCppBackend:
