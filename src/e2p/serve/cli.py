@@ -91,7 +91,7 @@ def cmd_users_list(args) -> None:
 
 def add_serve_commands(sub) -> None:
     """Add `serve` and `users` to the `e2p` subcommand parser."""
-    from ..cli import BACKBONE_HELP
+    from ..backbone import BACKBONE_HELP
     from ..devices import add_device_arguments
     from ..engines import add_engine_arguments
 
