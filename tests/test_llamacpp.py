@@ -128,3 +128,37 @@ def test_numpy_projector_equals_the_torch_projector():
     with torch.no_grad():
         expected = torch_p(e).numpy()
     assert abs(np_p(e.numpy()) - expected).max() < 1e-5
+
+
+def test_the_server_batches_llamacpp_rows_like_torch_rows(tmp_path, llama_model, users):
+    """`e2p serve --engine llama-cpp`: concurrent requests of different users share llama.cpp batches (continuous
+    batching through the one decode loop) and each gets the text the Python API gives for that user."""
+    import concurrent.futures
+
+    import httpx
+    from test_serve import Server
+
+    from e2p.serve import ServeConfig, create_app
+    from e2p.store import EmbeddingStore
+
+    app = create_app(llama_model, EmbeddingStore(tmp_path / "s.db"), ServeConfig(model_name="m", max_batch_size=8,
+                                                                                 batch_wait_ms=100))
+    server = Server(app)
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            for i in range(6):
+                assert http.put(f"/v1/users/u{i}/embedding", json={"embedding": users[i].tolist()}).status_code == 200
+
+            def ask(i):
+                r = http.post("/v1/chat/completions", json={"model": "m", "user": f"u{i}", "max_tokens": 10, "temperature": 0,
+                                                            "messages": [{"role": "user", "content": PROMPTS[i % 4]}]})
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["message"]["content"]
+
+            with concurrent.futures.ThreadPoolExecutor(6) as pool:
+                answers = list(pool.map(ask, range(6)))
+        assert max(app.state.batcher.batch_sizes) > 1  # rows really shared a batch
+        expected = [llama_model.generate([PROMPTS[i % 4]], [users[i]], max_new_tokens=10)[0] for i in range(6)]
+        assert sum(a == e for a, e in zip(answers, expected)) >= 5, (answers, expected)
+    finally:
+        server.stop()
