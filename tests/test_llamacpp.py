@@ -119,15 +119,26 @@ def test_the_edge_chat_string_is_the_torch_path_prompt(real_backbone):
     assert real_backbone.tokenizer(chat, add_special_tokens=False)["input_ids"] == model.format(PROMPTS[0]).post
 
 
-def test_numpy_projector_equals_the_torch_projector():
+@pytest.mark.parametrize("hidden", [[32], []])
+def test_numpy_projector_equals_the_torch_projector(tmp_path, hidden):
+    """docs/edge.md's formula in numpy gives the torch projector's prefixes (an MLP and a linear map)."""
+    from conftest import make_backbone
+
     from e2p.edge import NumpyProjector
 
-    torch_p = Projector.from_pretrained("persona-input-k1").eval()
-    np_p = NumpyProjector.from_pretrained("persona-input-k1")
-    e = torch.randn(5, torch_p.config.embedding_dim, generator=torch.Generator().manual_seed(0))
+    tiny = make_backbone()
+    torch.manual_seed(1)
+    torch_p = Projector(new_config(tiny, embedding_dim=12, num_prefix_tokens=2, hidden_dims=hidden, person_scale=0.7,
+                                   embedding_mean=torch.randn(12).tolist()))
+    with torch.no_grad():
+        torch_p.mlp[-1].weight.normal_(0, 0.3)
+    torch_p.eval().save_pretrained(tmp_path / "p")
+    e = torch.randn(5, 12, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = torch_p(e).numpy()
-    assert abs(np_p(e.numpy()) - expected).max() < 1e-5
+    got = NumpyProjector.from_pretrained(tmp_path / "p")(e.numpy())
+    assert got.shape == expected.shape == (5, 2, tiny.hidden_size)
+    assert abs(got - expected).max() < 1e-5
 
 
 def test_the_server_batches_llamacpp_rows_like_torch_rows(tmp_path, llama_model, users):
