@@ -41,8 +41,8 @@ def main(argv=None) -> str:
             ppl = " / ".join(f"{c[k]['perplexity']:.2f}" for k in ("none", "shared_prefix", "shuffled", "e2p"))
             idf = f"{c['e2p'].get('identification', float('nan')):.3f} ({ident.get('chance', float('nan')):.3f})"
             train = json.loads((runs / f"{task}-{bb}" / "training_report.json").read_text())
-            wall = (f"{train['seconds'] / 60:.0f} min / "
-                    f"{walls.get(f'eval_{task}_{bb}', 0) / 60:.0f} min")
+            train_s = walls.get(f"train_{task}_{bb}", train["seconds"])  # the whole command, verdict included
+            wall = f"{train_s / 60:.0f} min / {walls.get(f'eval_{task}_{bb}', 0) / 60:.0f} min"
             lines.append(f"| {label} | {bb} | {r['examples']} / {r['users']} | {pct(comp['e2p_vs_shared_prefix'])} | "
                          f"{pct(comp['e2p_vs_shuffled'])} | {ppl} | {idf} | {wall} |")
     table = "\n".join(lines)
