@@ -85,6 +85,17 @@ def test_persona_study_on_the_one_loop(tiny, tmp_path):
                                                                   reconstruct_steps=0, e2p_steps=2, batch_size=2,
                                                                   val_people=2, val_examples=4, eval_every=2),
                    progress=False)
+    # two steps on a random tiny model may not beat the start on validation (then the person part stays 0 and noise
+    # could not show); give the projector a person part so that the noisy table must change its scores
+    import torch
+
+    from e2p.projector import Projector
+
+    trained = Projector.from_pretrained(runs[1])
+    with torch.no_grad():
+        trained.mlp[-1].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    trained.config.person_scale = 1.0
+    trained.save_pretrained(runs[1])
     results = run_persona_study(tiny, FakeEncoder(), data, runs[1], tmp_path / "out", limit=12, noise=(0.3,),
                                 k_runs=(str(runs[2]),), msc_limit=6, generate=4, progress=False)
     main = results["main"]["conditions"]

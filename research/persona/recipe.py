@@ -113,7 +113,7 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
               teacher=None):
         if steps <= 0:
             return None
-        model = E2PModel(backbone, projector)
+        model = E2PModel(backbone, projector, training=True)
         if items is None:
             items = make_items(model, sample_examples(train_ex, steps * cfg.batch_size, cfg.seed + len(name)), index, cfg, with_text)
         if val_items is None:
