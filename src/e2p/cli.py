@@ -12,11 +12,11 @@ from pathlib import Path
 from .errors import E2PError
 
 
-def _backbone(args, training: bool = False):
-    """The backbone a command names (--backbone), on --device in --dtype."""
+def _backbone(args):
+    """The backbone a command names (--backbone), on --device in --dtype (training picks its autocast itself)."""
     from .backbone import load_backbone
 
-    backbone = load_backbone(args.backbone, device=args.device, dtype=args.dtype, training=training)
+    backbone = load_backbone(args.backbone, device=args.device, dtype=args.dtype)
     if getattr(args, "gradient_checkpointing", False):
         from .backbone import enable_gradient_checkpointing
 
@@ -24,10 +24,10 @@ def _backbone(args, training: bool = False):
     return backbone
 
 
-def _load(args, encoder_name: str | None = None, need_encoder: bool = True, training: bool = False):
+def _load(args, encoder_name: str | None = None, need_encoder: bool = True):
     from .encoders import TextEncoder
 
-    backbone = _backbone(args, training)
+    backbone = _backbone(args)
     encoder = TextEncoder(encoder_name) if need_encoder else None
     return backbone, encoder
 
@@ -90,7 +90,7 @@ def cmd_train_contract(args) -> None:
 
     init_distributed()  # torchrun / accelerate launch: one process group, batches split, rank 0 writes
     users, examples = _load_contract(args)
-    backbone = _backbone(args, training=True)  # no text encoder: the embeddings come from the file
+    backbone = _backbone(args)  # no text encoder: the embeddings come from the file
     _train_and_report(args, backbone, users, examples)
 
 
@@ -131,7 +131,7 @@ def cmd_train(args) -> None:
     # a folder: its training split, leakage-free (persona_split); a file: all of it
     examples = persona_split(path, args.with_msc, report)[0] if path.is_dir() else load_persona(path, "all", report)
     print(f"data: {report}")
-    backbone, encoder = _load(args, args.encoder, training=True)
+    backbone, encoder = _load(args, args.encoder)
     users, contract = persona_contract(examples, encoder, _scaled_recipe(args).history_turns)
     _train_and_report(args, backbone, users, contract, encoder_name=getattr(encoder, "name", ""))
     print(f"load it with Projector.from_pretrained({str(args.out)!r})")

@@ -342,10 +342,11 @@ class E2PModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float logits from last hidden states, as the model's own head computes them (Gemma's soft-capping too)."""
         with self._autocast():
-            logits = self.lm.get_output_embeddings()(hidden).float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+            return self.soft_cap(self.lm.get_output_embeddings()(hidden).float())
+
+    def soft_cap(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's final logit soft-capping (Gemma 2/3: cap * tanh(x / cap)); unchanged for models without it."""
+        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
 
     # --- loss -----------------------------------------------------------------------------------
     def target_logits(self, rows: Sequence[Segments], embeddings=None):

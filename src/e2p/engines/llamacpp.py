@@ -70,11 +70,8 @@ class LlamaCppModel(E2PModel):
             finally:
                 self.engine.release(seqs)
             for r, lg in zip(part, logits):
-                if self.softcap:
-                    lg = np.tanh(lg / self.softcap) * self.softcap
-                lg = lg.astype(np.float64)
-                logz = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
-                nll.append(float((logz - lg[np.arange(len(r.target)), r.target]).sum()))
+                logp = torch.log_softmax(self.soft_cap(torch.from_numpy(lg).double()), dim=-1)
+                nll.append(float(-logp[torch.arange(len(r.target)), torch.tensor(r.target)].sum()))
                 count.append(len(r.target))
         nll_t, count_t = torch.tensor(nll, dtype=torch.float32), torch.tensor(count)
         return nll_t.sum() / count_t.sum() if reduction == "mean" else (nll_t, count_t)
@@ -92,8 +89,7 @@ class LlamaCppModel(E2PModel):
         return LlamaDecoding(self.engine, seqs, positions, np.concatenate(logits))
 
     def next_logits(self, dec: LlamaDecoding) -> torch.Tensor:
-        logits = torch.from_numpy(dec.logits)
-        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
+        return self.soft_cap(torch.from_numpy(dec.logits))
 
     def advance(self, dec: LlamaDecoding, tokens: torch.Tensor) -> None:
         entries = [(int(t), pos, s, True) for t, pos, s in zip(tokens.tolist(), dec.positions, dec.seqs)]
