@@ -1,7 +1,8 @@
 """The data contract anyone can fill: a table of user embeddings and a file of examples.
 
 Users: any file `e2p users import` reads (Parquet, CSV, JSON lines, NPZ, NPY), through the same reader
-(`e2p.store.iter_embedding_chunks`) and the same row checks: one parser for the store and for training.
+(`e2p.embedding_files.iter_embedding_chunks`) and the same row checks (`e2p.vectors.check_chunk`): one parser
+for the store and for training.
 
 Examples: JSON lines or Parquet, one row per target, each with a `user` id and either
   * `messages`: OpenAI-style chat messages; the last one is the assistant's target, everything before it
@@ -23,8 +24,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from ..embedding_files import iter_embedding_chunks
 from ..errors import DataError
-from ..store import check_chunk, iter_embedding_chunks
+from ..vectors import check_chunk
 
 EXAMPLE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
 ROLES = ("system", "developer", "user", "assistant")

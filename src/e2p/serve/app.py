@@ -1,5 +1,6 @@
-"""The HTTP layer: the FastAPI app around an `OpenAIServing` (chat / completions, streamed or not, models,
-embeddings, the embedding store, ops), with its lifespan, error handlers, body limit, access log and auth."""
+"""The HTTP layer: the FastAPI app around an `OpenAIServing` and its endpoint families (chat / completions,
+streamed or not, models, embeddings, the embedding store, ops), with its lifespan, error handlers, body limit,
+access log and auth. Each route is a line or two: the work is in the families."""
 from __future__ import annotations
 
 import logging
@@ -17,8 +18,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..model import E2PModel
 from ..store import EmbeddingStore
+from . import health
+from .auth import authorize, authorize_metrics, bearer_key
+from .chat import ChatServing
+from .prompts import Prompts
 from .protocol import ChatCompletionRequest, CompletionRequest, EmbeddingPut, EmbeddingsRequest
-from .serving import APIError, OpenAIServing, ServeConfig, bearer_key
+from .serving import APIError, OpenAIServing, ServeConfig
+from .users import UserServing
 
 log = logging.getLogger("e2p.serve")
 access_log = logging.getLogger("e2p.serve.access")
@@ -96,7 +102,8 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
 
     `encoder`: the text encoder for `/v1/embeddings` and `{"text": ...}` puts (default: the projector's own,
     loaded on first use)."""
-    serving = OpenAIServing(model, store, config, encoder)
+    serving = OpenAIServing(model, store, config)
+    prompts, chat, users = Prompts(serving), ChatServing(serving), UserServing(serving, encoder)
     config, batcher, metrics = serving.config, serving.batcher, serving.metrics
 
     @asynccontextmanager
@@ -110,12 +117,12 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
         finally:
             log.info("shutting down: finishing queued requests", extra={"queued": batcher.depth()})
             await run_in_threadpool(batcher.stop, True)
-            serving.close()
+            users.close()
             log.info("stopped")
 
     app = FastAPI(title="e2p", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json")
-    app.state.serving = serving
+    app.state.serving, app.state.prompts, app.state.chat, app.state.users = serving, prompts, chat, users
     app.state.batcher, app.state.store, app.state.metrics, app.state.config, app.state.model = (
         batcher, store, metrics, config, model)
 
@@ -184,63 +191,63 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
 
     # --- auth (dependencies): -> whether the caller holds the admin key; 401 / 403 otherwise -------------------
     async def inference_key(request: Request) -> bool:
-        return serving.authorize(bearer_key(request.headers))
+        return authorize(config, bearer_key(request.headers))
 
     async def admin_key(request: Request) -> bool:
-        return serving.authorize(bearer_key(request.headers), admin=True)
+        return authorize(config, bearer_key(request.headers), admin=True)
 
     async def metrics_key(request: Request) -> None:
-        serving.authorize_metrics(bearer_key(request.headers))
+        authorize_metrics(config, bearer_key(request.headers))
 
     inference, admin = Depends(inference_key), Depends(admin_key)
 
     # --- OpenAI endpoints -----------------------------------------------------------------------------
     @app.post("/v1/chat/completions", dependencies=[inference])
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        prompt = await serving.chat_prompt(req)
+        prompt = await prompts.chat_prompt(req)
         if req.stream:
-            return event_stream(await serving.chat_completion_stream(prompt, req), prompt.headers)
-        return JSONResponse(await serving.chat_completion(prompt, req, request), headers=prompt.headers)
+            return event_stream(await chat.chat_completion_stream(prompt, req), prompt.headers)
+        return JSONResponse(await chat.chat_completion(prompt, req, request), headers=prompt.headers)
 
     @app.post("/v1/completions", dependencies=[inference])
     async def completions(req: CompletionRequest, request: Request):
-        prompt = await serving.completion_prompt(req)
+        prompt = await prompts.completion_prompt(req)
         if req.stream:
-            return event_stream(await serving.completion_stream(prompt, req), prompt.headers)
-        return JSONResponse(await serving.completion(prompt, req, request), headers=prompt.headers)
+            return event_stream(await chat.completion_stream(prompt, req), prompt.headers)
+        return JSONResponse(await chat.completion(prompt, req, request), headers=prompt.headers)
 
     @app.get("/v1/models", dependencies=[inference])
     async def models():
-        return serving.model_list()
+        return health.model_list(serving)
 
     @app.get("/v1/models/{name}", dependencies=[inference])
     async def model_card(name: str):
-        return serving.model_card(name)
+        return health.model_card(serving, name)
 
     @app.post("/v1/embeddings", dependencies=[inference])
     async def embeddings(req: EmbeddingsRequest):
         """OpenAI's embeddings endpoint: the vectors to store for users (or send inline as `e2p.embedding`)."""
-        return await serving.embeddings(req)
+        return await users.embeddings(req)
 
     # --- embedding store: any id the store accepts (`org/alice` too), percent-encoded in the path -------------
     @app.put("/v1/users/{user_id:path}/embedding", dependencies=[admin])
     async def put_embedding(user_id: str, body: EmbeddingPut):
         """Store a user's vector, or embed their profile text with the projector's encoder and store that."""
-        return await serving.put_embedding(user_id, body)
+        return await users.put_embedding(user_id, body)
 
     @app.get("/v1/users/{user_id:path}/embedding")
     async def get_embedding(user_id: str, is_admin: bool = inference):
-        return await serving.get_embedding(user_id, is_admin)
+        return await users.get_embedding(user_id, is_admin)
 
     @app.delete("/v1/users/{user_id:path}/embedding", dependencies=[admin])
     async def delete_embedding(user_id: str):
-        return await serving.delete_embedding(user_id)
+        return await users.delete_embedding(user_id)
 
     # --- operations ---------------------------------------------------------------------------------------
     @app.get("/healthz")
     async def healthz():
         """Liveness of the decoding worker: 503 when it died or has made no step for `stall_seconds` while busy."""
-        body, status = serving.health()
+        body, status = health.health(serving)
         return JSONResponse(body, status_code=status)
 
     @app.get("/metrics", dependencies=[Depends(metrics_key)])

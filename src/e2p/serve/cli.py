@@ -25,8 +25,9 @@ def cmd_serve(args) -> None:
 
     from ..store import EmbeddingStore
     from .app import create_app
+    from .loading import load_model
     from .logs import configure_json_logging
-    from .serving import ServeConfig, load_model
+    from .serving import ServeConfig
 
     configure_json_logging(logging.DEBUG if args.verbose else logging.INFO)
     api_keys = [k for k in (args.api_key or os.environ.get("E2P_API_KEY") or "").split(",") if k]

@@ -207,6 +207,60 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Union[list[float], str]  # floats, or base64 of little-endian float32 (`encoding_format="base64"`)
+
+
+class EmbeddingList(BaseModel):
+    """OpenAI's answer to `POST /v1/embeddings`."""
+
+    object: Literal["list"] = "list"
+    model: str
+    usage: EmbeddingUsage
+    data: list[EmbeddingData]
+
+
+class UserEmbeddingInfo(BaseModel):
+    """A stored user embedding's metadata (`PUT` / `GET /v1/users/{id}/embedding`)."""
+
+    object: Literal["user.embedding"] = "user.embedding"
+    user: str
+    dim: int
+    version: int
+    updated_at: float  # unix seconds
+
+
+class UserEmbeddingWithVector(UserEmbeddingInfo):
+    """The metadata and the vector itself: what `GET` answers the admin."""
+
+    embedding: list[float]
+
+
+class UserEmbeddingDeleted(BaseModel):
+    object: Literal["user.embedding.deleted"] = "user.embedding.deleted"
+    user: str
+    deleted: Literal[True] = True
+
+
+class Health(BaseModel):
+    """`GET /healthz`: the decoding worker's liveness (`status` "ok" answers 200, the others 503)."""
+
+    status: Literal["ok", "stalled", "unavailable"]
+    model: str
+    queue_depth: int
+    max_queue: int
+    busy: bool
+    seconds_since_step: float
+    rss_bytes: int | None
+
+
 class EmbeddingPut(RequestBody):
     """A user's embedding, or a profile text the server embeds with the projector's own encoder."""
 

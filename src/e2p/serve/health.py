@@ -1,0 +1,36 @@
+"""What a load balancer and a client ask before anything else: `/healthz` (is the decoding worker alive and making
+progress) and `/v1/models` (the one model this server serves)."""
+from __future__ import annotations
+
+import os
+
+from .protocol import Health, ModelCard, ModelList, dump
+from .serving import OpenAIServing
+
+
+def rss_bytes() -> int | None:
+    """This process's resident memory (Linux), for /healthz and the soak benchmark."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def health(serving: OpenAIServing) -> tuple[dict, int]:
+    """Liveness of the decoding worker: 503 when it died or has made no step for `stall_seconds` while busy."""
+    batcher, config = serving.batcher, serving.config
+    age = batcher.step_age()
+    status = ("unavailable" if not batcher.alive else "stalled" if age > config.stall_seconds else "ok")
+    body = Health(status=status, model=config.model_name, queue_depth=batcher.depth(), max_queue=config.max_queue,
+                  busy=batcher.busy, seconds_since_step=round(age, 3), rss_bytes=rss_bytes())
+    return dump(body), 200 if status == "ok" else 503
+
+
+def model_list(serving: OpenAIServing) -> dict:
+    return dump(ModelList(data=[ModelCard(id=serving.config.model_name, created=serving.created)]))
+
+
+def model_card(serving: OpenAIServing, name: str) -> dict:
+    serving.check_model(name)
+    return dump(ModelCard(id=serving.config.model_name, created=serving.created))
