@@ -106,3 +106,90 @@ def test_recipe_with_sentence_slots_trains_one_prefix_token_per_sentence(tiny, t
     prefix = projector(vectors)
     assert prefix.shape == (1, 3, projector.config.prefix_dim)
     assert torch.equal(prefix[0, 2], projector.shared[2])  # an unused slot gets no person part
+
+
+# --- one shuffled control; typed data; one report ----------------------------------------------------------------
+def _contract(n_users=6, per_user=3, dim=8):
+    import numpy as np
+
+    from e2p.data.contract import Example, UserTable
+
+    rng = np.random.default_rng(0)
+    users = UserTable([f"u{i}" for i in range(n_users)], rng.normal(size=(n_users, dim)).astype("float32"))
+    words = ["dogs", "cats", "music", "guitar"]
+    examples = [Example(f"u{i % n_users}", "tell me about yourself", f"i like {words[i % 4]} and {words[(i // 3) % 4]} .",
+                        profile_text=f"i love {words[i % n_users % 4]}") for i in range(n_users * per_user)]
+    return users, examples
+
+
+def test_derangement_draws_another_user_for_every_row():
+    from e2p.scoring import derangement
+
+    people = ["a", "a", "b", "c", "c", "c", "d"]
+    for seed in range(20):
+        swap = derangement(people, seed)
+        assert all(people[j] != p for p, j in zip(people, swap)), (seed, swap)
+    assert derangement(people, 3) == derangement(people, 3) != derangement(people, 4)
+
+
+def test_the_shuffled_figure_of_a_training_curve_is_the_shuffled_figure_of_eval(tiny, tmp_path):
+    """Validation during training (`evaluate_loss(shuffle_people=True)`) and the `shuffled` condition of `e2p eval`
+    draw another user by one rule, so on the same rows and seed they give the same figure."""
+    import pytest
+
+    from e2p.evaluate import Condition, run_conditions
+    from e2p.recipe import RecipeConfig, example_items
+    from e2p.scoring import evaluate_loss
+
+    users, examples = _contract()
+    projector = Projector(new_config(tiny, embedding_dim=8, injection="deep", dropout=0.0))
+    torch.nn.init.normal_(projector.mlp[-1].weight, std=1.0, generator=torch.Generator().manual_seed(0))
+    projector.save_pretrained(tmp_path / "p")
+    model = E2PModel(tiny, projector)
+    items = example_items(tiny, projector, examples, users.index, RecipeConfig(max_target_tokens=32))
+    own = evaluate_loss(model, items, users.tensor(), batch_size=4)
+    for seed in (0, 5):
+        scores = run_conditions(tiny, [Condition("shuffled", tmp_path / "p", embeddings="shuffled")], examples, users,
+                                max_target_tokens=32, batch_size=16, seed=seed, progress=False)
+        in_eval = float(scores["nll"]["shuffled"].sum() / scores["counts"].sum())
+        in_curve = evaluate_loss(model, items, users.tensor(), batch_size=4, shuffle_people=True, seed=seed)
+        assert in_curve == pytest.approx(in_eval, rel=1e-5)
+        assert abs(in_curve - own) > 1e-4  # another user's embedding really changed the scores
+
+
+def test_example_items_carry_the_user_index_and_the_profile_only_with_text(tiny):
+    from e2p.recipe import RecipeConfig, example_items
+
+    users, examples = _contract()
+    projector = Projector(new_config(tiny, embedding_dim=8))
+    plain = example_items(tiny, projector, examples, users.index, RecipeConfig())
+    text = example_items(tiny, projector, examples, users.index, RecipeConfig(), with_text=True)
+    assert [it.person for it in plain] == [users.index[ex.user] for ex in examples] == [it.person for it in text]
+    assert all(len(t.row.pre) + len(t.row.post) > len(p.row.pre) + len(p.row.post) for p, t in zip(plain, text))
+    assert all(it.person == -1 for it in example_items(tiny, projector, examples, None, RecipeConfig()))
+
+
+def test_the_training_report_is_built_once_and_written_once(tiny, tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from e2p.recipe import RecipeConfig, train_on_examples
+
+    users, examples = _contract(n_users=10)
+    writes = []
+    real = Path.write_text
+
+    def recording(self, *a, **k):
+        if self.name == "training_report.json":
+            writes.append(self)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", recording)
+    cfg = RecipeConfig(injection="input", hidden_dims=[8], shared_steps=2, e2p_steps=2, text_steps=1, batch_size=2,
+                       val_examples=2, eval_every=2, person_scales=[0.5, 1.0])
+    report = train_on_examples(tiny, users, examples, tmp_path, cfg, val_users=4, progress=False)
+    assert writes == [tmp_path / "training_report.json"]
+    assert json.loads((tmp_path / "training_report.json").read_text()) == json.loads(json.dumps(report))
+    assert set(report["stages"]) == {"shared_prefix", "e2p", "shared_prefix_text", "e2p_text"}
+    assert report["seconds"] >= sum(s["seconds"] for s in report["stages"].values())  # every stage, none twice
+    assert report["train_items"] == report["train_examples"] and "person_scale" in report and "verdict" in report

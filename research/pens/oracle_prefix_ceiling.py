@@ -48,13 +48,11 @@ def main() -> None:
         held += mine[len(mine) // 2:]
     rng.shuffle(fit)
     n_val = max(16, len(fit) // 10)
-    to_tuple = lambda e: (e.prompt, e.target, onehot.index[e.user])
     cfg = RecipeConfig(injection=E2PConfig.load(args.shared).injection, e2p_steps=args.steps, e2p_lr=args.lr,
                        center_embeddings=False, freeze_shared=True, seed=args.seed)
     backbone = load_backbone()
     out = Path(args.out)
-    train_prefix_stages(backbone, [to_tuple(e) for e in fit[n_val:]], onehot.tensor(), out, cfg,
-                        val_items=[to_tuple(e) for e in fit[:n_val]], shared_dir=args.shared)
+    train_prefix_stages(backbone, fit[n_val:], onehot, out, cfg, val_examples=fit[:n_val], shared_dir=args.shared)
     conditions = [Condition("shared_prefix", Path(args.shared)), Condition("oracle_shuffled", out, embeddings="shuffled"),
                   Condition("oracle_own", out, embeddings="own")]
     scores = run_conditions(backbone, conditions, held, onehot, plain_config=E2PConfig.load(args.shared),

@@ -22,11 +22,10 @@ import torch
 
 from e2p.data.persona import PersonaExample, without_people_of
 from e2p.encoders import encoder_for
-from e2p.model import E2PModel, new_config
+from e2p.model import E2PModel, Segments, new_config, per_row_sum
 from e2p.projector import Projector, embedding_center
-from e2p.recipe import RecipeConfig, calibrate_person_scale, init_shared, sample_examples
+from e2p.recipe import RecipeConfig, calibrate_person_scale, init_shared, sample_examples, train_stage
 from e2p.scoring import Item
-from e2p.train import TrainConfig, train_projector
 
 log = logging.getLogger(__name__)
 
@@ -111,23 +110,20 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
 
     def stage(name, projector, steps, lr, with_text, freeze_shared=False, contrastive=0.0, items=None, val_items=None, tbl=table,
               teacher=None):
+        """The product's stage (`e2p.recipe.train_stage`) on this recipe's items; a teacher: distillation."""
         if steps <= 0:
             return None
-        model = E2PModel(backbone, projector, training=True)
+        model = E2PModel(backbone, projector)
         if items is None:
             items = make_items(model, sample_examples(train_ex, steps * cfg.batch_size, cfg.seed + len(name)), index, cfg, with_text)
         if val_items is None:
             val_items = make_items(model, val_sample, index, cfg, with_text)
-        tc = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=lr, eval_every=cfg.eval_every, seed=cfg.seed,
-                         contrastive_weight=contrastive, margin=cfg.margin, freeze_shared=freeze_shared,
-                         minutes=budget(steps), distill_weight=cfg.distill_weight if teacher is not None else 0.0)
         folder = out_dir if name == "e2p" else out_dir / name
-        s = time.time()
-        state = train_projector(model, items, None if projector.config.is_shared else tbl, folder, tc,
-                                val_items=val_items, resume=resume, progress=progress, name=name, teacher=teacher)
-        report["stages"][name] = {"steps": state["step"], "best_val": state["best_val"], "seconds": time.time() - s,
-                                  "parameters": projector.num_parameters()}
-        return Projector.from_pretrained(folder)
+        trained, report["stages"][name] = train_stage(
+            backbone, name, projector, folder, items, val_items, None if projector.config.is_shared else tbl, steps, lr,
+            cfg, minutes=budget(steps), progress=progress, freeze_shared=freeze_shared, contrastive=contrastive,
+            resume=resume, objective=distill_objective(teacher, cfg.distill_weight) if teacher is not None else None)
+        return trained
 
     base = dict(injection=cfg.injection, num_prefix_tokens=slots if slots > 1 else cfg.num_prefix_tokens,
                 prefix_position=cfg.prefix_position, hidden_dims=cfg.hidden_dims, dropout=cfg.dropout,
@@ -163,7 +159,7 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
         replies, reply_table = _distill_items(E2PModel(backbone, e2p), teacher,
                                               sample_examples(train_ex, cfg.e2p_steps * cfg.batch_size, cfg.seed + 3), encoder, cfg)
         # validation items index `table`; the reply items index their own rows behind it
-        mixed = [Item(it.row, it.person + len(table), it.teacher_row) for it in replies]
+        mixed = [TeacherItem(it.row, it.person + len(table), it.teacher_row) for it in replies]
         mixed_table = torch.cat([table, reply_table])
     elif cfg.reconstruct_steps > 0 and cfg.reconstruct_mix > 0 and cfg.e2p_steps > 0:
         # keep restating the persona as a share of the reply batches, so replies don't erode the person part
@@ -191,6 +187,42 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
     return report
 
 
+@dataclass
+class TeacherItem(Item):
+    """A training item and the same example as the teacher sees it (e.g. with the persona text in the prompt)."""
+
+    teacher_row: Segments | None = None
+
+
+def distill_sums(model: E2PModel, teacher: E2PModel, rows, teacher_rows, emb):
+    """Per row: summed NLL, target-token count and summed KL(teacher || model) over the target tokens."""
+    if any(r is None for r in teacher_rows):
+        raise ValueError("distillation needs a teacher_row on every item")
+    logits, labels, row = model.target_logits(rows, emb)
+    with torch.no_grad():
+        t_logits, t_labels, _ = teacher.target_logits(teacher_rows, None)
+    if not torch.equal(labels, t_labels):
+        raise ValueError("teacher and model rows must have the same target tokens")
+    logp = torch.log_softmax(logits, -1)
+    t_logp = torch.log_softmax(t_logits, -1)
+    kl = (t_logp.exp() * (t_logp - logp)).sum(-1)
+    nll = -logp.gather(1, labels[:, None])[:, 0]
+    n = len(rows)
+    return per_row_sum(nll, row, n), per_row_sum(torch.ones_like(row), row, n), per_row_sum(kl, row, n)
+
+
+def distill_objective(teacher: E2PModel, weight: float):
+    """The training loop's objective (`e2p.train.train_projector(objective=...)`) for distillation: per row,
+    (1 - weight) * NLL + weight * KL(teacher || model) on the target tokens, each `TeacherItem`'s `teacher_row`
+    scored by the frozen teacher (far more signal per reply than the one sampled token)."""
+    def objective(model: E2PModel, items, embeddings):
+        nll, count, kl = distill_sums(model, teacher, [it.row for it in items],
+                                      [getattr(it, "teacher_row", None) for it in items], embeddings)
+        return (1 - weight) * nll + weight * kl, count
+
+    return objective
+
+
 def _distill_items(model: E2PModel, teacher: E2PModel, examples, encoder, cfg: PersonaRecipeConfig):
     """Reply items whose teacher row carries the persona text the item's embedding was made from.
 
@@ -204,7 +236,7 @@ def _distill_items(model: E2PModel, teacher: E2PModel, examples, encoder, cfg: P
             sentences = rng.sample(sentences, rng.randint(2, len(sentences) - 1))
         texts.append(" ".join(sentences))
     table = torch.tensor(encoder.encode(texts), dtype=torch.float32)
-    items = [Item(reply_row(model, ex, cfg), i, teacher_row=reply_row(teacher, ex, cfg, text))
+    items = [TeacherItem(reply_row(model, ex, cfg), i, teacher_row=reply_row(teacher, ex, cfg, text))
              for i, (ex, text) in enumerate(zip(examples, texts))]
     return items, table
 

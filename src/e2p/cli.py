@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
-import random
 import sys
 from pathlib import Path
 
@@ -84,22 +84,58 @@ def _load_contract(args):
     return users, examples
 
 
-def cmd_train_contract(args) -> None:
-    from .distributed import init_distributed
+def _command_data(args, training: bool, config=None):
+    """The command's data as the data contract, before the command goes on along its one path: (users table,
+    examples, the text encoder that embedded them or None). --users/--examples as they are; --data persona files
+    converted in memory (each person's persona embedded by the text encoder, each reply an example): a folder
+    means its training split (train, leakage-free, `persona_split`) or its test split (eval), a file all of it.
+    Evaluation keeps at most --limit examples (seeded), drawn before persona data is embedded; `config`: the
+    evaluated projector's (its encoder and formatting)."""
+    from .evaluate.loop import limit_examples
 
-    init_distributed()  # torchrun / accelerate launch: one process group, batches split, rank 0 writes
-    users, examples = _load_contract(args)
-    backbone = _backbone(args)  # no text encoder: the embeddings come from the file
-    _train_and_report(args, backbone, users, examples)
+    if _contract_files(args):
+        if getattr(args, "people_half", None) is not None:
+            raise E2PError("--people-half splits persona data (--data) by person id; with --users and --examples, "
+                           "give the examples of the users to evaluate")
+        users, examples = _load_contract(args)
+        return users, examples if training else limit_examples(examples, args.limit, args.seed), None
+    from .data.persona import LoadReport, load_persona, people_half, persona_split
+    from .data.persona_contract import persona_contract
+    from .encoders import TextEncoder, encoder_for
+
+    report = LoadReport()
+    path = Path(args.data)
+    if not path.is_dir():
+        persona = load_persona(path, "all", report)
+    elif training:
+        persona = persona_split(path, args.with_msc, report)[0]
+    else:
+        persona = load_persona(path, "test", report)
+    print(f"data: {report}")
+    if not training and args.people_half is not None:  # two disjoint sets of people from one file, by person-id parity
+        persona = people_half(persona, args.people_half)
+        print(f"people half {args.people_half}: {len(persona)} examples of {len({e.person_id for e in persona})} people")
+    encoder = TextEncoder(args.encoder)
+    if training:
+        users, examples = persona_contract(persona, encoder, _scaled_recipe(args).history_turns)
+    else:
+        persona = limit_examples(persona, args.limit, args.seed)
+        users, examples = persona_contract(persona, encoder_for(config, encoder), config.history_turns)
+    return users, examples, encoder
 
 
-def _train_and_report(args, backbone, users, examples, encoder_name: str = "") -> None:
-    from .distributed import is_main_process
+def cmd_train(args) -> None:
+    """One path for every data set: persona files become the data contract first (`_command_data`), then the
+    default recipe trains on it, data-parallel under torchrun / accelerate launch."""
+    from .distributed import init_distributed, is_main_process
     from .recipe import train_on_examples
 
+    init_distributed()  # torchrun / accelerate launch: one process group, batches split, rank 0 writes
+    users, examples, encoder = _command_data(args, training=True)
+    backbone = _backbone(args)  # the text encoder, if any, embedded persona data above; files bring their own
     report = train_on_examples(backbone, users, examples, args.out, _scaled_recipe(args), val_users=args.val_users,
                                minutes=args.minutes, shared_dir=args.shared_from, resume=args.resume,
-                               encoder_name=encoder_name)
+                               encoder_name=getattr(encoder, "name", ""))
     if not is_main_process():
         return
     print(f"trained on {report['train_users']} users ({report['train_examples']} examples) in {report['seconds']:.0f}s; "
@@ -113,67 +149,23 @@ def _train_and_report(args, backbone, users, examples, encoder_name: str = "") -
                   "(--hidden-dims linear).")
     print(f"verdict on {report['verdict_users']} other validation users: {report['verdict']['text']}")
     print(f"projector saved to {args.out}; details in {Path(args.out) / 'training_report.json'}")
-
-
-def cmd_train(args) -> None:
-    """Persona files: converted in memory to the data contract (each person's persona embedded by the text
-    encoder, each reply an example) and trained by the same recipe as your own files."""
-    from .data.persona import LoadReport, load_persona, persona_split
-    from .data.persona_contract import persona_contract
-    from .distributed import init_distributed
-
-    if _contract_files(args):
-        return cmd_train_contract(args)
-    init_distributed()  # torchrun / accelerate launch: one process per worker, batches split across them
-    report = LoadReport()
-    path = Path(args.data)
-    # a folder: its training split, leakage-free (persona_split); a file: all of it
-    examples = persona_split(path, args.with_msc, report)[0] if path.is_dir() else load_persona(path, "all", report)
-    print(f"data: {report}")
-    backbone, encoder = _load(args, args.encoder)
-    users, contract = persona_contract(examples, encoder, _scaled_recipe(args).history_turns)
-    _train_and_report(args, backbone, users, contract, encoder_name=getattr(encoder, "name", ""))
     print(f"load it with Projector.from_pretrained({str(args.out)!r})")
 
+
 def cmd_eval(args) -> None:
+    """One path for every data set: persona files become the data contract first (`_command_data`), then every
+    condition is scored on the same examples."""
     from .config import E2PConfig, resolve_projector
-    from .data.persona import LoadReport, load_persona, people_half
-    from .data.persona_contract import persona_contract
-    from .encoders import encoder_for
     from .evaluate import evaluate_examples
 
-    if _contract_files(args):
-        return cmd_eval_contract(args)
+    _contract_files(args)  # a data error before a projector error, as before
     if args.projector is None:
         raise E2PError("--projector is required: a folder `e2p train` wrote or a shipped name (persona-deep-k1)")
-    if args.data is None:
-        raise E2PError("give --users and --examples (your data), or --data (a persona file or folder)")
-    report = LoadReport()
-    path = Path(args.data)
-    examples = load_persona(path, "test" if path.is_dir() else "all", report)
-    print(f"data: {report}")
-    if args.people_half is not None:  # two disjoint sets of people from one file, by person-id parity
-        examples = people_half(examples, args.people_half)
-        print(f"people half {args.people_half}: {len(examples)} examples of {len({e.person_id for e in examples})} people")
-    if args.limit and args.limit < len(examples):
-        examples = random.Random(args.seed).sample(examples, args.limit)
-    backbone, encoder = _load(args, args.encoder)
     config = E2PConfig.load(resolve_projector(args.projector))
-    users, contract = persona_contract(examples, encoder_for(config, encoder), config.history_turns)
-    evaluate_examples(backbone, users, contract, args.projector, args.out, generate=args.generate,
-                      batch_size=args.batch_size, seed=args.seed, encoder=encoder, engine=_eval_engine(args, backbone))
-    print((Path(args.out) / "REPORT.md").read_text())
-
-
-def cmd_eval_contract(args) -> None:
-    from .evaluate import evaluate_examples
-
-    if args.projector is None:
-        raise E2PError("--projector is required: the folder `e2p train` wrote")
-    users, examples = _load_contract(args)
+    users, examples, encoder = _command_data(args, training=False, config=config)
     backbone = _backbone(args)
-    evaluate_examples(backbone, users, examples, args.projector, args.out, limit=args.limit, generate=args.generate,
-                      batch_size=args.batch_size, seed=args.seed, engine=_eval_engine(args, backbone))
+    evaluate_examples(backbone, users, examples, args.projector, args.out, generate=args.generate,
+                      batch_size=args.batch_size, seed=args.seed, encoder=encoder, engine=_eval_engine(args, backbone))
     print((Path(args.out) / "REPORT.md").read_text())
 
 
@@ -198,6 +190,35 @@ def cmd_data(args) -> None:
     print(f"train: e2p train --users {args.out}/users.npz --examples {args.out}/examples.jsonl --out runs/{args.study}")
 
 
+def _read_embedding(path: str, dim: int | None = None):
+    """One user's vector from .npy / .json / .safetensors / .csv (or text), checked like every stored vector."""
+    import numpy as np
+
+    from .errors import EmbeddingError
+    from .store import as_vector
+
+    p = Path(path)
+    if not p.is_file():
+        raise E2PError(f"embedding file {p} does not exist: pass a .npy, .json, .safetensors or .csv file")
+    try:
+        if p.suffix == ".npy":
+            values = np.load(p, allow_pickle=False).reshape(-1)
+        elif p.suffix == ".json":
+            values = np.asarray(json.loads(p.read_text())).reshape(-1)
+        elif p.suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            values = next(iter(load_file(str(p)).values())).reshape(-1)
+        else:
+            values = np.loadtxt(p, dtype="float32", delimiter=",").reshape(-1)
+        return as_vector(values, dim)
+    except EmbeddingError as exc:
+        raise E2PError(f"embedding file {p}: {exc}") from None
+    except Exception as exc:  # numpy, json and safetensors raise many types for unreadable files
+        raise E2PError(f"cannot read an embedding from {p} ({type(exc).__name__}: {exc}): write the vector as a "
+                       "JSON list of numbers, a .npy array or a comma-separated line") from None
+
+
 def cmd_generate(args) -> None:
     import torch
 
@@ -211,9 +232,7 @@ def cmd_generate(args) -> None:
     from .config import E2PConfig
 
     dim = E2PConfig.load(args.projector).embedding_dim  # files are checked before the backbone loads
-    from .embedding_files import read_vector
-
-    from_files = [torch.tensor(read_vector(v, dim)) for kind, v in users if kind == "embedding"]
+    from_files = [torch.tensor(_read_embedding(v, dim)) for kind, v in users if kind == "embedding"]
     backbone, _ = _load(args, need_encoder=False)
     projector = Projector.from_pretrained(args.projector, backbone)
     projector.eval()

@@ -15,14 +15,16 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
 
+from .data.contract import Example, UserTable
 from .distributed import barrier, is_main_process
 from .errors import DataError
 from .model import E2PModel, new_config, token_keys_values
 from .projector import Projector
-from .train import Item, TrainConfig, evaluate_loss, train_projector
+from .train import Item, Objective, TrainConfig, evaluate_loss, train_projector
 
 log = logging.getLogger(__name__)
 
@@ -93,34 +95,69 @@ def init_shared(backbone, projector: Projector, text: str = "Persona:") -> None:
             projector.shared.data[vec.shape[0]:] = vec[-1]
 
 
-def train_prefix_stages(backbone, items, table: torch.Tensor | None, out_dir: str | Path, cfg: RecipeConfig,
-                        val_items=(), encoder_name: str = "", system_prompt: str | None = None,
-                        shared_dir: str | Path | None = None, progress: bool = True,
-                        minutes: float | None = None, resume: bool = False) -> dict:
-    """The shared_prefix -> e2p stages of :func:`run_recipe` for any task given as items.
+def example_items(backbone, projector: Projector, examples: Sequence[Example], index: Mapping[str, int] | None,
+                  cfg: RecipeConfig, with_text: bool = False) -> list[Item]:
+    """Examples as a stage trains and validates on them: formatted for `projector` (its prefix position and system
+    prompt), at most `cfg.max_target_tokens` target tokens, each with its user's row of the embedding table
+    (`index`, the table's user -> row; None: no table, no person). `with_text`: the profile text in the prompt."""
+    model = E2PModel(backbone, projector)
+    return [Item(model.format(ex.prompt, reply=ex.target, persona_text=ex.profile_text if with_text else None,
+                              max_target_tokens=cfg.max_target_tokens), -1 if index is None else index[ex.user])
+            for ex in examples]
 
-    `items` / `val_items`: ``(prompt, reply, person_index)`` tuples (prompt a string or chat messages;
-    person_index a row of `table`, -1 for none). `table`: ``[people, E]`` user embeddings (None: train the
-    shared prefix only). The shared prefix goes to ``out_dir/shared_prefix`` (or is loaded from `shared_dir`,
-    skipping that stage), the e2p projector to `out_dir`. Embeddings are centred on the mean of the people in
-    `items`. Returns a report with each stage's steps, best validation loss, seconds and parameters.
+
+def train_stage(backbone, name: str, projector: Projector, folder: str | Path, items: Sequence[Item],
+                val_items: Sequence[Item], table: torch.Tensor | None, steps: int, lr: float, cfg: RecipeConfig, *,
+                minutes: float | None = None, progress: bool = True, freeze_shared: bool = False,
+                contrastive: float = 0.0, resume: bool = False, objective: Objective | None = None
+                ) -> tuple[Projector, dict]:
+    """One stage of the recipe on formatted items (`example_items`): train `projector` into `folder` with the
+    recipe's batch size, validation cadence, seed and margin; `objective`: the training loop's hook (default: the
+    product's loss). Returns the best checkpoint reloaded from `folder` and the stage's report entry (steps, best
+    validation loss, seconds, parameters). Research stages call this too, with their own items or objective."""
+    model = E2PModel(backbone, projector, training=True)
+    tc = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=lr, eval_every=cfg.eval_every, seed=cfg.seed,
+                     contrastive_weight=contrastive, margin=cfg.margin, freeze_shared=freeze_shared, minutes=minutes)
+    s = time.time()
+    state = train_projector(model, items, table, folder, tc, val_items=val_items, progress=progress, name=name,
+                            resume=resume, objective=objective)
+    entry = {"steps": state["step"], "best_val": state["best_val"], "seconds": time.time() - s,
+             "parameters": projector.num_parameters()}
+    return Projector.from_pretrained(folder), entry
+
+
+def train_prefix_stages(backbone, examples: Sequence[Example], users: UserTable | None, out_dir: str | Path,
+                        cfg: RecipeConfig, val_examples: Sequence[Example] = (), encoder_name: str = "",
+                        system_prompt: str | None = None, shared_dir: str | Path | None = None, progress: bool = True,
+                        minutes: float | None = None, resume: bool = False) -> dict:
+    """The shared_prefix -> e2p stages of the recipe on any examples of the data contract.
+
+    `examples` / `val_examples`: training and validation examples; `users`: the table their users' embeddings
+    come from (None: train the shared prefix only). The shared prefix goes to ``out_dir/shared_prefix`` (or is
+    loaded from `shared_dir`, skipping that stage), the e2p projector to `out_dir`. Embeddings are centred on the
+    mean of the training users. Returns the report's stage part: each stage's steps, best validation loss,
+    seconds and parameters (the caller writes the report, once).
     """
     out_dir = Path(out_dir)
     main = is_main_process()  # under torchrun every rank trains its share of each batch; rank 0 alone writes
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.json").write_text(json.dumps(asdict(cfg), indent=2))
+    table = users.tensor() if users is not None else None
+    index = users.index if users is not None else None
     train_shared = shared_dir is None or not (Path(shared_dir) / "config.json").is_file()
     total_steps = (cfg.shared_steps if train_shared else 0) + (cfg.e2p_steps if table is not None else 0)
-    report: dict = {"train_items": len(items), "train_people": len({p for _, _, p in items if p >= 0}), "stages": {},
+    report: dict = {"train_items": len(examples), "train_people": len({ex.user for ex in examples}), "stages": {},
                     "shared_dir": None, "e2p_dir": None}
-    t0 = time.time()
 
     def stage(name: str, projector: Projector, folder: Path, steps: int, lr: float, tbl, freeze_shared=False,
               contrastive=0.0) -> Projector:
         budget = None if minutes is None else minutes * steps / max(total_steps, 1)
-        return _stage(backbone, name, projector, folder, items, val_items, tbl, steps, lr, cfg, report, budget,
-                      progress, freeze_shared=freeze_shared, contrastive=contrastive, resume=resume)
+        trained, report["stages"][name] = train_stage(
+            backbone, name, projector, folder, example_items(backbone, projector, examples, index, cfg),
+            example_items(backbone, projector, val_examples, index, cfg), tbl, steps, lr, cfg, minutes=budget,
+            progress=progress, freeze_shared=freeze_shared, contrastive=contrastive, resume=resume)
+        return trained
 
     overrides = {} if system_prompt is None else {"system_prompt": system_prompt}
     base = dict(injection=cfg.injection, num_prefix_tokens=cfg.num_prefix_tokens, prefix_position=cfg.prefix_position,
@@ -143,7 +180,7 @@ def train_prefix_stages(backbone, items, table: torch.Tensor | None, out_dir: st
         report["shared_dir"] = str(out_dir / "shared_prefix")
         report["shared_from"] = str(shared_dir)
     if table is not None and cfg.e2p_steps > 0:
-        people = sorted({p for _, _, p in items if p >= 0})
+        people = sorted({index[ex.user] for ex in examples})
         mean = table[people].mean(0) if cfg.center_embeddings and people else None
         torch.manual_seed(cfg.seed + 1)
         e2p = Projector(new_config(backbone, embedding_dim=table.shape[1],
@@ -152,42 +189,26 @@ def train_prefix_stages(backbone, items, table: torch.Tensor | None, out_dir: st
         stage("e2p", e2p, out_dir, cfg.e2p_steps, cfg.e2p_lr, table, freeze_shared=cfg.freeze_shared,
               contrastive=cfg.contrastive_weight)
         report["e2p_dir"] = str(out_dir)
-    report["seconds"] = time.time() - t0
-    if main:
-        (out_dir / "training_report.json").write_text(json.dumps(report, indent=2))
     return report
 
 
-def _stage(backbone, name: str, projector: Projector, folder: Path, items, val_items, table, steps: int, lr: float,
-           cfg: RecipeConfig, report: dict, minutes: float | None, progress: bool, freeze_shared: bool = False,
-           contrastive: float = 0.0, resume: bool = False) -> Projector:
-    """Train one stage on ``(prompt, reply, person[, profile_text])`` tuples; record it in `report`; reload the
-    best checkpoint from `folder`."""
-    model = E2PModel(backbone, projector, training=True)
-    rows = lambda tuples: [Item(model.format(t[0], reply=t[1], persona_text=t[3] if len(t) > 3 else None,
-                                             max_target_tokens=cfg.max_target_tokens), t[2]) for t in tuples]
-    tc = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=lr, eval_every=cfg.eval_every, seed=cfg.seed,
-                     contrastive_weight=contrastive, margin=cfg.margin, freeze_shared=freeze_shared, minutes=minutes)
-    s = time.time()
-    state = train_projector(model, rows(items), table, folder, tc, val_items=rows(val_items), progress=progress, name=name,
-                            resume=resume)
-    report["stages"][name] = {"steps": state["step"], "best_val": state["best_val"], "seconds": time.time() - s,
-                              "parameters": projector.num_parameters()}
-    return Projector.from_pretrained(folder)
-
-
-def train_text_stages(backbone, items, val_items, table: torch.Tensor, out_dir: Path, cfg: RecipeConfig, report: dict,
-                      progress: bool = True) -> None:
-    """The text conditions trained alike, on ``(prompt, reply, person, profile_text)`` tuples: `shared_prefix_text`
+def train_text_stages(backbone, examples: Sequence[Example], val_examples: Sequence[Example], users: UserTable,
+                      out_dir: Path, cfg: RecipeConfig, report: dict, progress: bool = True) -> None:
+    """The text conditions trained alike, with each example's profile text in the prompt: `shared_prefix_text`
     (the style prefix trained with the profile text in the prompt: "text, trained alike") and `e2p_text`, the
-    hybrid (that style plus E2P's person part, trained together with the text)."""
-    spt = _stage(backbone, "shared_prefix_text", Projector.from_pretrained(report.get("shared_dir") or out_dir / "shared_prefix"),
-                 out_dir / "shared_prefix_text", items, val_items, None, cfg.text_steps, cfg.shared_lr, cfg, report,
-                 None, progress)
+    hybrid (that style plus E2P's person part, trained together with the text). Adds their entries to `report`."""
+    def stage(name: str, projector: Projector, table, lr: float, **kw) -> Projector:
+        trained, report["stages"][name] = train_stage(
+            backbone, name, projector, out_dir / name, example_items(backbone, projector, examples, users.index, cfg, True),
+            example_items(backbone, projector, val_examples, users.index, cfg, True), table, cfg.text_steps, lr, cfg,
+            progress=progress, **kw)
+        return trained
+
+    spt = stage("shared_prefix_text", Projector.from_pretrained(report.get("shared_dir") or out_dir / "shared_prefix"),
+                None, cfg.shared_lr)
     hybrid = Projector.from_pretrained(out_dir)
     hybrid.shared.data.copy_(spt.shared.data)
-    _stage(backbone, "e2p_text", hybrid, out_dir / "e2p_text", items, val_items, table, cfg.text_steps, cfg.e2p_lr,
-           cfg, report, None, progress, freeze_shared=True, contrastive=cfg.contrastive_weight)
+    stage("e2p_text", hybrid, users.tensor(), cfg.e2p_lr, freeze_shared=True, contrastive=cfg.contrastive_weight)
 
 
 def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: RecipeConfig | None = None, *,
@@ -210,38 +231,32 @@ def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: Recip
 
     cfg = cfg or RecipeConfig(injection="deep", num_prefix_tokens=1)
     out_dir = Path(out_dir)
+    t0 = time.time()
     ids = sorted({ex.user for ex in examples})
     n_val = val_users if val_users is not None else max(4, min(200, round(0.2 * len(ids))))
     train_ids, val_ids = split_users(ids, n_val, cfg.seed)
     select_ids, verdict_ids = set(val_ids[0::2]), set(val_ids[1::2])
     train_set = set(train_ids)
-    to_tuple = lambda ex: (ex.prompt, ex.target, users.index[ex.user])
     train_ex = [ex for ex in examples if ex.user in train_set]
     select_ex = [ex for ex in examples if ex.user in select_ids]
     verdict_ex = [ex for ex in examples if ex.user in verdict_ids]
     picked = sample_examples(select_ex, cfg.val_examples, cfg.seed)
     chosen = {id(ex) for ex in picked}
     calib = [ex for ex in select_ex if id(ex) not in chosen] or select_ex
-    table = users.tensor()
-    report = train_prefix_stages(backbone, [to_tuple(ex) for ex in train_ex], table, out_dir, cfg,
-                                 val_items=[to_tuple(ex) for ex in picked], encoder_name=encoder_name,
+    report = train_prefix_stages(backbone, train_ex, users, out_dir, cfg, val_examples=picked, encoder_name=encoder_name,
                                  progress=progress, minutes=minutes, shared_dir=shared_dir, resume=resume)
     e2p = Projector.from_pretrained(out_dir, backbone)
     if len(cfg.person_scales) > 1:
-        model = E2PModel(backbone, e2p)
-        items = [Item(model.format(ex.prompt, reply=ex.target, max_target_tokens=cfg.max_target_tokens), users.index[ex.user])
-                 for ex in sample_examples(calib, 2 * cfg.val_examples, cfg.seed + 11)]
-        report["person_scale"] = calibrate_person_scale(backbone, e2p, items, table, cfg.person_scales)
+        items = example_items(backbone, e2p, sample_examples(calib, 2 * cfg.val_examples, cfg.seed + 11), users.index, cfg)
+        report["person_scale"] = calibrate_person_scale(backbone, e2p, items, users.tensor(), cfg.person_scales)
         if is_main_process():  # every rank computed the same scale; one writes it
             e2p.save_pretrained(out_dir)
         barrier()
     if cfg.text_steps > 0:
         if not all(ex.profile_text for ex in examples):
             raise DataError("--text-steps trains the text conditions, which need a profile_text on every example")
-        with_text = lambda ex: (ex.prompt, ex.target, users.index[ex.user], ex.profile_text)
-        train_text_stages(backbone, [with_text(ex) for ex in train_ex], [with_text(ex) for ex in picked], table,
-                          out_dir, cfg, report, progress)
-        report["seconds"] = sum(stage["seconds"] for stage in report["stages"].values())
+        train_text_stages(backbone, train_ex, picked, users, out_dir, cfg, report, progress)
+    report["seconds"] = time.time() - t0  # the training: every stage and the calibration, not the verdict below
     if not is_main_process():  # the verdict is rank 0's alone (it writes the report)
         return report
     controls = [c for c in conditions_for(out_dir, with_text=False) if c.name != "none"]

@@ -1,7 +1,9 @@
 """Per-row losses of formatted rows: the one scoring loop behind validation during training and every condition
-of the evaluation loop (so evaluation needs nothing from training)."""
+of the evaluation loop (so evaluation needs nothing from training), and the one rule for the shuffled control
+(`derangement`): the shuffled figure of a training curve is the shuffled figure of `e2p eval` on the same rows."""
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -17,7 +19,6 @@ class Item:
 
     row: Segments
     person: int
-    teacher_row: Segments | None = None  # the same example as the teacher sees it (e.g. with the persona text)
 
 
 def batch_embeddings(items: Sequence[Item], table: torch.Tensor | None):
@@ -26,22 +27,44 @@ def batch_embeddings(items: Sequence[Item], table: torch.Tensor | None):
     return table[torch.tensor([it.person for it in items])]
 
 
-def shuffled_people(people: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Another person's index for every row (a derangement over distinct people where possible)."""
+def derangement(people: Sequence, seed: int) -> list[int]:
+    """For each row, the index of a row of a *different* person (fixed by the seed; a row whose person is every
+    row's keeps another row of its own person only when no other person exists).
+
+    The one rule for drawing another user: the shuffled condition of `e2p eval` (over user ids) and the shuffled
+    validation figure of a training curve (over embedding-table rows) both draw with it, so the same rows and seed
+    give the same figure."""
+    rng = random.Random(seed)
     n = len(people)
-    perm = torch.randperm(n, generator=generator)
-    same = people[perm] == people
-    if same.any() and n > 1:
-        perm[same] = perm.roll(1)[same]
-    return perm
+    order = list(range(n))
+    rng.shuffle(order)
+    target = order[1:] + order[:1]  # cycle over a random order
+    out = [0] * n
+    for a, b in zip(order, target):
+        out[a] = b
+    for i in range(n):  # fix rows that landed on the same person
+        if people[out[i]] == people[i]:
+            for j in rng.sample(range(n), n):
+                if people[j] != people[i]:
+                    out[i] = j
+                    break
+    return out
+
+
+def shuffled(items: Sequence[Item], seed: int = 0) -> list[Item]:
+    """The same rows, each with another person's embedding index (`derangement`): the shuffled control."""
+    people = [it.person for it in items]
+    return [Item(it.row, people[j]) for it, j in zip(items, derangement(people, seed))]
 
 
 def row_losses(model: E2PModel, items: Sequence[Item], table: torch.Tensor | None, batch_size: int = 16,
                shuffle_people: bool = False, seed: int = 0, progress=None) -> tuple[np.ndarray, np.ndarray]:
     """Per-item summed NLL and target-token counts, in eval mode (optionally with another person's embedding
-    per row): the one scoring loop behind validation during training and every condition of `e2p eval`."""
+    per row, drawn by `derangement` with `seed`): the one scoring loop behind validation during training and every
+    condition of `e2p eval`."""
+    if shuffle_people and table is not None:
+        items = shuffled(items, seed)
     nll, cnt = [], []
-    gen = torch.Generator().manual_seed(seed)
     was_training = model.projector.training if model.projector is not None else False
     if model.projector is not None:
         model.projector.eval()
@@ -50,8 +73,6 @@ def row_losses(model: E2PModel, items: Sequence[Item], table: torch.Tensor | Non
             for i in range(0, len(items), batch_size):
                 chunk = items[i:i + batch_size]
                 emb = batch_embeddings(chunk, table)
-                if shuffle_people and emb is not None:
-                    emb = emb[shuffled_people(torch.tensor([it.person for it in chunk]), gen)]
                 s, c = model.loss([it.row for it in chunk], emb, reduction="none")
                 nll.append(s.cpu().numpy())  # the result leaves for the statistics (intervals over users)
                 cnt.append(c.cpu().numpy())

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from .checkpoint import load_optimizer, save_optimizer
-from .model import E2PModel, per_row_sum
+from .model import E2PModel
 from .projector import Projector
-from .scoring import Item, evaluate_loss, row_losses, shuffled_people  # noqa: F401 (Item, row_losses re-exported)
+from .scoring import Item, derangement, evaluate_loss, row_losses  # noqa: F401 (Item, row_losses re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +33,29 @@ class TrainConfig:
     contrastive_weight: float = 0.0  # weight of the margin term (own person vs another person)
     margin: float = 0.1  # nats per token the own embedding must beat another person's by
     freeze_shared: bool = False  # keep the shared (style) prefix fixed, learn only the person part
-    distill_weight: float = 0.0  # share of the loss that is KL(teacher || model) on the target tokens
+
+
+Objective = Callable[[E2PModel, Sequence[Item], "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def nll_objective(model: E2PModel, items: Sequence[Item], embeddings: torch.Tensor | None):
+    """The product's loss: per row, the summed NLL of its target tokens and the number of target tokens."""
+    return model.loss([it.row for it in items], embeddings, reduction="none")
 
 
 def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor | None, out_dir: str | Path,
                     cfg: TrainConfig, val_items: Sequence[Item] = (), resume: bool = False,
                     progress: bool = True, name: str = "train",
-                    on_step: Callable[[int, float], None] | None = None, teacher: E2PModel | None = None) -> dict:
+                    on_step: Callable[[int, float], None] | None = None, objective: Objective | None = None) -> dict:
     """Train `model.projector` on `items`; write the best projector to `out_dir` and a resumable
     checkpoint to `out_dir/checkpoint`. Returns the history (also saved as curves.json / curves.png).
 
-    With `teacher` and `cfg.distill_weight` > 0, each item's `teacher_row` is scored by the frozen teacher
-    and the model also matches the teacher's whole next-token distribution on the same target tokens
-    (far more signal per reply than the one sampled token)."""
+    `objective(model, items, embeddings) -> (per-row summed loss, per-row target-token count)`: what each step
+    minimises, as the summed loss over all target tokens of the global batch divided by their count (default
+    `nll_objective`, the product's loss). `items` are this process's rows of the batch, the Items given here (a
+    research objective may read fields of its own Item subclass), `embeddings` their users' rows of `table`.
+    Validation always scores the NLL. With `cfg.contrastive_weight`, the margin compares the objective's own
+    per-row sums with the NLL under another user's embedding."""
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
@@ -101,21 +111,14 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
             g["lr"] = cfg.lr * schedule(step)
         emb = None if table is None else table[torch.tensor([it.person for it in batch])]
         other = None
-        if cfg.contrastive_weight > 0 and emb is not None:
-            people = torch.tensor([it.person for it in batch])
-            other = emb[shuffled_people(people, torch.Generator().manual_seed(step))]
+        if cfg.contrastive_weight > 0 and emb is not None:  # another user's embedding, by the shuffled control's rule
+            other = emb[derangement([it.person for it in batch], step)]
         mine = slice(rank, None, world)  # data parallel: this process's rows of the global batch
-        rows = [it.row for it in batch][mine]
         emb = emb[mine] if emb is not None else None
-        if teacher is not None and cfg.distill_weight > 0:
-            own_s, own_c, kl_s = _distill_sums(model, teacher, rows, [it.teacher_row for it in batch][mine], emb)
-            objective = (1 - cfg.distill_weight) * own_s.sum() + cfg.distill_weight * kl_s.sum()
-        else:
-            own_s, own_c = model.loss(rows, emb, reduction="none")
-            objective = own_s.sum()
-        loss = objective / _all_sum(own_c.sum().float(), world)
+        own_s, own_c = (objective or nll_objective)(model, batch[mine], emb)
+        loss = own_s.sum() / _all_sum(own_c.sum().float(), world)
         if other is not None:
-            shuf_s, _ = model.loss(rows, other[mine], reduction="none")
+            shuf_s, _ = model.loss([it.row for it in batch[mine]], other[mine], reduction="none")
             gap = (shuf_s - own_s) / own_c
             loss = loss + cfg.contrastive_weight * torch.relu(cfg.margin - gap).sum() / cfg.batch_size
         optimizer.zero_grad(set_to_none=True)
@@ -153,23 +156,6 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
         torch.distributed.broadcast(best, 0)
         state["best_val"] = None if math.isnan(float(best)) else float(best)
     return state
-
-
-def _distill_sums(model: E2PModel, teacher: E2PModel, rows, teacher_rows, emb):
-    """Per row: summed NLL, target-token count and summed KL(teacher || model) over the target tokens."""
-    if any(r is None for r in teacher_rows):
-        raise ValueError("distillation needs a teacher_row on every item")
-    logits, labels, row = model.target_logits(rows, emb)
-    with torch.no_grad():
-        t_logits, t_labels, _ = teacher.target_logits(teacher_rows, None)
-    if not torch.equal(labels, t_labels):
-        raise ValueError("teacher and model rows must have the same target tokens")
-    logp = torch.log_softmax(logits, -1)
-    t_logp = torch.log_softmax(t_logits, -1)
-    kl = (t_logp.exp() * (t_logp - logp)).sum(-1)
-    nll = -logp.gather(1, labels[:, None])[:, 0]
-    n = len(rows)
-    return per_row_sum(nll, row, n), per_row_sum(torch.ones_like(row), row, n), per_row_sum(kl, row, n)
 
 
 def _rank_world() -> tuple[int, int]:

@@ -5,7 +5,8 @@ comparisons with intervals over users -> one report writer and one plot (`report
 are data adapters in `e2p.data` plus lists of conditions); `compare` holds the paired intervals and
 identification accuracy.
 """
-from .compare import compare, derangement, identification_accuracy, paired_bootstrap
+from ..scoring import derangement  # the one rule for the shuffled control, shared with training curves
+from .compare import compare, identification_accuracy, paired_bootstrap
 from .loop import Condition, conditions_for, evaluate_examples, run_conditions, verdict
 
 __all__ = ["Condition", "compare", "conditions_for", "derangement", "evaluate_examples", "identification_accuracy",

@@ -6,28 +6,8 @@ new deployment draws anew.
 from __future__ import annotations
 
 import math
-import random
 
 import numpy as np
-
-
-def derangement(people: list[str], seed: int) -> list[int]:
-    """For each row, the index of a row of a *different* person (fixed by the seed)."""
-    rng = random.Random(seed)
-    n = len(people)
-    order = list(range(n))
-    rng.shuffle(order)
-    target = order[1:] + order[:1]  # cycle over a random order
-    out = [0] * n
-    for a, b in zip(order, target):
-        out[a] = b
-    for i in range(n):  # fix rows that landed on the same person
-        if people[out[i]] == people[i]:
-            for j in rng.sample(range(n), n):
-                if people[j] != people[i]:
-                    out[i] = j
-                    break
-    return out
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, counts: np.ndarray, groups: list[str], n: int = 1000, seed: int = 0):

@@ -27,8 +27,8 @@ from ..config import E2PConfig, resolve_projector
 from ..data.contract import Example, UserTable
 from ..model import E2PModel
 from ..projector import Projector
-from ..scoring import Item, row_losses
-from .compare import compare, derangement, identification_accuracy
+from ..scoring import Item, derangement, row_losses
+from .compare import compare, identification_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +206,7 @@ def evaluate_examples(backbone, users: UserTable, examples: list[Example], proje
     from .report import write_report
 
     projector_dir = resolve_projector(projector_dir)
-    if limit and limit < len(examples):
-        examples = random.Random(seed).sample(examples, limit)
+    examples = limit_examples(examples, limit, seed)
     examples = _interleave_users(examples, seed)  # generations spread over users, not the first few
     with_text = all(ex.profile_text for ex in examples)
     conditions = conditions or conditions_for(projector_dir, with_text)
@@ -238,6 +237,12 @@ def evaluate_examples(backbone, users: UserTable, examples: list[Example], proje
     if out_dir is not None:
         write_report(results, Path(out_dir))
     return results
+
+
+def limit_examples(examples: list, limit: int | None, seed: int) -> list:
+    """At most `limit` of `examples`, drawn with `seed` (all of them when `limit` is None or not smaller): the
+    rule of `evaluate_examples(limit=...)`, also for commands that draw before persona data is embedded."""
+    return random.Random(seed).sample(examples, limit) if limit and limit < len(examples) else examples
 
 
 def _interleave_users(examples: list[Example], seed: int) -> list[Example]:
