@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -190,35 +189,6 @@ def cmd_data(args) -> None:
     print(f"train: e2p train --users {args.out}/users.npz --examples {args.out}/examples.jsonl --out runs/{args.study}")
 
 
-def _read_embedding(path: str, dim: int | None = None):
-    """One user's vector from .npy / .json / .safetensors / .csv (or text), checked like every stored vector."""
-    import numpy as np
-
-    from .errors import EmbeddingError
-    from .store import as_vector
-
-    p = Path(path)
-    if not p.is_file():
-        raise E2PError(f"embedding file {p} does not exist: pass a .npy, .json, .safetensors or .csv file")
-    try:
-        if p.suffix == ".npy":
-            values = np.load(p, allow_pickle=False).reshape(-1)
-        elif p.suffix == ".json":
-            values = np.asarray(json.loads(p.read_text())).reshape(-1)
-        elif p.suffix == ".safetensors":
-            from safetensors.numpy import load_file
-
-            values = next(iter(load_file(str(p)).values())).reshape(-1)
-        else:
-            values = np.loadtxt(p, dtype="float32", delimiter=",").reshape(-1)
-        return as_vector(values, dim)
-    except EmbeddingError as exc:
-        raise E2PError(f"embedding file {p}: {exc}") from None
-    except Exception as exc:  # numpy, json and safetensors raise many types for unreadable files
-        raise E2PError(f"cannot read an embedding from {p} ({type(exc).__name__}: {exc}): write the vector as a "
-                       "JSON list of numbers, a .npy array or a comma-separated line") from None
-
-
 def cmd_generate(args) -> None:
     import torch
 
@@ -232,7 +202,9 @@ def cmd_generate(args) -> None:
     from .config import E2PConfig
 
     dim = E2PConfig.load(args.projector).embedding_dim  # files are checked before the backbone loads
-    from_files = [torch.tensor(_read_embedding(v, dim)) for kind, v in users if kind == "embedding"]
+    from .embedding_files import read_vector
+
+    from_files = [torch.tensor(read_vector(v, dim)) for kind, v in users if kind == "embedding"]
     backbone, _ = _load(args, need_encoder=False)
     projector = Projector.from_pretrained(args.projector, backbone)
     projector.eval()
