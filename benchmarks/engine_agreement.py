@@ -1,8 +1,9 @@
 """Greedy agreement of the two engines on the same weights: torch vs llama.cpp on a float32 GGUF, 16 users x 4 prompts.
 
     python benchmarks/engine_agreement.py [--new-tokens 24]
+    python benchmarks/engine_agreement.py --gguf q8_0 --out benchmarks/engine_agreement_q8_0.json
 
-The float32 GGUF is the bundled Q4_1 GGUF de-quantized (e2p.engines.gguf_f32), the very weights the torch path
+The float32 GGUF is the bundled Q4_1 GGUF de-quantized (e2p.engines.gguf_convert), the very weights the torch path
 runs, so a difference can only come from floating point (another summation order in llama.cpp's kernels). A random
 input projector (seeded, person part large enough that users differ). Writes benchmarks/engine_agreement.json.
 """
@@ -20,20 +21,18 @@ PROMPTS = ["What do you do on weekends?", "Tell me about yourself.", "What is yo
 
 def main(argv=None) -> dict:
     from e2p import load_backbone
-    from e2p.backbone import cache_dir, default_gguf
-    from e2p.engines.gguf_f32 import dequantize_gguf
+    from e2p.engines.gguf_convert import resolve_gguf
     from e2p.engines.llamacpp import LlamaCppModel
     from e2p.model import E2PModel, new_config
     from e2p.projector import Projector
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--gguf", default="f32", help="f32 (the torch path's own weights), q8_0, q4_0, or a file")
     ap.add_argument("--out", default=str(Path(__file__).with_name("engine_agreement.json")))
     args = ap.parse_args(argv)
     bb = load_backbone()
-    f32 = cache_dir() / "gguf" / "SmolLM2-135M-Instruct-f32.gguf"
-    if not f32.is_file():
-        dequantize_gguf(default_gguf(bb.name), f32)
+    f32 = resolve_gguf(bb.name, args.gguf)
     torch.manual_seed(0)
     p = Projector(new_config(bb, embedding_dim=384, injection="input"))
     with torch.no_grad():

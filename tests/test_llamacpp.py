@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from e2p.backbone import cache_dir, default_gguf
-from e2p.engines.gguf_f32 import dequantize_gguf
+from e2p.engines.gguf_convert import dequantize_gguf
 from e2p.model import E2PModel, new_config
 from e2p.projector import Projector
 
@@ -86,6 +86,26 @@ def test_mixed_users_in_one_llamacpp_batch_give_each_row_its_text_alone(real_bac
     # continuous batching: at most 3 rows at once, rows joining as others finish
     assert llama_model.generate_tokens(segs, embeddings, max_new_tokens=12, batch_size=3) == together or True
     assert llama_model.engine.free_seqs == list(range(16))  # every finished row gave its KV cells back
+
+
+def test_gguf_q8_0_is_the_bundled_weights_converted_once(real_backbone, input_projector, llama_model, users):
+    """--gguf q8_0: made once from the f32 file and cached; close to the f32 weights (first-step logits)."""
+    from e2p.engines.gguf_convert import resolve_gguf
+    from e2p.engines.llamacpp import LlamaCppModel
+
+    path = resolve_gguf("SmolLM2-135M-Instruct", "q8_0")
+    made = path.stat().st_mtime_ns
+    assert resolve_gguf("SmolLM2-135M-Instruct", "Q8_0") == path and path.stat().st_mtime_ns == made
+    assert path.stat().st_size < 0.35 * resolve_gguf("SmolLM2-135M-Instruct", "f32").stat().st_size
+    q8 = LlamaCppModel(real_backbone, input_projector, gguf="q8_0", n_seq_max=4)
+    segs = [q8.format(p) for p in PROMPTS]
+    a = q8.next_logits(q8.start_decoding(segs, users[:4]))
+    b = llama_model.next_logits(llama_model.start_decoding(segs, users[:4]))
+    assert (a - b).abs().max() < 0.05 * b.abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).all()
+    with pytest.raises(ValueError, match="one of f32, q8_0, q4_0"):
+        from e2p.engines.gguf_convert import derived_gguf
+        derived_gguf(path, "q5_k")
 
 
 def test_a_deep_projector_is_refused_with_the_engine_named(real_backbone, f32_gguf):

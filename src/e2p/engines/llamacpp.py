@@ -31,9 +31,9 @@ class LlamaCppModel(E2PModel):
                               "values live inside every layer, where llama.cpp takes no input. Use --engine torch, or "
                               "an input projector (e2p train --injection input; shipped: persona-input-k1)")
         super().__init__(backbone, projector, config, autocast=False, max_prompt_tokens=max_prompt_tokens)
-        from ..backbone import default_gguf
+        from .gguf_convert import resolve_gguf
 
-        self.engine = backend or LlamaCppBackend(gguf or default_gguf(backbone.name), n_ctx=n_ctx, n_seq_max=n_seq_max)
+        self.engine = backend or LlamaCppBackend(resolve_gguf(backbone.name, gguf), n_ctx=n_ctx, n_seq_max=n_seq_max)
         if self.engine.n_embd != backbone.hidden_size:
             raise ConfigError(f"{self.engine.path} has hidden size {self.engine.n_embd}, the backbone "
                               f"{backbone.name} {backbone.hidden_size}: pass the GGUF of the same model")
