@@ -378,3 +378,44 @@ def test_content_parts_and_the_function_role(served):
 
     req = ChatCompletionRequest(model=MODEL, messages=function)
     assert app.state.prompts.chat_messages(req)[-1] == {"role": "user", "content": "weather: fine"}
+
+
+# --- issue 26: fields the server does not do, and safety_identifier ------------------------------------------
+@pytest.mark.parametrize("field,value", [("logprobs", True), ("top_logprobs", 3), ("presence_penalty", 0.5),
+                                         ("frequency_penalty", -1.0), ("logit_bias", {"42": 5}),
+                                         ("response_format", {"type": "json_object"}),
+                                         ("tools", [{"type": "function", "function": {"name": "f"}}])])
+def test_unsupported_fields_are_refused_with_their_name(served, field, value):
+    server, app, model, http = served
+    r = http.post("/v1/chat/completions", json=chat_body(**{field: value}))
+    assert_error(r, 400, None, field)
+    assert "not supported" in r.json()["error"]["message"]
+
+
+def test_neutral_values_of_unsupported_fields_pass(served):
+    """What the OpenAI SDK, LangChain and LiteLLM send by default must still be answered."""
+    server, app, model, http = served
+    neutral = dict(logprobs=False, top_logprobs=0, presence_penalty=0, frequency_penalty=0.0, logit_bias={},
+                   response_format={"type": "text"}, tools=[], prompt_cache_key="k1")
+    assert http.post("/v1/chat/completions", json=chat_body(**neutral)).status_code == 200
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "logprobs": 0})
+    assert r.status_code == 200
+    assert_error(http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 4,
+                                                    "logprobs": 2}), 400, None, "logprobs")
+
+
+def test_safety_identifier_picks_the_stored_user_and_user_wins(served):
+    server, app, model, http = served
+    for uid, seed in (("si-alice", 1), ("si-bob", 2)):
+        r = http.put(f"/v1/users/{uid}/embedding", json={"embedding": vec(seed)}, headers=ADMIN_AUTH)
+        assert r.status_code == 200
+    by_user = http.post("/v1/chat/completions", json=chat_body(user="si-alice"))
+    by_safety = http.post("/v1/chat/completions", json=chat_body(safety_identifier="si-alice"))
+    both = http.post("/v1/chat/completions", json=chat_body(user="si-alice", safety_identifier="si-bob"))
+    bob = http.post("/v1/chat/completions", json=chat_body(user="si-bob"))
+    text = lambda r: r.json()["choices"][0]["message"]["content"]
+    assert by_safety.headers["x-e2p-embedding"] == "store"
+    assert text(by_user) == text(by_safety) == text(both)
+    unknown = http.post("/v1/chat/completions", json=chat_body(safety_identifier="si-nobody"))
+    assert_error(unknown, 404, "user_not_found", "user")
+    assert bob.status_code == 200

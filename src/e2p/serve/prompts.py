@@ -57,8 +57,8 @@ class Prompts:
         self.serving.check_model(req.model)
         if req.n != 1:
             raise APIError(400, "only n=1 is supported: send several requests instead", param="n", code="invalid_value")
-        if req.user is not None:
-            self.serving.check_user(req.user)
+        if req.end_user is not None:
+            self.serving.check_user(req.end_user)
         self.check_stops(req.stop)
 
     def check_stops(self, stop: str | list[str] | None) -> None:

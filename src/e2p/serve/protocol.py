@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Number = Annotated[float, Field(strict=True)]  # a JSON number: "1.5" and true are refused, not converted
 # sampling settings are strict too ("0.5" and "yes" are refused, not converted) and finite (NaN is no temperature)
@@ -94,6 +94,15 @@ class StreamOptions(BaseModel):
     include_usage: Flag = False
 
 
+UNSUPPORTED = {"logprobs": "logprobs", "top_logprobs": "top_logprobs", "tools": "tool calling (tools)",
+               "functions": "function calling (functions)", "response_format": "a response_format other than text",
+               "logit_bias": "logit_bias", "presence_penalty": "a presence penalty",
+               "frequency_penalty": "a frequency penalty"}
+NEUTRAL = {"logprobs": "false", "top_logprobs": "0", "tools": "[]", "functions": "[]",
+           "response_format": '{"type": "text"}', "logit_bias": "{}", "presence_penalty": "0",
+           "frequency_penalty": "0"}
+
+
 class _SamplingRequest(RequestBody):
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -106,7 +115,36 @@ class _SamplingRequest(RequestBody):
     stop: Union[str, list[str], None] = None
     seed: Whole | None = Field(default=None, ge=-(2 ** 63), le=2 ** 64 - 1, description="a 64-bit integer")
     user: str | None = None
+    safety_identifier: str | None = None  # OpenAI's newer name for the end user; `user` wins when both are given
+    prompt_cache_key: str | None = None  # accepted; the server keeps no prompt cache across requests
     e2p: E2PExtra | None = None
+    # Fields the server does not do: their neutral values (what common clients send by default) pass, any other
+    # value is a 400 that names the field, so that no client believes it got what it asked for.
+    logprobs: Any = None
+    top_logprobs: Any = None
+    tools: Any = None
+    functions: Any = None
+    response_format: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+
+    @field_validator("logprobs", "top_logprobs", "tools", "functions", "response_format", "logit_bias",
+                     "presence_penalty", "frequency_penalty")
+    @classmethod
+    def _neutral_only(cls, value, info):
+        neutral = value in (None, False, 0, [], {}) or value == {"type": "text"}
+        if isinstance(value, bool) and value and info.field_name != "logprobs":
+            neutral = False
+        if not neutral:
+            raise ValueError(f"{UNSUPPORTED[info.field_name]} is not supported by this server: leave it out "
+                             f"(or send {NEUTRAL[info.field_name]})")
+        return value
+
+    @property
+    def end_user(self) -> str | None:
+        """The stored user this request speaks for: `user`, else `safety_identifier`."""
+        return self.user if self.user is not None else self.safety_identifier
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

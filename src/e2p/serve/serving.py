@@ -122,17 +122,18 @@ class OpenAIServing:
                 raise APIError(400, str(exc), param="e2p.embedding", code="invalid_embedding") from None
             metrics.personalized.labels("inline").inc()
             return torch.from_numpy(vector), {"x-e2p-embedding": "inline"}
-        if req.user:
-            record = await self.stored(req.user)
+        user = req.end_user
+        if user:
+            record = await self.stored(user)
             if record is None:
                 if self.config.allow_unknown_users:
                     metrics.personalized.labels("unknown_user").inc()
                     return None, {"x-e2p-embedding": "none"}
-                raise APIError(404, f"user {req.user!r} has no stored embedding: PUT /v1/users/{{id}}/embedding "
+                raise APIError(404, f"user {user!r} has no stored embedding: PUT /v1/users/{{id}}/embedding "
                                     "or `e2p users import` first, send one inline in `e2p.embedding`, or omit `user`",
                                param="user", code="user_not_found")
             if record.dim != dim:
-                raise APIError(409, f"the stored embedding of {req.user!r} has {record.dim} values, the projector needs "
+                raise APIError(409, f"the stored embedding of {user!r} has {record.dim} values, the projector needs "
                                     f"{dim}: store it again", param="user", code="invalid_embedding")
             metrics.personalized.labels("store").inc()
             return torch.from_numpy(record.vector), {"x-e2p-embedding": "store",
