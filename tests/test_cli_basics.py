@@ -63,3 +63,22 @@ def test_one_seed_gives_one_trained_projector(tmp_path):
     c = load_file(str(tmp_path / "c" / "model.safetensors"))
     a = load_file(str(tmp_path / "a" / "model.safetensors"))
     assert any(not (a[k] == c[k]).all() for k in a)
+
+
+def test_every_argument_has_help_text():
+    import argparse
+
+    from e2p.cli import build_parser
+
+    missing = []
+
+    def walk(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, p in action.choices.items():
+                    walk(p, f"{name} {sub}")
+            elif not action.help and "-h" not in action.option_strings:
+                missing.append(f"{name} {action.option_strings or action.dest}")
+
+    walk(build_parser(), "e2p")
+    assert not missing, f"arguments without help: {missing}"

@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p):
         p.add_argument("--backbone", default=None, help=BACKBONE_HELP)
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0,
+                       help="seeds initial weights, data order and sampling")
         add_device_arguments(p)
 
     t = sub.add_parser("train", help="train a projector (and its style-only control) on your users' embeddings and "
@@ -263,23 +264,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --users: reuse the shared_prefix/ of an earlier run on the same examples and split "
                         "(it holds no user information) instead of training it again")
     t.add_argument("--data", default=None, help="persona file or folder (a folder means its training split)")
-    t.add_argument("--out", required=True)
+    t.add_argument("--out", required=True,
+                   help="the run folder: the projector (save_pretrained), its controls and report")
     t.add_argument("--steps", type=int, default=None, help="total optimizer steps over all stages (default: the recipe's)")
     t.add_argument("--minutes", type=float, default=None, help="wall-clock budget, split across stages")
-    t.add_argument("--prefix-tokens", type=int, default=1)
+    t.add_argument("--prefix-tokens", type=int, default=1,
+                   help="k, the soft tokens per user (1 measured best)")
     t.add_argument("--hidden-dims", default="1024",
                    help="the projector's hidden layers, e.g. 1024 or 512,512; 'linear' for a linear map (less to "
                         "overfit when there are few training users)")
     t.add_argument("--dropout", type=float, default=0.1, help="dropout in the projector's hidden layers (0: a "
                                                                 "data-parallel run gives exactly one process's result)")
-    t.add_argument("--injection", choices=["input", "deep"], default="deep")
+    t.add_argument("--injection", choices=["input", "deep"], default="deep",
+                   help="input: k vectors before the prompt (any engine); deep: a key/value prefix in every layer (torch only)")
     t.add_argument("--prefix-position", choices=["start", "after_sink", "after_system"], default="start",
                    help="start: position 0 (measured best); after_sink: behind the prompt's first token; after_system: input only")
     t.add_argument("--with-msc", action="store_true", help="also train on the folder's MSC files (grown personas)")
     t.add_argument("--text-steps", type=int, default=0, help="also train shared_prefix_text and e2p_text for this many steps each")
-    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--batch-size", type=int, default=16,
+                   help="examples per optimizer step")
     t.add_argument("--val-examples", type=int, default=48, help="replies of held-out people scored at each validation")
-    t.add_argument("--encoder", default=None)
+    t.add_argument("--encoder", default=None,
+                   help="with --data: the text encoder for persona embeddings (default all-MiniLM-L6-v2)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from DIR/*/checkpoint")
     t.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute the backbone's activations in the backward pass: far less memory, ~30%% slower")
@@ -294,10 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="greedy generations scored by ROUGE-1/2/L and identification (0: none)")
     e.add_argument("--data", default=None, help="persona file or folder (a folder means its test split)")
     e.add_argument("--projector", default=None, help="a folder `e2p train` wrote, or a shipped name (persona-deep-k1)")
-    e.add_argument("--out", required=True)
-    e.add_argument("--limit", type=int, default=None)
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--encoder", default=None)
+    e.add_argument("--out", required=True,
+                   help="folder for REPORT.md, results.json and the plot")
+    e.add_argument("--limit", type=int, default=None,
+                   help="score at most this many target replies (default: all)")
+    e.add_argument("--batch-size", type=int, default=16,
+                   help="rows per forward pass")
+    e.add_argument("--encoder", default=None,
+                   help="with --data: the text encoder for persona embeddings (default: the projector's)")
     add_engine_arguments(e)
     e.add_argument("--people-half", type=int, choices=[0, 1], default=None,
                    help="evaluate only one of two disjoint halves of the people (by id parity)")
@@ -311,11 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_arguments(g)
     g.add_argument("--persona", action="append", help="persona text of a user (repeatable)")
     g.add_argument("--embedding", action="append", help="embedding file .npy/.json/.safetensors/.csv (repeatable)")
-    g.add_argument("--message", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=48)
-    g.add_argument("--sample", action="store_true")
-    g.add_argument("--temperature", type=float, default=0.7)
-    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--message", required=True,
+                   help="the user's message to answer")
+    g.add_argument("--max-new-tokens", type=int, default=48,
+                   help="at most this many tokens in the reply")
+    g.add_argument("--sample", action="store_true",
+                   help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=0.7,
+                   help="with --sample")
+    g.add_argument("--top-p", type=float, default=0.9,
+                   help="with --sample: nucleus sampling")
     g.add_argument("--compare", action="store_true", help="also print the unpersonalized reply")
     g.set_defaults(func=cmd_generate)
 
@@ -327,9 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, default=120, help="examples for the perplexity table")
     d.set_defaults(func=cmd_demo)
     dt = sub.add_parser("data", help="convert a shipped study's data into the data contract (users + examples)")
-    dt.add_argument("study", choices=["persona", "pens"])
+    dt.add_argument("study", choices=["persona", "pens"], help="which dataset to prepare")
     dt.add_argument("src", help="persona folder or file / PENS .tsv file or folder")
-    dt.add_argument("--out", required=True)
+    dt.add_argument("--out", required=True,
+                    help="folder for the users tables, examples.jsonl, test/ and data_card.json")
     dt.add_argument("--test-users", default=None, help="pens: a PENS file of users who are only evaluated, never trained on")
     dt.add_argument("--test-fraction", type=float, default=0.0,
                     help="pens without --test-users: hold out this share of SRC's users as test users")
@@ -337,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pens: the click encoder of the behavioural profile (see e2p.behaviour)")
     dt.add_argument("--behaviour-dim", type=int, default=64, help="pens: size of the behavioural user embedding")
     dt.add_argument("--history-turns", type=int, default=2, help="persona: earlier turns kept in each prompt")
-    dt.add_argument("--seed", type=int, default=0)
+    dt.add_argument("--seed", type=int, default=0,
+                    help="seeds the split of users")
     dt.set_defaults(func=cmd_data)
     from .serve.cli import add_serve_commands
     add_serve_commands(sub)

@@ -102,19 +102,25 @@ def add_serve_commands(sub) -> None:
     add_device_arguments(s)
     add_engine_arguments(s)
     s.add_argument("--store", required=True, help="SQLite embedding store (created if missing)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (other than loopback needs keys)")
+    s.add_argument("--port", type=int, default=8000,
+                   help="TCP port")
     s.add_argument("--api-key", default=None, help="inference key(s), comma separated (prefer env E2P_API_KEY)")
     s.add_argument("--admin-key", default=None, help="key for embedding writes (prefer env E2P_ADMIN_KEY)")
     s.add_argument("--no-auth", action="store_true", help="allow serving without keys on a non-loopback host")
     s.add_argument("--model-name", default=None, help="model id clients send (default: e2p-<projector dir name>)")
-    s.add_argument("--max-batch-size", type=int, default=8)
+    s.add_argument("--max-batch-size", type=int, default=8,
+                   help="rows decoded together (continuous batching)")
     s.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long the batcher waits for more requests")
     s.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 429")
     s.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for")
-    s.add_argument("--default-max-tokens", type=int, default=128)
-    s.add_argument("--max-prompt-tokens", type=int, default=1024)
-    s.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    s.add_argument("--default-max-tokens", type=int, default=128,
+                   help="max_tokens of a request that sends none")
+    s.add_argument("--max-prompt-tokens", type=int, default=1024,
+                   help="longer prompts answer 400 context_length_exceeded")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="larger request bodies answer 413")
     s.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a request is answered 504")
     s.add_argument("--graceful-timeout", type=float, default=60.0, help="seconds to finish in-flight requests on shutdown")
     s.add_argument("--max-connections", type=int, default=None, help="uvicorn limit_concurrency (503 above it)")
@@ -135,8 +141,9 @@ def add_serve_commands(sub) -> None:
     u = sub.add_parser("users", help="manage the embedding store")
     usub = u.add_subparsers(dest="users_command", required=True)
     i = usub.add_parser("import", help="import embeddings from .parquet / .csv / .jsonl / .npz / .npy")
-    i.add_argument("file")
-    i.add_argument("--store", required=True)
+    i.add_argument("file", help="a .parquet/.csv/.jsonl/.npz/.npy table of users and vectors")
+    i.add_argument("--store", required=True,
+                   help="the SQLite store file (created if missing)")
     i.add_argument("--projector", default=None, help="check the dimension against this projector's embedding_dim")
     i.add_argument("--dim", type=int, default=None, help="expected embedding dimension")
     i.add_argument("--ids", default=None, help="for a plain [N, E] .npy: a text file with one user id per line")
@@ -145,8 +152,10 @@ def add_serve_commands(sub) -> None:
     i.add_argument("--chunk-rows", type=int, default=10_000, help="rows read and checked at a time (memory bound)")
     i.set_defaults(func=cmd_users_import)
     ls = usub.add_parser("list", help="list stored users")
-    ls.add_argument("--store", required=True)
-    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--store", required=True,
+                    help="the SQLite store file")
+    ls.add_argument("--limit", type=int, default=50,
+                    help="list at most this many users")
     ls.set_defaults(func=cmd_users_list)
 
 
