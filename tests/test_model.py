@@ -51,7 +51,7 @@ def test_rows_joining_and_leaving_a_running_batch_match_rows_alone(tiny, injecti
     def alone(i, steps):
         dec, tokens = m.start_decoding([prompts[i]], [users[i]]), []
         for _ in range(steps):
-            nxt = m.next_tokens(dec)
+            nxt = m.pick(m.next_logits(dec), False, 1.0, 1.0)
             tokens.append(int(nxt[0]))
             m.advance(dec, nxt)
         return tokens, dec.last[0]
@@ -63,7 +63,7 @@ def test_rows_joining_and_leaving_a_running_batch_match_rows_alone(tiny, injecti
             dec, rows = dec.join(m.start_decoding(prompts[1:], users[1:])), [0, 1, 2]
         if step == 6:  # row 0 leaves; the others go on
             dec, rows = dec.select([1, 2]), [1, 2]
-        nxt = m.next_tokens(dec)
+        nxt = m.pick(m.next_logits(dec), False, 1.0, 1.0)
         for j, i in enumerate(rows):
             got[i].append(int(nxt[j]))
         m.advance(dec, nxt)

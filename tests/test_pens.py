@@ -1,7 +1,7 @@
 import pytest
 
 from conftest import DATA
-from e2p.data.pens import PensUser, load_pens, other_half, split_headlines, split_users
+from e2p.data.pens import PensUser, load_pens, other_half, split_headlines, split_test_users
 from e2p.data.persona import LoadReport
 from e2p.errors import DataError
 
@@ -63,14 +63,14 @@ def test_bad_header_and_empty(tmp_path):
 
 def test_split_users_disjoint_and_deterministic():
     users = [make_user(f"U{i}") for i in range(20)]
-    train, test = split_users(users, 0.25, seed=1)
+    train, test = split_test_users(users, 0.25, seed=1)
     assert len(test) == 5 and len(train) == 15
     assert not {u.user_id for u in train} & {u.user_id for u in test}
-    again = split_users(list(reversed(users)), 0.25, seed=1)[1]
+    again = split_test_users(list(reversed(users)), 0.25, seed=1)[1]
     assert {u.user_id for u in again} == {u.user_id for u in test}  # independent of input order
-    assert {u.user_id for u in split_users(users, 0.25, seed=2)[1]} != {u.user_id for u in test}
+    assert {u.user_id for u in split_test_users(users, 0.25, seed=2)[1]} != {u.user_id for u in test}
     with pytest.raises(DataError):
-        split_users(users, 1.0)
+        split_test_users(users, 1.0)
 
 
 def test_split_headlines_halves():

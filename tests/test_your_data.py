@@ -124,10 +124,10 @@ def test_a_reused_shared_prefix_lands_in_the_run_and_the_verdict_is_measured(tra
 
 
 def test_the_evaluation_loop_scores_conditions_generations_and_identification(trained):
-    from e2p.data.contract import split_users
+    from e2p.data.contract import split_validation_users
 
     tmp, backbone, users, examples, report = trained
-    _, val = split_users(sorted({e.user for e in examples}), 16, 0)
+    _, val = split_validation_users(sorted({e.user for e in examples}), 16, 0)
     held_out = [e for e in examples if e.user in set(val)]
 
     results = evaluate_examples(backbone, users, held_out, tmp / "run", tmp / "eval", generate=16, encoder=WordEncoder(),
@@ -149,7 +149,7 @@ def test_hybrid_lora_other_tables_and_fixed_baselines_run_through_the_one_loop(t
 
     import torch
 
-    from e2p.data.contract import split_users
+    from e2p.data.contract import split_validation_users
     from e2p.evaluate import Condition
     from e2p.lora import train_lora
     from e2p.model import E2PModel
@@ -175,7 +175,7 @@ def test_hybrid_lora_other_tables_and_fixed_baselines_run_through_the_one_loop(t
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file() and info["parameters"] > 0
     assert all(torch.equal(a, b) for a, b in zip(before, backbone.model.parameters()))
 
-    _, val = split_users(sorted(users.ids), 6, 0)
+    _, val = split_validation_users(sorted(users.ids), 6, 0)
     held = [e for e in examples if e.user in set(val)]
     other = write_users(tmp_path / "other.npz", users.ids, -users.vectors)
     conds = [Condition("none", None), Condition("lora_text", None, with_text=True, adapter=tmp_path / "lora"),

@@ -21,7 +21,7 @@ import numpy as np
 
 from e2p import load_backbone
 from e2p.behaviour import click_encoder
-from e2p.data.contract import load_examples, load_users, split_users, write_users
+from e2p.data.contract import load_examples, load_users, split_validation_users, write_users
 from e2p.data.pens import load_pens
 from e2p.evaluate import Condition, compare, run_conditions
 from e2p.recipe import RecipeConfig, train_on_examples
@@ -57,7 +57,7 @@ def main() -> None:
     ids = sorted({ex.user for ex in examples})
     cfg = RecipeConfig(injection="deep", num_prefix_tokens=1, seed=args.seed)  # split settings; hidden per candidate
     n_val = max(4, min(200, round(0.2 * len(ids))))  # as train_on_examples
-    _, val_ids = split_users(ids, n_val, cfg.seed)
+    _, val_ids = split_validation_users(ids, n_val, cfg.seed)
     val = set(val_ids)
     rng = np.random.default_rng(args.seed)
     val_ex = [ex for ex in examples if ex.user in val]

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from e2p import E2PModel, load_backbone
-from e2p.data.contract import load_examples, load_users, split_users
+from e2p.data.contract import load_examples, load_users, split_validation_users
 from e2p.lora import train_lora
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     users = load_users(args.users)
     examples = load_examples(args.examples, users)
     ids = sorted({ex.user for ex in examples})
-    train_ids, _ = split_users(ids, max(4, min(200, round(0.2 * len(ids)))), args.seed)  # as e2p train
+    train_ids, _ = split_validation_users(ids, max(4, min(200, round(0.2 * len(ids)))), args.seed)  # as e2p train
     keep = set(train_ids)
     backbone = load_backbone()
     plain = E2PModel(backbone, None)

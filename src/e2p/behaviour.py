@@ -153,15 +153,6 @@ class CoClickEncoder:
         if self.item_factors is None:
             raise ConfigError("CoClickEncoder is not fitted: call fit(histories) or CoClickEncoder.from_pretrained(dir)")
 
-    def coverage(self, histories: Sequence[Iterable[str]]) -> np.ndarray:
-        """Per history, the fraction of its distinct news IDs known to the fit (0 for an empty history)."""
-        self._require_fit()
-        out = []
-        for h in _check_histories(histories):
-            ids = set(h)
-            out.append(sum(n in self._index for n in ids) / len(ids) if ids else 0.0)
-        return np.asarray(out, dtype=np.float32)
-
     def encode(self, histories: Sequence[Iterable[str]], batch_size: int | None = None,
                show_progress_bar: bool = False) -> np.ndarray:
         """[N, dim] float32, L2-normalized; unknown IDs ignored; empty known history -> zero row or DataError.
@@ -180,9 +171,6 @@ class CoClickEncoder:
         norms = np.linalg.norm(e, axis=1, keepdims=True)
         e = np.where(norms > 0, e / np.maximum(norms, 1e-12), 0.0)
         return e.astype(np.float32)
-
-    def fit_encode(self, histories: Sequence[Iterable[str]]) -> np.ndarray:
-        return self.fit(histories).encode(histories)
 
     # -- persistence -----------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:

@@ -18,4 +18,4 @@ class BackboneMismatchError(E2PError, ValueError):
 
 
 class DataError(E2PError, ValueError):
-    """Input data that cannot be read at all (single bad rows are skipped and counted instead)."""
+    """Input data that cannot be used as given: the message names the file, the row and the fix (no row is skipped)."""

@@ -437,11 +437,6 @@ class E2PModel(nn.Module):
         """[B, vocab] float logits of every row's next token."""
         return self.logits(dec.last)
 
-    def next_tokens(self, dec: "Decoding", do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                    gen: torch.Generator | None = None) -> torch.Tensor:
-        """[B] the next token of every row of `dec`, all rows with one decoding setting."""
-        return self.pick(self.next_logits(dec), do_sample, temperature, top_p, gen)
-
     @torch.no_grad()
     def advance(self, dec: "Decoding", tokens: torch.Tensor) -> None:
         """Feed each row its token: one forward step of the whole batch."""

@@ -29,7 +29,7 @@ class Projector(nn.Module):
     def __init__(self, config: E2PConfig):
         super().__init__()
         if config.prefix_dim <= 0:
-            raise ConfigError("config lacks the backbone's sizes: build it with E2PModel.new_config(...) or set backbone_hidden_size")
+            raise ConfigError("config lacks the backbone's sizes: build it with e2p.model.new_config(backbone, ...) or set backbone_hidden_size")
         self.config = config
         k, d = config.num_prefix_tokens, config.prefix_dim
         self.shared = nn.Parameter(torch.randn(k, d) * 0.02)

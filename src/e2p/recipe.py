@@ -226,7 +226,7 @@ def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: Recip
     from their checkpoints. `encoder_name`: the text encoder the table was made with, if any (saved in config.json
     so `generate` and the server embed new users' text the same way).
     """
-    from .data.contract import split_users
+    from .data.contract import split_validation_users
     from .evaluate.loop import conditions_for, evaluate_examples
 
     cfg = cfg or RecipeConfig(injection="deep", num_prefix_tokens=1)
@@ -234,7 +234,7 @@ def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: Recip
     t0 = time.time()
     ids = sorted({ex.user for ex in examples})
     n_val = val_users if val_users is not None else max(4, min(200, round(0.2 * len(ids))))
-    train_ids, val_ids = split_users(ids, n_val, cfg.seed)
+    train_ids, val_ids = split_validation_users(ids, n_val, cfg.seed)
     select_ids, verdict_ids = set(val_ids[0::2]), set(val_ids[1::2])
     train_set = set(train_ids)
     train_ex = [ex for ex in examples if ex.user in train_set]

@@ -187,7 +187,7 @@ def load_examples(path: str | Path, users: UserTable | None = None) -> list[Exam
     return examples
 
 
-def split_users(ids: Sequence[str], n_val: int, seed: int = 0) -> tuple[list[str], list[str]]:
+def split_validation_users(ids: Sequence[str], n_val: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """(train, validation) user ids: validation users are people never trained on. Deterministic in `seed`."""
     ids = sorted(set(ids))
     if n_val < 2 or n_val > len(ids) - 2:

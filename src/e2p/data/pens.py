@@ -155,7 +155,7 @@ def _rng(seed: int, *salt: str) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
-def split_users(users: Sequence[PensUser], test_fraction: float = 0.2, seed: int = 0
+def split_test_users(users: Sequence[PensUser], test_fraction: float = 0.2, seed: int = 0
                 ) -> tuple[list[PensUser], list[PensUser]]:
     """(train_users, test_users), disjoint by user id; both non-empty. Depends only on the set of user ids and
     `seed`, not on input order; each list keeps the input order."""
@@ -164,7 +164,7 @@ def split_users(users: Sequence[PensUser], test_fraction: float = 0.2, seed: int
     ids = sorted({u.user_id for u in users})
     if len(ids) < 2:
         raise DataError(f"need at least 2 distinct users to split, got {len(ids)}")
-    _rng(seed, "split_users").shuffle(ids)
+    _rng(seed, "split_users").shuffle(ids)  # the salt keeps its old name: the same seed gives the same split
     n_test = min(max(1, round(len(ids) * test_fraction)), len(ids) - 1)
     test_ids = set(ids[:n_test])
     return [u for u in users if u.user_id not in test_ids], [u for u in users if u.user_id in test_ids]

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import DataError
 from .contract import Example, write_examples, write_users
-from .pens import PensUser, load_pens, split_headlines, split_users
+from .pens import PensUser, load_pens, split_headlines, split_test_users
 
 SYSTEM = "You write short news headlines in your own style."
 HISTORY_IN_PROFILE = 12  # history headlines in profile_text (the text condition's prompt)
@@ -83,7 +83,7 @@ def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path
         if clash:
             raise DataError(f"{len(clash)} test users are also in {src} (e.g. {sorted(clash)[:3]}): test users must be new")
     elif test_fraction > 0:
-        pool, test = split_users(pool, test_fraction, seed)
+        pool, test = split_test_users(pool, test_fraction, seed)
     else:
         test = []
     everyone = list(pool) + list(test)
