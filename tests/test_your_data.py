@@ -151,7 +151,7 @@ def test_hybrid_lora_other_tables_and_fixed_baselines_run_through_the_one_loop(t
 
     from e2p.data.contract import split_validation_users
     from e2p.evaluate import Condition
-    from e2p.lora import train_lora
+    from research.pens.train_lora import train_lora
     from e2p.model import E2PModel
 
     users_path, examples_path = synthetic(tmp_path, n_users=16, per_user=4)
