@@ -11,6 +11,14 @@ transaction: a bad row anywhere (wrong size, NaN/inf, a bad or duplicate user id
 anything is written and names the row. While the file is read, other writers (a running `e2p serve`'s
 PUTs) go on; they wait only for the final merge. Readers never wait (WAL, a reader connection of their own).
 
+Every row belongs to a tenant: the key is (tenant, user), so the same user id in two tenants names two people
+(a server takes the tenant from the request's API key, never from its body). Stores written before tenants
+existed are migrated when opened: their rows become the `default` tenant's.
+
+Deletion deletes: every connection runs with `PRAGMA secure_delete=ON` (freed cells and pages are overwritten
+with zeros) and `delete` ends with a `wal_checkpoint(TRUNCATE)`, so a deleted vector's bytes are in none of the
+store's files (database, -wal, -shm) afterwards (tested on the raw files).
+
 Files are read by `e2p.embedding_files` (the one reader the store, the data contract and the CLI share) and
 ids and vectors checked by `e2p.vectors`.
 """
@@ -32,6 +40,8 @@ from .errors import DataError, EmbeddingError, E2PError
 from .vectors import as_vector, check_chunk, check_user_id
 
 log = logging.getLogger(__name__)
+
+DEFAULT_TENANT = "default"  # the tenant of the single-key flags, of `e2p users` without --tenant, of old stores
 
 
 class StoreError(E2PError, ValueError):
@@ -72,7 +82,7 @@ class UserEmbedding:
         return {"user": self.user, "dim": self.dim, "version": self.version, "updated_at": self.updated_at}
 
 
-_ON_CONFLICT = ("ON CONFLICT(user) DO UPDATE SET vector=excluded.vector, dim=excluded.dim, "
+_ON_CONFLICT = ("ON CONFLICT(tenant, user) DO UPDATE SET vector=excluded.vector, dim=excluded.dim, "
                 "version=embeddings.version + 1, updated_at=excluded.updated_at")
 
 
@@ -88,7 +98,25 @@ def _immediate(db: sqlite3.Connection):
     db.execute("COMMIT")
 
 
-_UPSERT = "INSERT INTO embeddings (user, vector, dim, version, updated_at) VALUES (?, ?, ?, 1, ?) " + _ON_CONFLICT
+_UPSERT = ("INSERT INTO embeddings (tenant, user, vector, dim, version, updated_at) VALUES (?, ?, ?, ?, 1, ?) "
+           + _ON_CONFLICT)
+_CREATE = ("CREATE TABLE IF NOT EXISTS embeddings (tenant TEXT NOT NULL, user TEXT NOT NULL, vector BLOB NOT NULL, "
+           "dim INTEGER NOT NULL, version INTEGER NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (tenant, user))")
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """A store from before tenants (key: user) -> the (tenant, user) table, its rows the default tenant's; one
+    transaction, so a crash leaves the old table as it was. secure_delete wipes the old table's pages."""
+    with _immediate(db):
+        columns = [row[1] for row in db.execute("PRAGMA table_info(embeddings)")]
+        if not columns or "tenant" in columns:
+            return
+        db.execute("ALTER TABLE embeddings RENAME TO embeddings_before_tenants")
+        db.execute(_CREATE)
+        db.execute("INSERT INTO embeddings (tenant, user, vector, dim, version, updated_at) "
+                   "SELECT ?, user, vector, dim, version, updated_at FROM embeddings_before_tenants", (DEFAULT_TENANT,))
+        db.execute("DROP TABLE embeddings_before_tenants")
+    log.info("store migrated: its users are now the %r tenant's", DEFAULT_TENANT)
 
 
 class EmbeddingStore:
@@ -115,10 +143,8 @@ class EmbeddingStore:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-                self._db.execute(
-                    "CREATE TABLE IF NOT EXISTS embeddings (user TEXT PRIMARY KEY, vector BLOB NOT NULL, "
-                    "dim INTEGER NOT NULL, version INTEGER NOT NULL, updated_at REAL NOT NULL)"
-                )
+                _migrate(self._db)
+                self._db.execute(_CREATE)
                 self._reader = self._connect()
                 self._reader.execute("SELECT COUNT(*) FROM meta").fetchone()
         except StoreError as exc:
@@ -130,6 +156,7 @@ class EmbeddingStore:
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(str(self.path), timeout=self.timeout, check_same_thread=False, isolation_level=None)
         db.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+        db.execute("PRAGMA secure_delete=ON")  # freed cells and pages are zeroed: a deleted vector leaves no bytes
         return db
 
     def _read(self, sql: str, args: tuple = (), all_rows: bool = False):
@@ -158,15 +185,15 @@ class EmbeddingStore:
                                  "use a separate store per encoder, or re-import with the projector's encoder")
 
     # --- single rows ----------------------------------------------------------------------------
-    def put(self, user: str, vector) -> UserEmbedding:
-        """Insert or replace; the version goes up by one on every update."""
+    def put(self, user: str, vector, tenant: str = DEFAULT_TENANT) -> UserEmbedding:
+        """Insert or replace `tenant`'s `user`; the version goes up by one on every update."""
         check_user_id(user)
         with self._lock:
             v = as_vector(vector, self.dim)
             self.claim_dim(v.size)
             with _sqlite_errors(self.path):
-                self._write_transaction([(user, v.tobytes(), v.size, time.time())])
-            record = self.get(user)
+                self._write_transaction([(tenant, user, v.tobytes(), v.size, time.time())])
+            record = self.get(user, tenant)
         assert record is not None
         return record
 
@@ -174,9 +201,10 @@ class EmbeddingStore:
         with _immediate(self._db):
             self._db.executemany(_UPSERT, rows)
 
-    def get(self, user: str) -> UserEmbedding | None:
-        """The stored record, or None; CorruptEmbeddingError if the row does not hold a usable vector."""
-        row = self._read("SELECT user, vector, dim, version, updated_at FROM embeddings WHERE user=?", (user,))
+    def get(self, user: str, tenant: str = DEFAULT_TENANT) -> UserEmbedding | None:
+        """`tenant`'s stored record of `user`, or None; CorruptEmbeddingError if the row holds no usable vector."""
+        row = self._read("SELECT user, vector, dim, version, updated_at FROM embeddings WHERE tenant=? AND user=?",
+                         (tenant, user))
         return None if row is None else self._record(*row)
 
     def _record(self, user, blob, dim, version, updated_at) -> UserEmbedding:
@@ -195,21 +223,39 @@ class EmbeddingStore:
             raise CorruptEmbeddingError(f"the stored embedding of user {user!r} contains NaN or inf values: {fix}")
         return UserEmbedding(user=user, vector=vector, dim=dim, version=version, updated_at=updated_at)
 
-    def delete(self, user: str) -> bool:
+    def delete(self, user: str, tenant: str = DEFAULT_TENANT) -> bool:
+        """Delete `tenant`'s `user`; True if there was one. The row's bytes are zeroed (secure_delete) and the WAL,
+        which still holds the pages written before, is checkpointed into the database and truncated."""
         with self._lock, _sqlite_errors(self.path):
-            cur = self._db.execute("DELETE FROM embeddings WHERE user=?", (user,))
-        return cur.rowcount > 0
+            cur = self._db.execute("DELETE FROM embeddings WHERE tenant=? AND user=?", (tenant, user))
+            deleted = cur.rowcount > 0
+            if deleted:
+                self.checkpoint()
+        return deleted
+
+    def checkpoint(self) -> bool:
+        """Copy the WAL into the database and truncate it to zero bytes; False (and a warning) when a reader of
+        another connection holds an old snapshot past the busy timeout: the WAL is truncated at the next one."""
+        with self._lock, _sqlite_errors(self.path):
+            busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            log.warning("store %s: a reader held the WAL; it is truncated at the next delete or checkpoint", self.path)
+        return not busy
 
     def __len__(self) -> int:
+        """Users of every tenant."""
         return int(self._read("SELECT COUNT(*) FROM embeddings")[0])
 
-    def users(self, limit: int = 100, after: str = "") -> list[str]:
-        rows = self._read("SELECT user FROM embeddings WHERE user > ? ORDER BY user LIMIT ?", (after, int(limit)),
-                          all_rows=True)
+    def count(self, tenant: str = DEFAULT_TENANT) -> int:
+        return int(self._read("SELECT COUNT(*) FROM embeddings WHERE tenant=?", (tenant,))[0])
+
+    def users(self, limit: int = 100, after: str = "", tenant: str = DEFAULT_TENANT) -> list[str]:
+        rows = self._read("SELECT user FROM embeddings WHERE tenant=? AND user > ? ORDER BY user LIMIT ?",
+                          (tenant, after, int(limit)), all_rows=True)
         return [r[0] for r in rows]
 
     # --- bulk -------------------------------------------------------------------------------------
-    def put_many(self, items: Iterable[tuple[str, np.ndarray]]) -> int:
+    def put_many(self, items: Iterable[tuple[str, np.ndarray]], tenant: str = DEFAULT_TENANT) -> int:
         """All-or-nothing import in one transaction; returns the number of rows written."""
         items = list(items)
         with self._lock:
@@ -228,11 +274,11 @@ class EmbeddingStore:
             self.claim_dim(dim)
             now = time.time()
             with _sqlite_errors(self.path):
-                self._write_transaction([(u, v.tobytes(), v.size, now) for u, v in checked])
+                self._write_transaction([(tenant, u, v.tobytes(), v.size, now) for u, v in checked])
         log.info("imported %d embeddings into %s", len(checked), self.path)
         return len(checked)
 
-    def import_chunks(self, chunks: Iterable[tuple[list[str], object]]) -> int:
+    def import_chunks(self, chunks: Iterable[tuple[list[str], object]], tenant: str = DEFAULT_TENANT) -> int:
         """All-or-nothing streamed import: every (users, vectors) chunk is checked and staged in a temporary table
         of a connection of its own (no lock on the store meanwhile), then merged in one short transaction; any
         bad row stops it before the merge (DataError naming the row). Memory: one chunk."""
@@ -251,13 +297,13 @@ class EmbeddingStore:
                     total += len(users)
                 db.execute("COMMIT")
                 if total:
-                    self._merge(db, dim)
+                    self._merge(db, dim, tenant)
         finally:
             db.close()
         log.info("imported %d embeddings into %s", total, self.path)
         return total
 
-    def _merge(self, db: sqlite3.Connection, dim: int) -> None:
+    def _merge(self, db: sqlite3.Connection, dim: int, tenant: str) -> None:
         """Staged rows -> the store, in one transaction that also claims the dimension."""
         with _immediate(db):
             current = db.execute("SELECT value FROM meta WHERE key='dim'").fetchone()
@@ -266,8 +312,9 @@ class EmbeddingStore:
                                  "use a separate store per encoder")
             if current is None:
                 db.execute("INSERT INTO meta (key, value) VALUES ('dim', ?)", (str(int(dim)),))
-            db.execute("INSERT INTO embeddings (user, vector, dim, version, updated_at) "
-                       "SELECT user, vector, dim, 1, ? FROM temp.staged WHERE true " + _ON_CONFLICT, (time.time(),))
+            db.execute("INSERT INTO embeddings (tenant, user, vector, dim, version, updated_at) "
+                       "SELECT ?, user, vector, dim, 1, ? FROM temp.staged WHERE true " + _ON_CONFLICT,
+                       (tenant, time.time()))
 
     def close(self) -> None:
         with self._lock, self._read_lock:
@@ -300,11 +347,12 @@ def _stage(db: sqlite3.Connection, users: list[str], matrix: np.ndarray, start: 
 
 def import_embeddings(path: str | Path, store: EmbeddingStore, ids_file: str | Path | None = None,
                       chunk_rows: int = DEFAULT_CHUNK_ROWS, user_column: str = "user",
-                      embedding_column: str = "embedding") -> int:
-    """Stream `path` into `store` in one transaction (nothing is written if any row is bad); memory ~ one chunk."""
+                      embedding_column: str = "embedding", tenant: str = DEFAULT_TENANT) -> int:
+    """Stream `path` into `store` (as `tenant`'s users) in one transaction (nothing is written if any row is bad);
+    memory ~ one chunk."""
     chunks = iter_embedding_chunks(path, ids_file, chunk_rows, user_column, embedding_column)
     try:
-        n = store.import_chunks(chunks)
+        n = store.import_chunks(chunks, tenant)
     except DataError as exc:
         msg = str(exc)
         raise DataError(msg if str(path) in msg else f"{path}: {msg}") from exc

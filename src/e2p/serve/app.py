@@ -19,7 +19,7 @@ from .. import __version__
 from ..model import E2PModel
 from ..store import EmbeddingStore
 from . import health
-from .auth import authorize, authorize_metrics, bearer_key
+from .auth import Caller, authorize, authorize_metrics, bearer_key
 from .chat import ChatServing
 from .prompts import Prompts
 from .protocol import ChatCompletionRequest, CompletionRequest, EmbeddingPut, EmbeddingsRequest
@@ -163,7 +163,8 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error", extra={"path": request.url.path})
+        # the route's template, not its path: a path names the user (/v1/users/{id}/embedding)
+        log.exception("unhandled error", extra={"route": getattr(request.scope.get("route"), "path", "unmatched")})
         return error_response(APIError(500, "internal error; see the server log", type="server_error",
                                        code="internal_error"))
 
@@ -189,11 +190,11 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
             access_log.info("request", extra={"request_id": request_id, "method": request.method, "route": route,
                                               "status": status, "seconds": round(elapsed, 4)})
 
-    # --- auth (dependencies): -> whether the caller holds the admin key; 401 / 403 otherwise -------------------
-    async def inference_key(request: Request) -> bool:
+    # --- auth (dependencies): -> the caller (its tenant, whether an admin); 401 / 403 otherwise ---------------
+    async def inference_key(request: Request) -> Caller:
         return authorize(config, bearer_key(request.headers))
 
-    async def admin_key(request: Request) -> bool:
+    async def admin_key(request: Request) -> Caller:
         return authorize(config, bearer_key(request.headers), admin=True)
 
     async def metrics_key(request: Request) -> None:
@@ -202,16 +203,16 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
     inference, admin = Depends(inference_key), Depends(admin_key)
 
     # --- OpenAI endpoints -----------------------------------------------------------------------------
-    @app.post("/v1/chat/completions", dependencies=[inference])
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
-        prompt = await prompts.chat_prompt(req)
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request, caller: Caller = inference):
+        prompt = await prompts.chat_prompt(req, caller.tenant)
         if req.stream:
             return event_stream(await chat.chat_completion_stream(prompt, req), prompt.headers)
         return JSONResponse(await chat.chat_completion(prompt, req, request), headers=prompt.headers)
 
-    @app.post("/v1/completions", dependencies=[inference])
-    async def completions(req: CompletionRequest, request: Request):
-        prompt = await prompts.completion_prompt(req)
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request, caller: Caller = inference):
+        prompt = await prompts.completion_prompt(req, caller.tenant)
         if req.stream:
             return event_stream(await chat.completion_stream(prompt, req), prompt.headers)
         return JSONResponse(await chat.completion(prompt, req, request), headers=prompt.headers)
@@ -229,19 +230,20 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
         """OpenAI's embeddings endpoint: the vectors to store for users (or send inline as `e2p.embedding`)."""
         return await users.embeddings(req)
 
-    # --- embedding store: any id the store accepts (`org/alice` too), percent-encoded in the path -------------
-    @app.put("/v1/users/{user_id:path}/embedding", dependencies=[admin])
-    async def put_embedding(user_id: str, body: EmbeddingPut):
+    # --- embedding store: any id the store accepts (`org/alice` too), percent-encoded in the path; always the
+    # caller's own tenant's user, so another tenant's users are neither reachable nor observable --------------
+    @app.put("/v1/users/{user_id:path}/embedding")
+    async def put_embedding(user_id: str, body: EmbeddingPut, caller: Caller = admin):
         """Store a user's vector, or embed their profile text with the projector's encoder and store that."""
-        return await users.put_embedding(user_id, body)
+        return await users.put_embedding(user_id, body, caller.tenant)
 
     @app.get("/v1/users/{user_id:path}/embedding")
-    async def get_embedding(user_id: str, is_admin: bool = inference):
-        return await users.get_embedding(user_id, is_admin)
+    async def get_embedding(user_id: str, caller: Caller = inference):
+        return await users.get_embedding(user_id, caller.admin, caller.tenant)
 
-    @app.delete("/v1/users/{user_id:path}/embedding", dependencies=[admin])
-    async def delete_embedding(user_id: str):
-        return await users.delete_embedding(user_id)
+    @app.delete("/v1/users/{user_id:path}/embedding")
+    async def delete_embedding(user_id: str, caller: Caller = admin):
+        return await users.delete_embedding(user_id, caller.tenant)
 
     # --- operations ---------------------------------------------------------------------------------------
     @app.get("/healthz")

@@ -1,12 +1,25 @@
-"""Who may call what: the bearer key of a request checked against the server's keys (inference: an API key or the
-admin key; writes to the store: the admin key; /metrics: the metrics key, when one is set). Keys are compared in
-constant time."""
+"""Who may call what: the bearer key of a request names a `Caller`, a tenant and whether it is an admin. Keys come
+from the tenant key file (`--keys FILE`, hashed: serve/keys.py) and from the single-key flags (`--api-key`,
+`--admin-key`: the default tenant). Inference needs any key; writes to the store and a user's vector need an admin
+key, and act on the caller's own tenant only; /metrics needs the metrics key (or the default admin key) when one is
+set. Keys are compared in constant time."""
 from __future__ import annotations
 
 import hmac
+from dataclasses import dataclass
 from typing import Mapping
 
+from ..store import DEFAULT_TENANT
+from .keys import find_key
 from .serving import APIError, ServeConfig
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Whose request this is: its tenant (the namespace of its users) and whether it holds an admin key."""
+
+    tenant: str = DEFAULT_TENANT
+    admin: bool = False
 
 
 def bearer_key(headers: Mapping[str, str]) -> str | None:
@@ -29,33 +42,40 @@ def _is_admin(config: ServeConfig, key: str | None) -> bool:
     return bool(key and config.admin_key and _same(key, config.admin_key))
 
 
-def _is_api_key(config: ServeConfig, key: str) -> bool:
-    return any(_same(key, k) for k in config.api_keys)
+def identify(config: ServeConfig, key: str) -> Caller | None:
+    """The caller `key` names, or None for an unknown key (every key is compared: no early exit)."""
+    legacy_admin = _is_admin(config, key)
+    legacy_user = any([_same(key, k) for k in config.api_keys])
+    entry = find_key(config.keys, key)
+    if legacy_admin:
+        return Caller(DEFAULT_TENANT, True)
+    if legacy_user:
+        return Caller(DEFAULT_TENANT, False)
+    if entry is not None:
+        return Caller(entry.tenant, entry.admin)
+    return None
 
 
-def authorize(config: ServeConfig, key: str | None, admin: bool = False) -> bool:
-    """Raise 401 / 403 unless `key` (a bearer key, or None) is allowed; return whether it is the admin key."""
-    is_admin = _is_admin(config, key)
+def authorize(config: ServeConfig, key: str | None, admin: bool = False) -> Caller:
+    """The request's caller; 401 for a missing or unknown key, 403 when `admin` is needed and the key is not one."""
     if config.open:
-        return True
+        return Caller(DEFAULT_TENANT, True)
     if key is None:
         raise APIError(401, "missing API key: send `Authorization: Bearer KEY`", code="invalid_api_key")
-    if admin:
-        if not config.admin_key:
-            raise APIError(403, "embedding writes are disabled: start the server with --admin-key (or E2P_ADMIN_KEY)",
-                           code="permission_denied")
-        if not is_admin:
-            if not _is_api_key(config, key):
-                raise APIError(401, "incorrect API key", code="invalid_api_key")
-            raise APIError(403, "this needs the admin key", code="permission_denied")
-        return True
-    if is_admin or _is_api_key(config, key):
-        return is_admin
-    raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+    caller = identify(config, key)
+    if caller is None:
+        raise APIError(401, "incorrect API key provided: send a key this server knows (--keys file, --api-key or "
+                            "--admin-key)", code="invalid_api_key")
+    if admin and not caller.admin:
+        if caller.tenant == DEFAULT_TENANT and not config.admin_key and not config.keys:
+            raise APIError(403, "embedding writes are disabled: start the server with --admin-key (or E2P_ADMIN_KEY)"
+                                " or an admin key in --keys", code="permission_denied")
+        raise APIError(403, "this needs an admin key of your tenant", code="permission_denied")
+    return caller
 
 
 def authorize_metrics(config: ServeConfig, key: str | None) -> None:
-    """With a metrics key configured, /metrics needs it (or the admin key)."""
+    """With a metrics key configured, /metrics needs it (or the default tenant's admin key)."""
     metrics_key = config.metrics_key
     if metrics_key is not None:
         if key is None or not (_same(key, metrics_key) or _is_admin(config, key)):

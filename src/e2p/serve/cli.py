@@ -1,4 +1,5 @@
-"""`e2p serve` and `e2p users ...` subcommands (registered by e2p.cli.build_parser via add_serve_commands)."""
+"""`e2p serve`, `e2p users ...` and `e2p keys add` subcommands (registered by e2p.cli.build_parser via
+add_serve_commands)."""
 from __future__ import annotations
 
 import ipaddress
@@ -29,21 +30,31 @@ def cmd_serve(args) -> None:
     from .logs import configure_json_logging
     from .serving import ServeConfig
 
+    from .keys import find_key, load_keys
+
+    keys = load_keys(args.keys) if args.keys else []  # KeyFileError: one line naming the file, entry and fix
     configure_json_logging(logging.DEBUG if args.verbose else logging.INFO)
     api_keys = [k for k in (args.api_key or os.environ.get("E2P_API_KEY") or "").split(",") if k]
     admin_key = args.admin_key or os.environ.get("E2P_ADMIN_KEY") or None
-    if not api_keys and not admin_key and not _is_loopback(args.host) and not args.no_auth:
-        raise ConfigError(f"refusing to serve on {args.host} without keys: set E2P_API_KEY / E2P_ADMIN_KEY "
-                          "(or --api-key / --admin-key), or pass --no-auth if the network is trusted")
+    if not api_keys and not admin_key and not keys and not _is_loopback(args.host) and not args.no_auth:
+        raise ConfigError(f"refusing to serve on {args.host} without keys: pass --keys FILE (`e2p keys add`), set "
+                          "E2P_API_KEY / E2P_ADMIN_KEY (or --api-key / --admin-key), or pass --no-auth if the network "
+                          "is trusted")
     if admin_key and admin_key in api_keys:
         raise ConfigError("the admin key must differ from the API keys")
-    if not api_keys and not admin_key:
+    for plain in api_keys + ([admin_key] if admin_key else []):
+        entry = find_key(keys, plain)
+        if entry is not None:
+            raise ConfigError(f"a key of --api-key / --admin-key is also in {args.keys} (tenant {entry.tenant!r}): "
+                              "use one key per tenant and role")
+    if not api_keys and not admin_key and not keys:
         log.warning("no API keys: the server is open to anyone who can reach it")
     model = load_model(args.projector, args.backbone, max_prompt_tokens=args.max_prompt_tokens, device=args.device,
                        dtype=args.dtype, engine=args.engine, gguf=args.gguf, max_batch_size=args.max_batch_size)
     name = args.model_name or (f"e2p-{os.path.basename(os.path.normpath(args.projector))}" if args.projector else "e2p")
     store = EmbeddingStore(args.store)
-    config = ServeConfig(model_name=name, api_keys=api_keys, admin_key=admin_key, max_body_bytes=args.max_body_bytes,
+    config = ServeConfig(model_name=name, api_keys=api_keys, admin_key=admin_key, keys=keys,
+                         log_user_ids=args.log_user_ids, max_body_bytes=args.max_body_bytes,
                          max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
                          max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
                          request_timeout_s=args.request_timeout, allow_unknown_users=args.allow_unknown_users,
@@ -68,21 +79,28 @@ def cmd_users_import(args) -> None:
 
         dim = E2PConfig.load(args.projector).embedding_dim or None
     store = EmbeddingStore(args.store, dim=dim)
+    tenant = _tenant(args)
     n = import_embeddings(args.file, store, ids_file=args.ids, chunk_rows=args.chunk_rows,
-                          user_column=args.user_column, embedding_column=args.embedding_column)
-    print(f"imported {n} embeddings into {args.store} ({len(store)} users, dimension {store.dim})")
+                          user_column=args.user_column, embedding_column=args.embedding_column, tenant=tenant)
+    print(f"imported {n} embeddings into {args.store} (tenant {tenant}: {store.count(tenant)} users, "
+          f"dimension {store.dim})")
+
+
+def _tenant(args) -> str:
+    from .keys import check_tenant
+
+    return check_tenant(args.tenant)
 
 
 def cmd_users_list(args) -> None:
-    from ..store import EmbeddingStore
+    from ..store import CorruptEmbeddingError, EmbeddingStore
 
+    tenant = _tenant(args)
     store = EmbeddingStore(args.store)
-    print(f"{len(store)} users, dimension {store.dim}")
-    from ..store import CorruptEmbeddingError
-
-    for user in store.users(limit=args.limit):
+    print(f"tenant {tenant}: {store.count(tenant)} users, dimension {store.dim}")
+    for user in store.users(limit=args.limit, tenant=tenant):
         try:
-            rec = store.get(user)
+            rec = store.get(user, tenant)
         except CorruptEmbeddingError as exc:
             print(f"{user}\tDAMAGED: {exc}")
             continue
@@ -90,8 +108,43 @@ def cmd_users_list(args) -> None:
             print(f"{user}\tversion {rec.version}\tdim {rec.dim}")
 
 
+def cmd_users_delete(args) -> None:
+    from ..store import EmbeddingStore
+    from ..vectors import check_user_id
+
+    tenant = _tenant(args)
+    store = EmbeddingStore(args.store)
+    missing = []
+    for user in args.user:
+        check_user_id(user)
+        if not store.delete(user, tenant):
+            missing.append(user)
+    for user in args.user:
+        if user not in missing:
+            print(f"deleted {user} (tenant {tenant}): its vector's bytes are gone from {args.store} and its WAL")
+    if missing:
+        raise ConfigError(f"no stored embedding for {', '.join(map(repr, missing))} in tenant {tenant} of "
+                          f"{args.store}: check the ids and --tenant (`e2p users list`)")
+
+
+def cmd_keys_add(args) -> None:
+    from .keys import add_key
+
+    key = args.key
+    if key is None:
+        if sys.stdin.isatty():
+            import getpass
+
+            key = getpass.getpass("API key (not shown): ")
+        else:
+            key = sys.stdin.readline()
+        key = key.rstrip("\r\n")
+    entry = add_key(args.file, args.tenant, args.role, key)
+    print(f"added a {entry.role} key of tenant {entry.tenant} to {args.file} (its salted SHA-256 hash, not the key)")
+
+
 def add_serve_commands(sub) -> None:
-    """Add `serve` and `users` to the `e2p` subcommand parser."""
+    """Add `serve`, `users` and `keys` to the `e2p` subcommand parser."""
     from ..backbone import BACKBONE_HELP
     from ..devices import add_device_arguments
     from ..engines import add_engine_arguments
@@ -108,6 +161,10 @@ def add_serve_commands(sub) -> None:
                    help="TCP port")
     s.add_argument("--api-key", default=None, help="inference key(s), comma separated (prefer env E2P_API_KEY)")
     s.add_argument("--admin-key", default=None, help="key for embedding writes (prefer env E2P_ADMIN_KEY)")
+    s.add_argument("--keys", default=None,
+                   help="tenant key file (`e2p keys add`): hashed keys, each with its tenant and role user|admin")
+    s.add_argument("--log-user-ids", action="store_true",
+                   help="name the user a request speaks for in log lines (default: the tenant only)")
     s.add_argument("--no-auth", action="store_true", help="allow serving without keys on a non-loopback host")
     s.add_argument("--model-name", default=None, help="model id clients send (default: e2p-<projector dir name>)")
     s.add_argument("--max-batch-size", type=int, default=8,
@@ -150,13 +207,31 @@ def add_serve_commands(sub) -> None:
     i.add_argument("--user-column", default="user", help="Parquet / CSV / JSONL user id column (default: user)")
     i.add_argument("--embedding-column", default="embedding", help="Parquet / CSV / JSONL vector column (default: embedding)")
     i.add_argument("--chunk-rows", type=int, default=10_000, help="rows read and checked at a time (memory bound)")
+    i.add_argument("--tenant", default="default", help="the tenant whose users these are (default: default)")
     i.set_defaults(func=cmd_users_import)
     ls = usub.add_parser("list", help="list stored users")
     ls.add_argument("--store", required=True,
                     help="the SQLite store file")
     ls.add_argument("--limit", type=int, default=50,
                     help="list at most this many users")
+    ls.add_argument("--tenant", default="default", help="list this tenant's users (default: default)")
     ls.set_defaults(func=cmd_users_list)
+    d = usub.add_parser("delete", help="delete users' embeddings (their bytes too: database and WAL)")
+    d.add_argument("user", nargs="+", help="user id(s) to delete")
+    d.add_argument("--store", required=True, help="the SQLite store file")
+    d.add_argument("--tenant", default="default", help="the tenant whose users these are (default: default)")
+    d.set_defaults(func=cmd_users_delete)
+
+    k = sub.add_parser("keys", help="manage the tenant key file of `e2p serve --keys`")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    a = ksub.add_parser("add", help="add an API key (stored as a salted hash) for a tenant and role")
+    a.add_argument("--file", required=True, help="the key file (created if missing, replaced atomically)")
+    a.add_argument("--tenant", required=True, help="the tenant the key belongs to (letters, digits, . _ -)")
+    a.add_argument("--role", required=True, choices=["user", "admin"],
+                   help="user: inference and metadata; admin: also writes, deletes and vectors of the tenant's users")
+    a.add_argument("--key", default=None,
+                   help="the plain key (omit: read from standard input, which keeps it out of `ps` and shell history)")
+    a.set_defaults(func=cmd_keys_add)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,6 +11,7 @@ import torch
 from starlette.concurrency import run_in_threadpool
 
 from ..model import PromptTooLongError, Segments
+from ..store import DEFAULT_TENANT
 from .protocol import ChatCompletionRequest, CompletionRequest, ContentPartError
 from .serving import APIError, OpenAIServing
 
@@ -146,17 +147,17 @@ class Prompts:
             raise APIError(400, "the prompt is empty: send some text", param=param, code="invalid_value")
         return segments
 
-    async def chat_prompt(self, req: ChatCompletionRequest) -> Prompt:
+    async def chat_prompt(self, req: ChatCompletionRequest, tenant: str = DEFAULT_TENANT) -> Prompt:
         """A chat request checked, its user's embedding resolved and its messages formatted with the chat template."""
         self.check_common(req)
         max_tokens = self.max_tokens_of(req.max_completion_tokens or req.max_tokens)
         messages = self.chat_messages(req)
         self.check_size([m["content"] for m in messages], "messages")
-        embedding, headers = await self.serving.resolve_embedding(req)
+        embedding, headers = await self.serving.resolve_embedding(req, tenant)
         segments = await self.segments_of(self._format_chat, messages, "messages")
         return Prompt(segments, embedding, headers, max_tokens)
 
-    async def completion_prompt(self, req: CompletionRequest) -> Prompt:
+    async def completion_prompt(self, req: CompletionRequest, tenant: str = DEFAULT_TENANT) -> Prompt:
         """A completion request checked, its user's embedding resolved and its raw prompt tokenized (no template)."""
         self.check_common(req)
         max_tokens = self.max_tokens_of(req.max_tokens)
@@ -167,6 +168,6 @@ class Prompts:
                                code="invalid_value")
             prompt = prompt[0]
         self.check_size([prompt], "prompt")
-        embedding, headers = await self.serving.resolve_embedding(req)
+        embedding, headers = await self.serving.resolve_embedding(req, tenant)
         segments = await self.segments_of(self._format_raw, prompt, "prompt")
         return Prompt(segments, embedding, headers, max_tokens, echo=prompt if req.echo else "")

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import EmbeddingError
 from ..model import E2PModel
-from ..store import CorruptEmbeddingError, EmbeddingStore, StoreError
+from ..store import DEFAULT_TENANT, CorruptEmbeddingError, EmbeddingStore, StoreError
 from ..vectors import as_vector, check_user_id
 from .batching import Batcher
 from .metrics import Metrics
@@ -32,7 +32,9 @@ log = logging.getLogger("e2p.serve")
 
 @dataclass
 class ServeConfig:
-    """Limits and keys. Keys: inference needs one of `api_keys` (or the admin key); writes need `admin_key`.
+    """Limits and keys. Keys: inference needs one of `api_keys` (or the admin key); writes need `admin_key`. Those
+    two are the default tenant's; `keys` (serve.keys.KeyEntry, from a `--keys` file) adds hashed keys of any tenant,
+    each with its role. A request's users are its key's tenant's.
 
     With no key at all the server is open (fine on loopback for development; the CLI refuses other hosts).
     """
@@ -40,6 +42,8 @@ class ServeConfig:
     model_name: str = "e2p"
     api_keys: list[str] = field(default_factory=list)
     admin_key: str | None = None
+    keys: list = field(default_factory=list)  # serve.keys.KeyEntry: hashed keys of tenants, with their roles
+    log_user_ids: bool = False  # True: log lines name the user a request speaks for (default: the tenant only)
     max_body_bytes: int = 1 << 20
     max_tokens_limit: int = 512
     default_max_tokens: int = 128
@@ -59,7 +63,7 @@ class ServeConfig:
 
     @property
     def open(self) -> bool:
-        return not self.api_keys and not self.admin_key
+        return not self.api_keys and not self.admin_key and not self.keys
 
 
 class APIError(Exception):
@@ -107,10 +111,15 @@ class OpenAIServing:
         except EmbeddingError as exc:
             raise APIError(400, str(exc), param="user", code="invalid_value") from None
 
+    def who(self, tenant: str, user: str) -> dict:
+        """Log fields for a request about `tenant`'s `user`: the tenant, and the user id only with --log-user-ids."""
+        return {"tenant": tenant, "user": user} if self.config.log_user_ids else {"tenant": tenant}
+
     # --- the user's embedding -------------------------------------------------------------------------
-    async def resolve_embedding(self, req: ChatCompletionRequest | CompletionRequest) -> tuple[torch.Tensor | None, dict]:
+    async def resolve_embedding(self, req: ChatCompletionRequest | CompletionRequest,
+                                tenant: str = DEFAULT_TENANT) -> tuple[torch.Tensor | None, dict]:
         """-> (embedding or None, headers describing where it came from): inline `e2p.embedding`, else the stored
-        embedding of `user`, else none."""
+        embedding of `user` in the caller's `tenant`, else none."""
         dim, metrics = self.embedding_dim, self.metrics
         if dim is None:  # no projector or a shared prefix: users make no difference
             return None, {"x-e2p-embedding": "none"}
@@ -124,7 +133,7 @@ class OpenAIServing:
             return torch.from_numpy(vector), {"x-e2p-embedding": "inline"}
         user = req.end_user
         if user:
-            record = await self.stored(user)
+            record = await self.stored(user, tenant)
             if record is None:
                 if self.config.allow_unknown_users:
                     metrics.personalized.labels("unknown_user").inc()
@@ -141,16 +150,16 @@ class OpenAIServing:
         metrics.personalized.labels("none").inc()
         return None, {"x-e2p-embedding": "none"}
 
-    async def stored(self, user: str, admission: "Admission | None" = None):
-        """The user's stored record (None if unknown), read on the shared threads (a chat) or on `admission`'s (the
-        user endpoints); a damaged row or a busy / damaged store is an error for this request only."""
+    async def stored(self, user: str, tenant: str = DEFAULT_TENANT, admission: "Admission | None" = None):
+        """`tenant`'s stored record of `user` (None if unknown), read on the shared threads (a chat) or on
+        `admission`'s (the user endpoints); a damaged row or a busy / damaged store is an error for this request only."""
         try:
             if admission is not None:
-                return await admission.run(self.store.get, user)
-            return await run_in_threadpool(self.store.get, user)
+                return await admission.run(self.store.get, user, tenant)
+            return await run_in_threadpool(self.store.get, user, tenant)
         except CorruptEmbeddingError as exc:
             raise APIError(409, str(exc), param="user", code="corrupt_embedding") from None
         except StoreError as exc:
-            log.error("store read failed", extra={"user": user, "error": str(exc)})
+            log.error("store read failed", extra={**self.who(tenant, user), "error": str(exc)})
             raise APIError(503, f"the embedding store cannot be read: {exc}", type="server_error",
                            code="store_unavailable", headers={"retry-after": "1"}) from None

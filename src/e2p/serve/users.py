@@ -12,7 +12,7 @@ import threading
 from typing import Callable
 
 from ..errors import ConfigError, EmbeddingError
-from ..store import StoreBusyError, StoreError
+from ..store import DEFAULT_TENANT, StoreBusyError, StoreError
 from ..vectors import as_vector
 from .embedder import TextEmbeddingError, UserEmbedder
 from .protocol import (EmbeddingData, EmbeddingList, EmbeddingPut, EmbeddingsRequest, EmbeddingUsage,
@@ -88,39 +88,43 @@ class UserServing:
         return dump(EmbeddingList(model=req.model, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
                                   data=[EmbeddingData(index=i, embedding=encode(v)) for i, v in enumerate(vectors)]))
 
-    async def put_embedding(self, user_id: str, body: EmbeddingPut) -> dict:
-        """Store a user's vector, or embed their profile text with the projector's encoder and store that."""
+    async def put_embedding(self, user_id: str, body: EmbeddingPut, tenant: str = DEFAULT_TENANT) -> dict:
+        """Store `tenant`'s user's vector, or embed their profile text with the projector's encoder and store that."""
         self.serving.check_user(user_id)
         vector = body.embedding if body.text is None else (await self.embed_texts([body.text], "text"))[0][0].tolist()
         try:
             if self.embedding_dim is not None:
                 as_vector(vector, self.embedding_dim)
-            record = await self.user_admission.run(self.store.put, user_id, vector)
+            record = await self.user_admission.run(self.store.put, user_id, vector, tenant)
         except StoreBusyError as exc:
             raise APIError(503, str(exc), type="server_error", code="store_busy", headers={"retry-after": "1"}) from None
         except (EmbeddingError, StoreError) as exc:
             raise APIError(400, str(exc), param="embedding", code="invalid_embedding") from None
         self.metrics.store_writes.labels("put").inc()
-        log.info("embedding stored", extra={"user": user_id, "version": record.version})
+        log.info("embedding stored", extra={**self.serving.who(tenant, user_id), "version": record.version})
         return dump(UserEmbeddingInfo(**record.metadata()))
 
-    async def get_embedding(self, user_id: str, is_admin: bool) -> dict:
-        """A user's stored embedding's metadata; the vector too for the admin."""
+    async def get_embedding(self, user_id: str, is_admin: bool, tenant: str = DEFAULT_TENANT) -> dict:
+        """`tenant`'s user's stored embedding's metadata; the vector too for the tenant's admin."""
         self.serving.check_user(user_id)
-        record = await self.serving.stored(user_id, self.user_admission)
+        record = await self.serving.stored(user_id, tenant, self.user_admission)
         if record is None:
             raise APIError(404, f"user {user_id!r} has no stored embedding", param="user", code="user_not_found")
         if is_admin:
             return dump(UserEmbeddingWithVector(**record.metadata(), embedding=[float(x) for x in record.vector]))
         return dump(UserEmbeddingInfo(**record.metadata()))
 
-    async def delete_embedding(self, user_id: str) -> dict:
+    async def delete_embedding(self, user_id: str, tenant: str = DEFAULT_TENANT) -> dict:
+        """Delete `tenant`'s user's vector, bytes and all (the store zeroes them and truncates its WAL)."""
         self.serving.check_user(user_id)
-        deleted = await self.user_admission.run(self.store.delete, user_id)
+        try:
+            deleted = await self.user_admission.run(self.store.delete, user_id, tenant)
+        except StoreBusyError as exc:
+            raise APIError(503, str(exc), type="server_error", code="store_busy", headers={"retry-after": "1"}) from None
         if not deleted:
             raise APIError(404, f"user {user_id!r} has no stored embedding", param="user", code="user_not_found")
         self.metrics.store_writes.labels("delete").inc()
-        log.info("embedding deleted", extra={"user": user_id})
+        log.info("embedding deleted", extra=self.serving.who(tenant, user_id))
         return dump(UserEmbeddingDeleted(user=user_id))
 
     def close(self) -> None:
