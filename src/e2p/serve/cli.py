@@ -140,7 +140,8 @@ def cmd_keys_add(args) -> None:
             key = sys.stdin.readline()
         key = key.rstrip("\r\n")
     entry = add_key(args.file, args.tenant, args.role, key)
-    print(f"added a {entry.role} key of tenant {entry.tenant} to {args.file} (its salted SHA-256 hash, not the key)")
+    print(f"added a key of tenant {entry.tenant} (role {entry.role}) to {args.file}: its salted SHA-256 hash, not "
+          "the key")
 
 
 def add_serve_commands(sub) -> None:
