@@ -85,3 +85,20 @@ def test_the_file_search_would_find_a_plain_delete(tmp_path):
     db.execute("DELETE FROM t WHERE k='alice'")
     assert files_holding(folder, distinctive().tobytes())
     db.close()
+
+
+def test_a_reader_holding_the_wal_delays_the_wipe_until_the_next_delete(tmp_path, caplog):
+    folder = tmp_path / "held"
+    store = EmbeddingStore(folder / "users.db", timeout=0.2)
+    store.put("bob", distinctive(5))
+    secret = distinctive().tobytes()
+    store.put("alice", distinctive())
+    reader = sqlite3.connect(folder / "users.db", isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM embeddings").fetchone()  # another process's snapshot pins the WAL
+    assert store.delete("alice")
+    assert "a reader held the WAL" in caplog.text
+    reader.execute("COMMIT")
+    reader.close()
+    assert not store.delete("alice")  # the retry (nobody left to delete) still truncates the WAL
+    assert files_holding(folder, secret) == []

@@ -119,9 +119,14 @@ def cmd_users_delete(args) -> None:
         check_user_id(user)
         if not store.delete(user, tenant):
             missing.append(user)
+    wiped = store.checkpoint()  # each delete checkpointed already; False if a reader held the WAL meanwhile
     for user in args.user:
         if user not in missing:
-            print(f"deleted {user} (tenant {tenant}): its vector's bytes are gone from {args.store} and its WAL")
+            print(f"deleted {user} (tenant {tenant})" + (f": its vector's bytes are gone from {args.store} and its WAL"
+                                                         if wiped else ""))
+    if not wiped:
+        print(f"warning: another process held {args.store}'s WAL open, so it still holds the deleted vectors' bytes "
+              "until the next delete: run the same `e2p users delete` again after it ends", file=sys.stderr)
     if missing:
         raise ConfigError(f"no stored embedding for {', '.join(map(repr, missing))} in tenant {tenant} of "
                           f"{args.store}: check the ids and --tenant (`e2p users list`)")
