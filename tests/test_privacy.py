@@ -140,6 +140,14 @@ def test_audit_finds_the_members_of_an_overfit_projector(tmp_path, capsys):
     assert ident["unseen"]["chance"] == 0.25 and 0 <= ident["training"]["accuracy"]["e2p"] <= 1
     for name in ("REPORT.md", "results.json", "audit.png"):
         assert (tmp_path / "audit" / name).is_file()
+    # the same training under DP at epsilon 1: the calibrated attack falls back to chance
+    import dataclasses
+
+    train_on_examples(backbone, users, examples, tmp_path / "dp", dataclasses.replace(cfg, dp_epsilon=1.0), val_users=8,
+                      progress=False)
+    dp = audit_projector(backbone, users, examples, tmp_path / "dp", None, candidates=0, progress=False)
+    assert dp["privacy"]["epsilon"] <= 1.01
+    assert dp["membership"]["attacks"]["calibrated"]["auc"] < min(0.6, attacks["calibrated"]["auc"])
 
     backbone_dir = tmp_path / "backbone"
     backbone.model.save_pretrained(backbone_dir)
