@@ -9,6 +9,7 @@ from .errors import ConfigError
 
 INJECTIONS = ("input", "deep")
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"  # projectors shipped with the package, addressed by name
+SPLIT_FILE = "split.json"  # in a run folder: the run's training, selection and verdict user ids (never ship it)
 
 
 def shipped_projectors() -> list[str]:

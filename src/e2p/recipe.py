@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .config import SPLIT_FILE
 from .data.contract import Example, UserTable
 from .distributed import barrier, is_main_process
 from .errors import DataError
@@ -28,7 +29,6 @@ from .privacy import DPPlan, PrivacyError, plan, resolve_delta, spent
 from .train import Item, Objective, TrainConfig, evaluate_loss, train_projector
 
 log = logging.getLogger(__name__)
-SPLIT_FILE = "split.json"  # the run's training, selection and verdict user ids
 
 @dataclass
 class RecipeConfig:

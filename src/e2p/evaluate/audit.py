@@ -24,7 +24,7 @@ import numpy as np
 from ..config import E2PConfig, resolve_projector
 from ..data.contract import Example, UserTable
 from ..errors import E2PError
-from ..recipe import SPLIT_FILE
+from ..config import SPLIT_FILE
 from ..privacy import auc, auc_interval, roc_curve
 from .loop import Condition, _interleave_users, generation_metrics, run_conditions
 

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from starlette.concurrency import run_in_threadpool
@@ -23,9 +23,6 @@ from ..vectors import as_vector, check_user_id
 from .batching import Batcher
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, dump
-
-if TYPE_CHECKING:
-    from .users import Admission
 
 log = logging.getLogger("e2p.serve")
 
@@ -150,9 +147,9 @@ class OpenAIServing:
         metrics.personalized.labels("none").inc()
         return None, {"x-e2p-embedding": "none"}
 
-    async def stored(self, user: str, tenant: str = DEFAULT_TENANT, admission: "Admission | None" = None):
+    async def stored(self, user: str, tenant: str = DEFAULT_TENANT, admission=None):
         """`tenant`'s stored record of `user` (None if unknown), read on the shared threads (a chat) or on
-        `admission`'s (the user endpoints); a damaged row or a busy / damaged store is an error for this request only."""
+        `admission`'s (the user endpoints' `users.Admission`); a damaged row or a busy / damaged store is an error for this request only."""
         try:
             if admission is not None:
                 return await admission.run(self.store.get, user, tenant)
