@@ -67,6 +67,7 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
     a statistic of training users outside the guarantee); validation losses are on validation users."""
     from tqdm.auto import tqdm
 
+    objective = objective or nll_objective
     out_dir = Path(out_dir)
     ckpt = out_dir / "checkpoint"
     rank, world = _rank_world()
@@ -114,53 +115,23 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
             bar.write(f"[{name}] time budget of {cfg.minutes} min reached at step {state['step']}")
             break
         step = state["step"]
-        if dp_opt is not None:
-            for g in optimizer.param_groups:
-                g["lr"] = cfg.lr * schedule(step)
-            _dp_step(model, items, table, by_user, params, dp_opt, cfg.dp, step, objective or nll_objective)
-            state["step"] = step + 1
-            bar.update(1)
-            if on_step:
-                on_step(step + 1, float("nan"))
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                validate(step + 1)
-                state["elapsed_s"] = time.time() - start
-                _save_checkpoint(projector, optimizer, state, ckpt)
-            continue
-        epoch, offset = divmod(step * cfg.batch_size, n)
-        order = rng_epoch(epoch)
-        idx = [order[(offset + j) % n] for j in range(cfg.batch_size)]
-        batch = [items[i] for i in idx]
-        torch.manual_seed(cfg.seed * 100003 + step)
         for g in optimizer.param_groups:
             g["lr"] = cfg.lr * schedule(step)
-        emb = None if table is None else table[torch.tensor([it.person for it in batch])]
-        other = None
-        if cfg.contrastive_weight > 0 and emb is not None:  # another user's embedding, by the shuffled control's rule
-            other = emb[derangement([it.person for it in batch], step)]
-        mine = slice(rank, None, world)  # data parallel: this process's rows of the global batch
-        emb = emb[mine] if emb is not None else None
-        own_s, own_c = (objective or nll_objective)(model, batch[mine], emb)
-        loss = own_s.sum() / _all_sum(own_c.sum().float(), world)
-        if other is not None:
-            shuf_s, _ = model.loss([it.row for it in batch[mine]], other[mine], reduction="none")
-            gap = (shuf_s - own_s) / own_c
-            loss = loss + cfg.contrastive_weight * torch.relu(cfg.margin - gap).sum() / cfg.batch_size
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if world > 1:
-            for p in params:
-                torch.distributed.all_reduce(p.grad)
-            loss = _all_sum(loss.detach(), world)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        if dp_opt is not None:  # the training loss is a statistic of training users: not recorded under DP
+            _dp_step(model, items, table, by_user, params, dp_opt, cfg.dp, step, objective)
+        else:
+            epoch, offset = divmod(step * cfg.batch_size, n)
+            order = rng_epoch(epoch)
+            batch = [items[order[(offset + j) % n]] for j in range(cfg.batch_size)]
+            torch.manual_seed(cfg.seed * 100003 + step)
+            loss = _sgd_step(model, batch, table, params, optimizer, cfg, step, rank, world, objective)
+            hist["step"].append(step + 1)
+            hist["train_loss"].append(loss)
+            bar.set_postfix(loss=f"{loss:.3f}")
         state["step"] = step + 1
-        hist["step"].append(step + 1)
-        hist["train_loss"].append(float(loss.detach()))
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         if on_step:
-            on_step(step + 1, float(loss.detach()))
+            on_step(step + 1, float("nan") if dp_opt is not None else loss)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             validate(step + 1)
             state["elapsed_s"] = time.time() - start
@@ -181,6 +152,33 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
         torch.distributed.broadcast(best, 0)
         state["best_val"] = None if math.isnan(float(best)) else float(best)
     return state
+
+
+def _sgd_step(model: E2PModel, batch: list[Item], table, params, optimizer, cfg: TrainConfig, step: int, rank: int,
+              world: int, objective: Objective) -> float:
+    """One optimizer step on the global `batch` (this process's rows of it): the objective over all target tokens,
+    plus the contrastive margin; gradients summed across processes. -> the step's loss."""
+    emb = None if table is None else table[torch.tensor([it.person for it in batch])]
+    other = None
+    if cfg.contrastive_weight > 0 and emb is not None:  # another user's embedding, by the shuffled control's rule
+        other = emb[derangement([it.person for it in batch], step)]
+    mine = slice(rank, None, world)  # data parallel: this process's rows of the global batch
+    emb = emb[mine] if emb is not None else None
+    own_s, own_c = objective(model, batch[mine], emb)
+    loss = own_s.sum() / _all_sum(own_c.sum().float(), world)
+    if other is not None:
+        shuf_s, _ = model.loss([it.row for it in batch[mine]], other[mine], reduction="none")
+        gap = (shuf_s - own_s) / own_c
+        loss = loss + cfg.contrastive_weight * torch.relu(cfg.margin - gap).sum() / cfg.batch_size
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if world > 1:
+        for p in params:
+            torch.distributed.all_reduce(p.grad)
+        loss = _all_sum(loss.detach(), world)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    return float(loss.detach())
 
 
 def _dp_setup(cfg: TrainConfig, optimizer, items: Sequence[Item], item_users: Sequence | None, world: int):
