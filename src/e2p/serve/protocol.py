@@ -133,10 +133,7 @@ class _SamplingRequest(RequestBody):
                      "presence_penalty", "frequency_penalty")
     @classmethod
     def _neutral_only(cls, value, info):
-        neutral = value in (None, False, 0, [], {}) or value == {"type": "text"}
-        if isinstance(value, bool) and value and info.field_name != "logprobs":
-            neutral = False
-        if not neutral:
+        if not (value in (None, False, 0, [], {}) or value == {"type": "text"}):
             raise ValueError(f"{UNSUPPORTED[info.field_name]} is not supported by this server: leave it out "
                              f"(or send {NEUTRAL[info.field_name]})")
         return value
