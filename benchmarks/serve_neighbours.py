@@ -27,7 +27,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import embedding_dim, launch, model_id, stop_server, store_users, wait_healthy, warm_up  # noqa: E402
-from serve_soak import BAD_EXPECTED, bad_request, chat, pct, send  # noqa: E402
+from serve_soak import BAD_EXPECTED, add_server_arguments, bad_request, chat, pct, send  # noqa: E402
 
 ROUND_TWO = {"too_many_stops": 400, "too_long_stops": 400, "stops_at_limit": 200, "embeddings_burst": 429,
              "user_reads_burst": 429, "embeddings_too_large": 400}
@@ -147,19 +147,9 @@ def main() -> None:
     p.add_argument("--good", type=int, default=8, help="clients sending good chats all the time")
     p.add_argument("--bad", type=int, default=4, help="extra clients sending bad requests in mixed windows")
     p.add_argument("--kinds", default=None, help="comma-separated bad kinds to send (default: all)")
-    p.add_argument("--users", type=int, default=50)
-    p.add_argument("--max-tokens", type=int, default=24)
-    p.add_argument("--max-queue", type=int, default=64)
-    p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--batch-wait-ms", type=float, default=10.0)
-    p.add_argument("--request-timeout", type=float, default=120.0)
+    add_server_arguments(p)
     p.add_argument("--max-stop-strings", type=int, default=16, help="as the server's default")
     p.add_argument("--max-stop-chars", type=int, default=256, help="as the server's default")
-    p.add_argument("--projector", default=None, help="default: the shipped one")
-    p.add_argument("--backbone", default=None)
-    p.add_argument("--api-key", default="soak-key")
-    p.add_argument("--admin-key", default="soak-admin")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/serve_neighbours.json")
     args = p.parse_args()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

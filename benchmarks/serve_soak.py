@@ -383,21 +383,25 @@ def plot(path: str, summary: dict, samples: list[dict], tl: dict) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, default=10.0, help="length of each of the 3 phases")
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    """The server this benchmark starts (serve_load.launch reads these) and the users and requests it gets."""
     p.add_argument("--users", type=int, default=50)
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--max-queue", type=int, default=64)
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--batch-wait-ms", type=float, default=10.0)
     p.add_argument("--request-timeout", type=float, default=120.0)
-    p.add_argument("--after-requests", type=int, default=4, help="normal requests that must answer 200 afterwards")
     p.add_argument("--projector", default=None, help="default: the shipped one")
     p.add_argument("--backbone", default=None)
     p.add_argument("--api-key", default="soak-key")
     p.add_argument("--admin-key", default="soak-admin")
     p.add_argument("--seed", type=int, default=0)
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=10.0, help="length of each of the 3 phases")
+    add_server_arguments(p)
+    p.add_argument("--after-requests", type=int, default=4, help="normal requests that must answer 200 afterwards")
     p.add_argument("--out", default="benchmarks/serve_soak.json")
     p.add_argument("--plot", default="benchmarks/serve_soak.png")
     args = p.parse_args()
