@@ -33,12 +33,17 @@ def _load(args, encoder_name: str | None = None, need_encoder: bool = True):
 def _scaled_recipe(args, **overrides):
     from .recipe import RecipeConfig
 
-    cfg = RecipeConfig(injection=args.injection, num_prefix_tokens=args.prefix_tokens, seed=args.seed,
-                       prefix_position=args.prefix_position, batch_size=args.batch_size, text_steps=args.text_steps,
-                       val_examples=args.val_examples, hidden_dims=_hidden_dims(args.hidden_dims), dropout=args.dropout,
-                       **overrides)
-    if args.steps is not None:  # --steps N: total over all stages, keeping the recipe's proportions
-        stages = ["shared_steps", "e2p_steps"]
+    slots = getattr(args, "embedding_slots", 1)
+    if slots > 1 and args.prefix_tokens not in (1, slots):
+        raise E2PError(f"--embedding-slots {slots} gives one prefix token per slot: leave --prefix-tokens out")
+    cfg = RecipeConfig(injection=args.injection, num_prefix_tokens=slots if slots > 1 else args.prefix_tokens,
+                       seed=args.seed, prefix_position=args.prefix_position, batch_size=args.batch_size,
+                       text_steps=args.text_steps, val_examples=args.val_examples,
+                       hidden_dims=_hidden_dims(args.hidden_dims), dropout=args.dropout, embedding_slots=slots,
+                       person_map=getattr(args, "person_map", "mlp"),
+                       max_train_users=getattr(args, "max_train_users", None), **overrides)
+    if args.steps is not None:  # --steps N: total over the stages that run, keeping the recipe's proportions
+        stages = ["e2p_steps"] if getattr(args, "shared_from", None) else ["shared_steps", "e2p_steps"]
         total = sum(getattr(cfg, s) for s in stages) + 2 * cfg.text_steps
         scale = args.steps / max(total, 1)
         for s in stages + ["text_steps"]:
@@ -205,7 +210,8 @@ def cmd_data(args) -> None:
         from .data.pens_contract import write_pens_contract
 
         card = write_pens_contract(args.src, args.out, test_users=args.test_users, test_fraction=args.test_fraction,
-                                   behaviour=args.behaviour, behaviour_dim=args.behaviour_dim, seed=args.seed)
+                                   behaviour=args.behaviour, behaviour_dim=args.behaviour_dim, seed=args.seed,
+                                   profile_slots=args.profile_slots)
     else:
         from .data.persona_contract import write_persona_contract
 
@@ -301,6 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "overfit when there are few training users)")
     t.add_argument("--dropout", type=float, default=0.1, help="dropout in the projector's hidden layers (0: a "
                                                                 "data-parallel run gives exactly one process's result)")
+    t.add_argument("--person-map", choices=["mlp", "prototypes"], default="mlp",
+                   help="mlp: embedding -> MLP -> person part; prototypes: a mix of training users' own learned "
+                        "prefixes, weighted by embedding similarity (for few training users)")
+    t.add_argument("--embedding-slots", type=int, default=1,
+                   help="N > 1: each embedding is N blocks (e.g. `e2p data pens --profile-slots N`), one prefix "
+                        "token each")
+    t.add_argument("--max-train-users", type=int, default=None,
+                   help="train on at most this many training users (the same validation users): a learning curve")
     t.add_argument("--injection", choices=["input", "deep"], default="deep",
                    help="input: k vectors before the prompt (any engine); deep: a key/value prefix in every layer (torch only)")
     t.add_argument("--prefix-position", choices=["start", "after_sink", "after_system"], default="start",
@@ -401,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--behaviour", choices=["coclick", "als", "item2vec"], default="coclick",
                     help="pens: the click encoder of the behavioural profile (see e2p.behaviour)")
     dt.add_argument("--behaviour-dim", type=int, default=64, help="pens: size of the behavioural user embedding")
+    dt.add_argument("--profile-slots", type=int, default=0,
+                    help="pens: also write users_text_slots.npz, each history as N cluster vectors (e2p train "
+                         "--embedding-slots N)")
     dt.add_argument("--history-turns", type=int, default=2, help="persona: earlier turns kept in each prompt")
     dt.add_argument("--seed", type=int, default=0,
                     help="seeds the split of users")

@@ -77,6 +77,10 @@ class E2PConfig:
     # > 1: the embedding is `embedding_slots` blocks (one per persona sentence, encoders.SentenceSlotEncoder), each
     # block gives one prefix token through the same MLP, an all-zero block none
     embedding_slots: int = 1
+    # > 0: prototype mixing instead of an MLP: a new user's person part is a softmax(similarity / temperature)-weighted
+    # mix of `prototypes` training users' own learned person parts (their embeddings are the keys)
+    prototypes: int = 0
+    prototype_temperature: float = 0.1
     # formatting the projector was trained with, so evaluation and serving format rows the same way
     history_turns: int = 2  # earlier dialogue turns kept in a prompt built from a persona dialogue
     max_target_tokens: int = 32  # target tokens scored per example (training loss and evaluation)
@@ -103,6 +107,12 @@ class E2PConfig:
             if self.num_prefix_tokens != self.embedding_slots:
                 raise ConfigError(f"with embedding_slots {self.embedding_slots} each slot gives one prefix token: set "
                                   f"num_prefix_tokens to {self.embedding_slots}, got {self.num_prefix_tokens}")
+
+        if self.prototypes < 0 or not (0.0 < self.prototype_temperature < float("inf")):
+            raise ConfigError(f"prototypes must be >= 0 and prototype_temperature a finite number > 0, got "
+                              f"{self.prototypes} and {self.prototype_temperature!r}")
+        if self.prototypes and (self.is_shared or self.embedding_slots > 1):
+            raise ConfigError("prototype mixing needs one embedding per user (embedding_dim > 0, embedding_slots 1)")
 
     @property
     def is_shared(self) -> bool:

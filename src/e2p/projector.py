@@ -24,6 +24,9 @@ class Projector(nn.Module):
     about new ones, and shrinking it toward the shared prefix is the cheapest cure.
     With config.embedding_slots = N > 1 the embedding is N blocks (one per persona sentence) and block j gives
     prefix token j through the same MLP, so every fact keeps a token of its own for attention to pick.
+    With config.prototypes = N > 0 there is no MLP: the person part is a mix of N training users' own learned person
+    parts (`prototype_values`), weighted by softmax(cos(x, their x) / prototype_temperature) (`prototype_keys`):
+    a new user borrows from the training users whose embeddings are like theirs (recipe: `train_prototypes`).
     """
 
     def __init__(self, config: E2PConfig):
@@ -37,7 +40,10 @@ class Projector(nn.Module):
             "embedding_mean",
             torch.tensor(config.embedding_mean, dtype=torch.float32) if config.embedding_mean else torch.zeros(config.slot_dim),
         )
-        if config.is_shared:
+        if config.prototypes:
+            self.register_buffer("prototype_keys", torch.zeros(config.prototypes, config.slot_dim))
+            self.register_buffer("prototype_values", torch.zeros(config.prototypes, k * d))
+        if config.is_shared or config.prototypes:
             self.mlp = None
         else:
             layers: list[nn.Module] = []
@@ -73,7 +79,7 @@ class Projector(nn.Module):
     def forward(self, embeddings: torch.Tensor | None = None, batch_size: int | None = None) -> torch.Tensor:
         """[B, E] embeddings (or batch_size for a shared prefix) -> [B, k, prefix_dim]."""
         k, d = self.config.num_prefix_tokens, self.config.prefix_dim
-        if self.mlp is None:
+        if self.config.is_shared:
             if batch_size is None:
                 batch_size = 1 if embeddings is None else len(embeddings)
             out = self.shared.unsqueeze(0).expand(batch_size, k, d)
@@ -83,12 +89,20 @@ class Projector(nn.Module):
             e = self.check_embeddings(embeddings).to(self.shared.device)
             blocks = e.view(-1, self.config.slot_dim)  # [B * slots, slot_dim]
             e = unit_rows(blocks - self.embedding_mean)
+            if self.config.prototypes:
+                weights = torch.softmax(e @ self.prototype_keys.T / self.config.prototype_temperature, dim=-1)
+                person = weights @ self.prototype_values
+                out = self.shared.unsqueeze(0) + self.config.person_scale * person.view(-1, k, d)
+                return self._normed(out)
             # the person part is zero for the average person, so style stays in `shared` alone
             person = self.mlp(torch.cat([e, torch.zeros_like(e[:1])]))
             person = person[:-1] - person[-1:]
             if self.config.embedding_slots > 1:  # and for an unused (all-zero) slot
                 person = person * used_slots(blocks).unsqueeze(-1)
             out = self.shared.unsqueeze(0) + self.config.person_scale * person.view(-1, k, d)
+        return self._normed(out)
+
+    def _normed(self, out: torch.Tensor) -> torch.Tensor:
         if self.config.output_norm and self.config.injection == "input":
             out = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-6) * self.config.token_embedding_norm
         return out

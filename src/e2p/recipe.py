@@ -24,7 +24,7 @@ from .data.contract import Example, UserTable
 from .distributed import barrier, is_main_process
 from .errors import DataError
 from .model import E2PModel, new_config, token_keys_values
-from .projector import Projector
+from .projector import Projector, embedding_center
 from .privacy import DPPlan, PrivacyError, plan, resolve_delta, spent
 from .train import Item, Objective, TrainConfig, evaluate_loss, train_projector
 
@@ -50,6 +50,9 @@ class RecipeConfig:
     contrastive_weight: float = 0.0
     margin: float = 0.1
     freeze_shared: bool = True
+    person_map: str = "mlp"  # "prototypes": a mix of training users' own person parts (e2p.prototypes)
+    embedding_slots: int = 1  # > 1: the embedding is that many blocks, one prefix token each (k = slots)
+    max_train_users: int | None = None  # train on at most this many of the training users (learning curves)
     text_steps: int = 0  # steps for each of shared_prefix_text and e2p_text (0: skip them)
     val_examples: int = 48
     person_scales: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # calibrated on validation
@@ -157,11 +160,19 @@ def train_prefix_stages(backbone, examples: Sequence[Example], users: UserTable 
     total_steps = (cfg.shared_steps if train_shared else 0) + (cfg.e2p_steps if table is not None else 0)
     report: dict = {"train_items": len(examples), "train_people": len({ex.user for ex in examples}), "stages": {},
                     "shared_dir": None, "e2p_dir": None}
+    if cfg.person_map not in ("mlp", "prototypes"):
+        raise DataError(f"person_map must be 'mlp' or 'prototypes', got {cfg.person_map!r}")
+    if cfg.person_map == "prototypes" and cfg.text_steps > 0:
+        raise DataError("--text-steps trains an MLP person part with the text; prototype mixing has none: leave "
+                        "--text-steps out with --person-map prototypes")
     dp, delta = None, None
     if cfg.dp_epsilon is not None:
         if not train_shared:
             raise PrivacyError("--shared-from reuses a shared prefix trained outside this run's privacy budget: "
                                "leave it out under --dp-epsilon, so the shared prefix is trained with DP-SGD too")
+        if cfg.person_map == "prototypes":
+            raise PrivacyError("prototype mixing keeps each training user's own person part in the projector, which "
+                               "DP-SGD cannot cover: train the default person map under --dp-epsilon")
         if cfg.contrastive_weight > 0 or cfg.text_steps > 0:
             raise PrivacyError("--dp-epsilon covers the shared_prefix and e2p stages only: train without "
                                "--text-steps and with contrastive_weight 0")
@@ -173,17 +184,20 @@ def train_prefix_stages(backbone, examples: Sequence[Example], users: UserTable 
                  dp.max_grad_norm, total_steps)
 
     def stage(name: str, projector: Projector, folder: Path, steps: int, lr: float, tbl, freeze_shared=False,
-              contrastive=0.0) -> Projector:
+              contrastive=0.0, train=None, val=None, idx=None) -> Projector:
+        """One stage on the run's examples (or on `train` / `val` examples with the table index `idx`)."""
         budget = None if minutes is None else minutes * steps / max(total_steps, 1)
+        train = examples if train is None else train
         trained, report["stages"][name] = train_stage(
-            backbone, name, projector, folder, example_items(backbone, projector, examples, index, cfg),
-            example_items(backbone, projector, val_examples, index, cfg), tbl, steps, lr, cfg, minutes=budget,
-            progress=progress, freeze_shared=freeze_shared, contrastive=contrastive, resume=resume, dp=dp,
-            item_users=[ex.user for ex in examples])
+            backbone, name, projector, folder, example_items(backbone, projector, train, idx or index, cfg),
+            example_items(backbone, projector, val_examples if val is None else val, idx or index, cfg), tbl, steps,
+            lr, cfg, minutes=budget, progress=progress, freeze_shared=freeze_shared, contrastive=contrastive,
+            resume=resume, dp=dp, item_users=[ex.user for ex in train])
         return trained
 
     overrides = {} if system_prompt is None else {"system_prompt": system_prompt}
     base = dict(injection=cfg.injection, num_prefix_tokens=cfg.num_prefix_tokens, prefix_position=cfg.prefix_position,
+                embedding_slots=cfg.embedding_slots,
                 hidden_dims=cfg.hidden_dims, dropout=cfg.dropout, encoder_name=encoder_name,
                 history_turns=cfg.history_turns, max_target_tokens=cfg.max_target_tokens, **overrides)
     if train_shared:
@@ -205,14 +219,26 @@ def train_prefix_stages(backbone, examples: Sequence[Example], users: UserTable 
     if table is not None and cfg.e2p_steps > 0:
         # under DP the centre is the validation users' mean: the training users' mean would be released unnoised
         people = sorted({index[ex.user] for ex in (val_examples if dp is not None else examples)})
-        mean = table[people].mean(0) if cfg.center_embeddings and people else None
+        mean = embedding_center(table[people], cfg.embedding_slots) if cfg.center_embeddings and people else None
         torch.manual_seed(cfg.seed + 1)
+        if cfg.person_map == "prototypes":
+            from .prototypes import train_prototypes
+
+            train_prototypes(backbone, examples, users, shared, out_dir, base, cfg, stage, mean)
+            barrier()
+            report["e2p_dir"] = str(out_dir)
+            return _with_privacy(report, dp, delta, cfg, total_steps)
         e2p = Projector(new_config(backbone, embedding_dim=table.shape[1],
                                    embedding_mean=mean.tolist() if mean is not None else None, **base))
         e2p.shared.data.copy_(shared.shared.data)
         stage("e2p", e2p, out_dir, cfg.e2p_steps, cfg.e2p_lr, table, freeze_shared=cfg.freeze_shared,
               contrastive=cfg.contrastive_weight)
         report["e2p_dir"] = str(out_dir)
+    return _with_privacy(report, dp, delta, cfg, total_steps)
+
+
+def _with_privacy(report: dict, dp: DPPlan | None, delta, cfg: RecipeConfig, total_steps: int) -> dict:
+    """The report with what DP-SGD spent, when the run trained under it."""
     if dp is not None:
         steps = sum(st["steps"] for st in report["stages"].values())
         report["privacy"] = {
@@ -269,6 +295,10 @@ def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: Recip
     n_val = val_users if val_users is not None else max(4, min(200, round(0.2 * len(ids))))
     train_ids, val_ids = split_validation_users(ids, n_val, cfg.seed)
     select_ids, verdict_ids = set(val_ids[0::2]), set(val_ids[1::2])
+    if cfg.max_train_users is not None:  # a learning curve: the same validation users, fewer training users
+        if cfg.max_train_users < 2:
+            raise DataError(f"max_train_users must be at least 2, got {cfg.max_train_users}")
+        train_ids = sorted(random.Random(cfg.seed + 7).sample(list(train_ids), min(cfg.max_train_users, len(train_ids))))
     train_set = set(train_ids)
     train_ex = [ex for ex in examples if ex.user in train_set]
     select_ex = [ex for ex in examples if ex.user in select_ids]
@@ -283,9 +313,15 @@ def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: Recip
     report = train_prefix_stages(backbone, train_ex, users, out_dir, cfg, val_examples=picked, encoder_name=encoder_name,
                                  progress=progress, minutes=minutes, shared_dir=shared_dir, resume=resume)
     e2p = Projector.from_pretrained(out_dir, backbone)
-    if len(cfg.person_scales) > 1:
+    if len(cfg.person_scales) > 1 or e2p.config.prototypes:
         items = example_items(backbone, e2p, sample_examples(calib, 2 * cfg.val_examples, cfg.seed + 11), users.index, cfg)
-        report["person_scale"] = calibrate_person_scale(backbone, e2p, items, users.tensor(), cfg.person_scales)
+        if e2p.config.prototypes:
+            from .prototypes import calibrate_prototypes
+
+            report["person_scale"] = calibrate_prototypes(backbone, e2p, items, users.tensor(), cfg.person_scales,
+                                                          evaluate_loss)
+        else:
+            report["person_scale"] = calibrate_person_scale(backbone, e2p, items, users.tensor(), cfg.person_scales)
         if is_main_process():  # every rank computed the same scale; one writes it
             e2p.save_pretrained(out_dir)
         barrier()

@@ -12,6 +12,8 @@ Written to OUT (`e2p data pens SRC --out OUT`):
                      clicks are behaviour, not targets; no headline ever enters the encoder); each user's vector
                      is folded in from their own clicks alone
   users_text.npz     text profile: mean all-MiniLM-L6-v2 vector of the user's history headlines
+  users_text_slots.npz  with --profile-slots N: the same history as N vectors, the unit means of N clusters of its
+                     headline vectors, largest cluster first (`e2p train --embedding-slots N`: one token each)
   examples.jsonl     the training pool's examples (prompts only ever quote training-pool users' headlines)
   test/              with --test-users FILE (or --test-fraction): the test users' examples, with their own
                      users.npz / users_text.npz; they are only evaluated, never trained on. The behavioural
@@ -50,6 +52,30 @@ def quoted_headline(example: Example) -> str:
     return last[len(PROMPT_LEAD):]
 
 
+def history_slots(vectors: np.ndarray, slots: int, seed: int = 0, rounds: int = 20) -> np.ndarray:
+    """[n, d] headline vectors -> [slots * d]: spherical k-means (deterministic in `seed`), each cluster's unit
+    mean, largest cluster first; a user with fewer headlines than slots leaves the last slots all zero (unused)."""
+    v = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    n, d = v.shape
+    out = np.zeros((slots, d), dtype=np.float32)
+    k = min(slots, n)
+    rng = np.random.default_rng(seed)
+    centres = v[rng.choice(n, size=k, replace=False)]
+    for _ in range(rounds):
+        assign = np.argmax(v @ centres.T, axis=1)
+        for j in range(k):
+            members = v[assign == j]
+            if len(members):
+                c = members.mean(0)
+                centres[j] = c / max(float(np.linalg.norm(c)), 1e-12)
+    assign = np.argmax(v @ centres.T, axis=1)
+    order = sorted(range(k), key=lambda j: (-int((assign == j).sum()), j))
+    for slot, j in enumerate(order):
+        if (assign == j).any():
+            out[slot] = centres[j]
+    return out.reshape(-1)
+
+
 def _examples(users: Sequence[PensUser], quotable: dict[str, list[tuple[str, str]]], history_of: dict, seed: int
               ) -> list[Example]:
     """Each target headline with another user's rewrite of the same news item as its prompt."""
@@ -68,7 +94,8 @@ def _examples(users: Sequence[PensUser], quotable: dict[str, list[tuple[str, str
 
 def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path | None = None,
                         test_fraction: float = 0.0, behaviour: str = "coclick", behaviour_dim: int = 64,
-                        weighting: str = "bm25", seed: int = 0, text_encoder=None, **behaviour_settings) -> dict:
+                        weighting: str = "bm25", seed: int = 0, text_encoder=None, profile_slots: int = 0,
+                        **behaviour_settings) -> dict:
     """Convert PENS users (a .tsv file or folder) into the contract under `out`; see the module doc."""
     try:
         from ..behaviour import click_encoder
@@ -101,26 +128,38 @@ def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path
     clicks.fit([u.clicked for u in sorted(everyone, key=lambda u: u.user_id)])  # the same fit whatever the file order
     encoder = text_encoder or TextEncoder()
 
-    def profiles(users: Sequence[PensUser]) -> tuple[np.ndarray, np.ndarray]:
+    if profile_slots == 1 or profile_slots < 0:
+        raise DataError(f"--profile-slots must be 0 (none) or at least 2, got {profile_slots}")
+
+    def profiles(users: Sequence[PensUser]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         vectors = clicks.encode([u.clicked for u in users])
-        text = []
+        text, slotted = [], []
         for u in users:
-            v = np.asarray(encoder.encode([h for _, h in history_of[u.user_id]]), dtype=np.float32).mean(0)
+            heads = np.asarray(encoder.encode([h for _, h in history_of[u.user_id]]), dtype=np.float32)
+            v = heads.mean(0)
             text.append(v / max(float(np.linalg.norm(v)), 1e-12))
-        return vectors, np.stack(text)
+            if profile_slots:
+                slotted.append(history_slots(heads, profile_slots, seed))
+        return vectors, np.stack(text), np.stack(slotted) if slotted else None
 
     out = Path(out)
     card = {"source": str(src), "seed": seed, "behaviour": {"encoder": behaviour, "dim": clicks.dim,
                                                               "weighting": weighting, **behaviour_settings,
                                                               "fitted_on_clicks_of_users": len(everyone)},
             "text_profile": "mean all-MiniLM-L6-v2 of the history headlines", "parts": {}}
+    if profile_slots:
+        card["text_profile_slots"] = {"slots": profile_slots, "file": "users_text_slots.npz",
+                                      "how": "unit means of spherical k-means clusters of the history headlines' "
+                                             "all-MiniLM-L6-v2 vectors, largest first"}
     for name, users, quotes, folder in (("train_pool", pool, quotable, out), ("test", test, test_quotable, out / "test")):
         if not users:
             continue
-        behaviour, text = profiles(users)
+        behaviour, text, slotted = profiles(users)
         ids = [u.user_id for u in users]
         write_users(folder / "users.npz", ids, behaviour)
         write_users(folder / "users_text.npz", ids, text)
+        if slotted is not None:
+            write_users(folder / "users_text_slots.npz", ids, slotted)
         examples = _examples(users, quotes, history_of, seed)
         write_examples(folder / "examples.jsonl", examples)
         card["parts"][name] = {"folder": str(folder), "users": len(ids), "examples": len(examples),
