@@ -22,14 +22,6 @@ def _backbone(args):
     return backbone
 
 
-def _load(args, encoder_name: str | None = None, need_encoder: bool = True):
-    from .encoders import TextEncoder
-
-    backbone = _backbone(args)
-    encoder = TextEncoder(encoder_name) if need_encoder else None
-    return backbone, encoder
-
-
 def _scaled_recipe(args, **overrides):
     from .recipe import RecipeConfig
 
@@ -237,7 +229,7 @@ def cmd_generate(args) -> None:
     from .embedding_files import read_vector
 
     from_files = [torch.tensor(read_vector(v, dim)) for kind, v in users if kind == "embedding"]
-    backbone, _ = _load(args, need_encoder=False)
+    backbone = _backbone(args)
     projector = Projector.from_pretrained(args.projector, backbone)
     projector.eval()
     model = make_model(backbone, projector, engine=args.engine, gguf=args.gguf, n_seq_max=max(len(users), 1))
