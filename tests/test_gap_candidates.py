@@ -138,3 +138,17 @@ def test_the_numpy_projector_computes_prototype_mixing_like_torch(tiny, tmp_path
     p.save_pretrained(tmp_path)
     e = np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)
     assert np.allclose(NumpyProjector.from_pretrained(tmp_path)(e), p(torch.from_numpy(e)).detach().numpy(), atol=1e-5)
+
+
+def test_style_features_see_capitalisation_and_length_that_an_uncased_encoder_cannot():
+    from e2p.data.headline_style import STYLE_FEATURES, StyleScaler, style_features
+
+    title = style_features(["Man Uses Firearm For Bad Reasons", "The Best Dog Ever: A Story"])
+    sentence = style_features(["man uses firearm for bad reasons", "the best dog ever: a story"])
+    f = dict(zip(STYLE_FEATURES, range(len(STYLE_FEATURES))))
+    assert title[f["capitalised_words"]] == 1.0 and sentence[f["capitalised_words"]] == 0.0
+    assert title[f["words_per_headline"]] == sentence[f["words_per_headline"]] == 6.0
+    assert title[f["colon"]] == 0.5 and not style_features([]).any()
+    scaler = StyleScaler(np.stack([title, sentence]))  # fitted on training users, applied to anyone
+    z = scaler(np.stack([title, sentence]))
+    assert np.allclose(z.mean(0), 0.0, atol=1e-6) and z.dtype == np.float32

@@ -271,6 +271,12 @@ def test_pens_adapter_writes_the_headline_task_without_leaks(tmp_path):
     test_ex = load_examples(tmp_path / "out" / "test" / "examples.jsonl", test_users)
     assert {e.user for e in test_ex} == {"T0", "T1"} and card["parts"]["test"]["users"] == 2
     assert load_users(tmp_path / "out" / "test" / "users_text.npz").dim == 5
+    from e2p.data.headline_style import STYLE_FEATURES
+
+    styled = load_users(tmp_path / "out" / "test" / "users_text_style.npz")  # the text profile + headline style
+    assert styled.dim == 5 + len(STYLE_FEATURES)
+    assert np.allclose(styled.vectors[:, :5], load_users(tmp_path / "out" / "test" / "users_text.npz").vectors)
+    assert card["text_profile_style"]["features"] == list(STYLE_FEATURES)
     from e2p.data.pens_contract import quoted_headline
 
     quoted = quoted_headline(train[0])  # the copy baseline's answer: another reader's rewrite of the same news

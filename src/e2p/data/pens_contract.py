@@ -12,6 +12,8 @@ Written to OUT (`e2p data pens SRC --out OUT`):
                      clicks are behaviour, not targets; no headline ever enters the encoder); each user's vector
                      is folded in from their own clicks alone
   users_text.npz     text profile: mean all-MiniLM-L6-v2 vector of the user's history headlines
+  users_text_style.npz  the text profile joined with the history's headline style (e2p.data.headline_style:
+                     capitalisation, length, punctuation; z-scored on the training pool)
   users_text_slots.npz  with --profile-slots N: the same history as N vectors, the unit means of N clusters of its
                      headline vectors, largest cluster first (`e2p train --embedding-slots N`: one token each)
   examples.jsonl     the training pool's examples (prompts only ever quote training-pool users' headlines)
@@ -131,6 +133,11 @@ def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path
     if profile_slots == 1 or profile_slots < 0:
         raise DataError(f"--profile-slots must be 0 (none) or at least 2, got {profile_slots}")
 
+    from .headline_style import StyleScaler, style_features
+
+    style_of = {u.user_id: style_features([h for _, h in history_of[u.user_id]]) for u in everyone}
+    scaler = StyleScaler(np.stack([style_of[u.user_id] for u in pool]))  # fitted on the training pool only
+
     def profiles(users: Sequence[PensUser]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         vectors = clicks.encode([u.clicked for u in users])
         text, slotted = [], []
@@ -147,6 +154,7 @@ def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path
                                                               "weighting": weighting, **behaviour_settings,
                                                               "fitted_on_clicks_of_users": len(everyone)},
             "text_profile": "mean all-MiniLM-L6-v2 of the history headlines", "parts": {}}
+    card["text_profile_style"] = {"file": "users_text_style.npz", **scaler.to_dict()}
     if profile_slots:
         card["text_profile_slots"] = {"slots": profile_slots, "file": "users_text_slots.npz",
                                       "how": "unit means of spherical k-means clusters of the history headlines' "
@@ -158,6 +166,8 @@ def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path
         ids = [u.user_id for u in users]
         write_users(folder / "users.npz", ids, behaviour)
         write_users(folder / "users_text.npz", ids, text)
+        write_users(folder / "users_text_style.npz", ids,
+                    np.concatenate([text, scaler(np.stack([style_of[u] for u in ids]))], axis=1))
         if slotted is not None:
             write_users(folder / "users_text_slots.npz", ids, slotted)
         examples = _examples(users, quotes, history_of, seed)
