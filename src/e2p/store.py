@@ -254,6 +254,34 @@ class EmbeddingStore:
                           (tenant, after, int(limit)), all_rows=True)
         return [r[0] for r in rows]
 
+    def listing(self, limit: int = 100, after: str = "", prefix: str = "",
+                tenant: str = DEFAULT_TENANT) -> list[dict]:
+        """`tenant`'s users whose id starts with `prefix`, after `after`, in id order: their metadata (id, dim,
+        version, update time), never the vector. A range scan of the (tenant, user) key: cheap in a store of millions."""
+        sql, args = "SELECT user, dim, version, updated_at FROM embeddings WHERE tenant=? AND user > ?", [tenant, after]
+        if prefix:
+            sql += " AND user >= ?"
+            args.append(prefix)
+            upper = _next_string(prefix)
+            if upper is not None:
+                sql += " AND user < ?"
+                args.append(upper)
+        rows = self._read(sql + " ORDER BY user LIMIT ?", (*args, int(limit)), all_rows=True)
+        return [{"user": u, "dim": d, "version": v, "updated_at": t} for u, d, v, t in rows]
+
+    def records(self, limit: int = 1000, tenant: str = DEFAULT_TENANT) -> tuple[list[UserEmbedding], int]:
+        """The first `limit` of `tenant`'s users in id order, with their vectors, and how many rows were damaged
+        (skipped: a damaged row is that user's problem, not the reader's)."""
+        rows = self._read("SELECT user, vector, dim, version, updated_at FROM embeddings WHERE tenant=? "
+                          "ORDER BY user LIMIT ?", (tenant, int(limit)), all_rows=True)
+        out, damaged = [], 0
+        for row in rows:
+            try:
+                out.append(self._record(*row))
+            except CorruptEmbeddingError:
+                damaged += 1
+        return out, damaged
+
     # --- bulk -------------------------------------------------------------------------------------
     def put_many(self, items: Iterable[tuple[str, np.ndarray]], tenant: str = DEFAULT_TENANT) -> int:
         """All-or-nothing import in one transaction; returns the number of rows written."""
@@ -359,3 +387,15 @@ def import_embeddings(path: str | Path, store: EmbeddingStore, ids_file: str | P
     if not n:
         raise DataError(f"{path} holds no embeddings")
     return n
+
+
+def _next_string(prefix: str) -> str | None:
+    """The smallest string above every string that starts with `prefix` (SQLite's BINARY order of UTF-8 is code
+    point order): `prefix` with its last character raised by one; None when there is no such bound."""
+    for i in range(len(prefix) - 1, -1, -1):
+        code = ord(prefix[i]) + 1
+        if 0xD800 <= code <= 0xDFFF:
+            code = 0xE000
+        if code <= 0x10FFFF:
+            return prefix[:i] + chr(code)
+    return None

@@ -21,6 +21,7 @@ from ..store import EmbeddingStore
 from . import health
 from .auth import Caller, authorize, authorize_metrics, bearer_key
 from .chat import ChatServing
+from .playground import add_playground
 from .prompts import Prompts
 from .protocol import ChatCompletionRequest, CompletionRequest, EmbeddingPut, EmbeddingsRequest
 from .serving import APIError, OpenAIServing, ServeConfig
@@ -244,6 +245,8 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
     @app.delete("/v1/users/{user_id:path}/embedding")
     async def delete_embedding(user_id: str, caller: Caller = admin):
         return await users.delete_embedding(user_id, caller.tenant)
+
+    add_playground(app, serving, users)  # GET /playground, /v1/projector; for admins /v1/users, /v1/users/map
 
     # --- operations ---------------------------------------------------------------------------------------
     @app.get("/healthz")

@@ -24,6 +24,7 @@ def _is_loopback(host: str) -> bool:
 def cmd_serve(args) -> None:
     import uvicorn
 
+    from ..config import resolve_projector
     from ..store import EmbeddingStore
     from .app import create_app
     from .loading import load_model
@@ -62,6 +63,7 @@ def cmd_serve(args) -> None:
                          stall_seconds=args.stall_seconds, max_stop_strings=args.max_stop_strings,
                          max_stop_chars=args.max_stop_chars, max_embed_requests=args.max_embed_requests,
                          max_user_requests=args.max_user_requests,
+                         projector_dir=str(resolve_projector(args.projector)) if args.projector else None,
                          metrics_key=args.metrics_key or os.environ.get("E2P_METRICS_KEY") or None)
     app = create_app(model, store, config)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,

@@ -321,6 +321,91 @@ class EmbeddingsRequest(RequestBody):
     user: str | None = None
 
 
+# --- the playground's read-only endpoints (`serve/playground.py`): what the page shows, any client gets ---------
+class Interval(BaseModel):
+    """A paired comparison of perplexities: the relative change (negative: e2p is better) and its 95% interval."""
+
+    relative_change: float
+    ci95: tuple[float, float]
+
+
+class TrainingVerdict(BaseModel):
+    """The verdict of the projector's `training_report.json`: does the embedding carry the person (e2p against
+    both style-only controls on validation users never trained on)?"""
+
+    carries_person: bool | None
+    text: str
+    comparisons: dict[str, Interval] = Field(default_factory=dict)
+    person_scale: float | None = None
+    verdict_users: int | None = None
+
+
+class CallerInfo(BaseModel):
+    """Who the key is: its tenant and whether it is an admin (what the page may show)."""
+
+    tenant: str
+    admin: bool
+
+
+class ProjectorCard(BaseModel):
+    """`GET /v1/projector`: the served model and projector, and what its training measured (or that nothing was)."""
+
+    object: Literal["e2p.projector"] = "e2p.projector"
+    model: str
+    backbone: str
+    engine: str
+    personalized: bool  # False: no projector, or a style-only one; users make no difference
+    injection: str | None
+    num_prefix_tokens: int | None
+    prefix_position: str | None
+    embedding_dim: int | None
+    text_encoder: str | None  # embeds `{"text"}` puts and /v1/embeddings
+    system_prompt: str
+    max_tokens_limit: int
+    default_max_tokens: int
+    report: TrainingVerdict | None
+    report_note: str
+    caller: CallerInfo
+
+
+class UserListing(BaseModel):
+    """One stored user's metadata: never its vector."""
+
+    user: str
+    dim: int
+    version: int
+    updated_at: float  # unix seconds
+
+
+class UserList(BaseModel):
+    """`GET /v1/users` (admin): a page of the tenant's users in id order."""
+
+    object: Literal["list"] = "list"
+    data: list[UserListing]
+    total: int  # the tenant's users
+    has_more: bool
+    next_after: str | None  # pass as `after` for the next page
+
+
+class MapPoint(BaseModel):
+    user: str
+    x: float
+    y: float
+
+
+class UserMap(BaseModel):
+    """`GET /v1/users/map` (admin): a 2-D PCA of the tenant's users' embeddings, computed on the server; only the
+    two coordinates of each user leave it, never a vector."""
+
+    object: Literal["user.map"] = "user.map"
+    method: Literal["pca"] = "pca"
+    total: int  # the tenant's users
+    shown: int  # users on the map (the first `limit` in id order)
+    damaged: int  # stored rows skipped because they hold no usable vector
+    explained_variance: list[float]  # share of the variance along x and y
+    points: list[MapPoint]
+
+
 # --- errors: `{"error": {"message", "type", "param", "code"}}`, as a JSON response or as a stream's error event ---
 class ErrorBody(BaseModel):
     message: str
