@@ -6,7 +6,8 @@
 One adapter for every user (rank 8 on q_proj, v_proj), trained on the training users' examples with each user's
 `profile_text` in the system prompt, exactly as the `text` condition formats them; the validation users that
 `e2p train` holds out (same seed) are left out too, so the test and validation users are never trained on.
-Saved as a PEFT folder (safetensors) for `Condition(adapter=...)`.
+The adapter is `e2p.lora`'s, the one LoRA module the product's `e2p train --lora-rank` trains too; saved in PEFT's
+folder format (safetensors) for `Condition(adapter=...)`.
 """
 from __future__ import annotations
 
@@ -20,28 +21,40 @@ import numpy as np
 import torch
 
 from e2p import E2PModel, load_backbone
+from e2p import lora
 from e2p.data.contract import load_examples, load_users, split_validation_users
 
 
 log = logging.getLogger(__name__)
 
-LORA_TARGETS = ("q_proj", "v_proj")
+LORA_TARGETS = lora.DEFAULT_TARGETS  # ("q_proj", "v_proj")
+
+
+class TrainedLoRA:
+    """The trained adapter, active on the backbone (as PEFT's in-place injection left it) until `unload()`."""
+
+    def __init__(self, backbone, adapter: lora.Adapter):
+        self.backbone, self.adapter = backbone, adapter
+        lora.activate(backbone.model, adapter)
+
+    def unload(self):
+        """The plain backbone again (its weights were never changed); -> the backbone's model, as PEFT's unload."""
+        lora.activate(self.backbone.model, None)
+        return self.backbone.model
 
 
 def train_lora(backbone, rows, *, steps: int = 300, lr: float = 3e-4, rank: int = 8, batch_size: int = 16,
                seed: int = 0, minutes: float | None = None, out_dir: str | Path | None = None, progress: bool = False):
     """LoRA (rank `rank` on q_proj, v_proj) trained on formatted `rows` (loss on target tokens).
 
-    Returns (peft model, info). The adapter is injected into `backbone.model` in place: call
-    ``peft_model.unload()`` to restore the plain backbone. With `out_dir` the adapter is saved there
-    (adapter_model.safetensors + adapter_config.json) for `e2p.evaluate.Condition(adapter=...)`."""
-    from peft import LoraConfig, get_peft_model
+    Returns (trained LoRA, info). The adapter stays active on `backbone.model`: call ``.unload()`` to restore the
+    plain backbone. With `out_dir` the adapter is saved there (adapter_model.safetensors + adapter_config.json, PEFT's
+    format) for `e2p.evaluate.Condition(adapter=...)`."""
     from tqdm.auto import tqdm
 
-    lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS), bias="none")
     torch.manual_seed(seed)
-    peft_model = get_peft_model(backbone.model, lcfg)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+    adapter = lora.Adapter(lora.find_targets(backbone.model, LORA_TARGETS), rank, 2 * rank).to(backbone.device)
+    params = list(adapter.parameters())
     model = E2PModel(backbone, None, training=True)
     opt = torch.optim.AdamW(params, lr=lr)
     rng = np.random.default_rng(seed)
@@ -53,9 +66,10 @@ def train_lora(backbone, rows, *, steps: int = 300, lr: float = 3e-4, rank: int 
             step -= 1
             break
         batch = [rows[i] for i in rng.choice(len(rows), size=min(batch_size, len(rows)), replace=False)]
-        loss = model.loss(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with lora.active(backbone.model, adapter):  # the backward pass too (recomputed layers see the adapter)
+            loss = model.loss(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(float(loss.detach()))
@@ -66,8 +80,8 @@ def train_lora(backbone, rows, *, steps: int = 300, lr: float = 3e-4, rank: int 
     info = {"steps": step, "seconds": time.time() - start, "parameters": n, "adapter_bytes": n * 4, "rank": rank,
             "lr": lr, "final_loss": losses[-1] if losses else None}
     if out_dir is not None:
-        peft_model.save_pretrained(str(out_dir), safe_serialization=True)
-    return peft_model, info
+        lora.save_peft(adapter, out_dir, base_model=backbone.name)
+    return TrainedLoRA(backbone, adapter), info
 
 
 def main() -> None:
@@ -91,9 +105,9 @@ def main() -> None:
     rows = [plain.format(ex.prompt, reply=ex.target, persona_text=ex.profile_text, max_target_tokens=args.max_target_tokens)
             for ex in examples if ex.user in keep]
     out = Path(args.out)
-    peft_model, info = train_lora(backbone, rows, steps=args.steps, lr=args.lr, rank=args.rank, seed=args.seed,
-                                  out_dir=out, progress=True)
-    peft_model.unload()
+    trained, info = train_lora(backbone, rows, steps=args.steps, lr=args.lr, rank=args.rank, seed=args.seed,
+                               out_dir=out, progress=True)
+    trained.unload()
     info.update({"train_users": len(keep), "train_examples": len(rows), "examples": args.examples})
     (out / "lora_report.json").write_text(json.dumps(info, indent=2))
     print(json.dumps(info))

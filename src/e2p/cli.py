@@ -33,10 +33,12 @@ def _scaled_recipe(args, **overrides):
                        text_steps=args.text_steps, val_examples=args.val_examples,
                        hidden_dims=_hidden_dims(args.hidden_dims), dropout=args.dropout, embedding_slots=slots,
                        person_map=getattr(args, "person_map", "mlp"),
-                       max_train_users=getattr(args, "max_train_users", None), **overrides)
+                       max_train_users=getattr(args, "max_train_users", None), lora_rank=getattr(args, "lora_rank", 0),
+                       lora_targets=getattr(args, "lora_targets", "q_proj,v_proj").split(","),
+                       lora_lr=getattr(args, "lora_lr", 3e-4), **overrides)
     if args.steps is not None:  # --steps N: total over the stages that run, keeping the recipe's proportions
         stages = ["e2p_steps"] if getattr(args, "shared_from", None) else ["shared_steps", "e2p_steps"]
-        total = sum(getattr(cfg, s) for s in stages) + 2 * cfg.text_steps
+        total = sum(getattr(cfg, s) for s in stages) + 2 * cfg.text_steps + (2 * cfg.e2p_steps if cfg.lora_rank else 0)
         scale = args.steps / max(total, 1)
         for s in stages + ["text_steps"]:
             value = getattr(cfg, s)
@@ -147,6 +149,11 @@ def cmd_train(args) -> None:
                   "equals its shared prefix: these embeddings do not carry what the targets need about new users. "
                   "Try embeddings that describe users more richly, more users to train on, or a smaller projector "
                   "(--hidden-dims linear).")
+    if "adapter" in report:
+        a = report["adapter"]
+        print(f"shared LoRA adapter (rank {a['rank']} on {', '.join(a['targets'])}): {a['parameters']:,} parameters, "
+              f"{a['bytes_float32']:,} bytes, one for every user; per user still {a['per_user_storage']}; its controls "
+              f"trained alike: shared_prefix/ (continued) and shuffled_trained/")
     if "privacy" in report:
         p = report["privacy"]
         print(f"differential privacy per user: (epsilon {p['epsilon']:.3f}, delta {p['delta']:.3g}) spent over "
@@ -167,6 +174,9 @@ def cmd_eval(args) -> None:
     if args.projector is None:
         raise E2PError("--projector is required: a folder `e2p train` wrote or a shipped name (persona-deep-k1)")
     config = E2PConfig.load(resolve_projector(args.projector))
+    from .engines import check_engine
+
+    check_engine(args.engine, config)  # before any data or model loads
     users, examples, encoder = _command_data(args, training=False, config=config)
     backbone = _backbone(args)
     evaluate_examples(backbone, users, examples, args.projector, args.out, generate=args.generate,
@@ -225,7 +235,11 @@ def cmd_generate(args) -> None:
         raise E2PError("give at least one --persona TEXT or --embedding FILE")
     from .config import E2PConfig
 
-    dim = E2PConfig.load(args.projector).embedding_dim  # files are checked before the backbone loads
+    from .engines import check_engine
+
+    config = E2PConfig.load(args.projector)
+    check_engine(args.engine, config)  # an engine that cannot run the projector: before the backbone loads
+    dim = config.embedding_dim  # files are checked before the backbone loads
     from .embedding_files import read_vector
 
     from_files = [torch.tensor(read_vector(v, dim)) for kind, v in users if kind == "embedding"]
@@ -307,6 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "token each")
     t.add_argument("--max-train-users", type=int, default=None,
                    help="train on at most this many training users (the same validation users): a learning curve")
+    t.add_argument("--lora-rank", type=int, default=0,
+                   help="R > 0: also train one shared LoRA adapter of rank R on the backbone with the projector (one "
+                        "for every user, saved in the projector; per-user storage stays one embedding), with its "
+                        "controls trained alike (torch engine only)")
+    t.add_argument("--lora-targets", default="q_proj,v_proj",
+                   help="with --lora-rank: the backbone's linear layers the adapter changes, by name")
+    t.add_argument("--lora-lr", type=float, default=3e-4, help="with --lora-rank: the adapter's learning rate")
     t.add_argument("--injection", choices=["input", "deep"], default="deep",
                    help="input: k vectors before the prompt (any engine); deep: a key/value prefix in every layer (torch only)")
     t.add_argument("--prefix-position", choices=["start", "after_sink", "after_system"], default="start",

@@ -44,6 +44,10 @@ def _fits(value, kind: str) -> bool:
         "bool": lambda x: isinstance(x, bool),
         "list[int]": lambda x: isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in x),
         "list[float] | None": lambda x: x is None or (isinstance(x, list) and all(number(i) for i in x)),
+        "list[str]": lambda x: isinstance(x, list) and all(isinstance(i, str) for i in x),
+        "dict[str, list[int]]": lambda x: isinstance(x, dict) and all(
+            isinstance(v, list) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in v)
+            for v in x.values()),
     }
     return checks.get(kind, lambda x: True)(value)
 
@@ -81,6 +85,12 @@ class E2PConfig:
     # mix of `prototypes` training users' own learned person parts (their embeddings are the keys)
     prototypes: int = 0
     prototype_temperature: float = 0.1
+    # > 0: a LoRA adapter of this rank on the backbone's `lora_modules` ({module name: [out, in]}), shared by every user
+    # and trained with the projector (e2p.lora); its tensors are the projector's own (`lora.A.*`, `lora.B.*`)
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # the update is (lora_alpha / lora_rank) * B A x
+    lora_targets: list[str] = field(default_factory=list)  # the layer names it was made for (e.g. q_proj, v_proj)
+    lora_modules: dict[str, list[int]] = field(default_factory=dict)
     # formatting the projector was trained with, so evaluation and serving format rows the same way
     history_turns: int = 2  # earlier dialogue turns kept in a prompt built from a persona dialogue
     max_target_tokens: int = 32  # target tokens scored per example (training loss and evaluation)
@@ -113,6 +123,11 @@ class E2PConfig:
                               f"{self.prototypes} and {self.prototype_temperature!r}")
         if self.prototypes and (self.is_shared or self.embedding_slots > 1):
             raise ConfigError("prototype mixing needs one embedding per user (embedding_dim > 0, embedding_slots 1)")
+        if self.lora_rank < 0 or (self.lora_rank > 0 and (not self.lora_modules or not self.lora_alpha > 0)):
+            raise ConfigError(f"lora_rank must be >= 0, and a LoRA adapter (rank {self.lora_rank}) needs lora_modules "
+                              f"and lora_alpha > 0 (got {len(self.lora_modules)} modules, alpha {self.lora_alpha!r})")
+        if self.lora_rank and self.prototypes:
+            raise ConfigError("a LoRA adapter is trained with the person MLP; prototype mixing has none")
 
     @property
     def is_shared(self) -> bool:

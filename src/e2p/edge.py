@@ -40,6 +40,10 @@ class NumpyProjector:
                               "(e2p train --injection input; shipped: persona-input-k1)")
         if config.get("embedding_slots", 1) != 1:
             raise ConfigError("sentence-slot projectors are not supported outside torch")
+        if config.get("lora_rank", 0):
+            raise ConfigError("this projector carries a shared LoRA adapter (e2p train --lora-rank) that changes the "
+                              "backbone's layers; a llama.cpp program runs the GGUF's weights as they are: use a "
+                              "projector trained without --lora-rank, or the torch engine")
         self.config = config
         self.shared = tensors["shared"].astype(np.float32)
         self.mean = tensors.get("embedding_mean", np.zeros(config["embedding_dim"], np.float32)).astype(np.float32)

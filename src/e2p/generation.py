@@ -16,21 +16,24 @@ log = logging.getLogger(__name__)
 class Decoding:
     """A running batch of generations: the KV cache, attention mask, next positions and last hidden states of B
     rows. Rows are independent (left padding, exact masks), so they can leave (`select`) and new, separately
-    prefilled rows can join (`join`) between steps without changing any row's result."""
+    prefilled rows can join (`join`) between steps without changing any row's result. `adapter_rows`: which rows get
+    the projector's shared LoRA adapter (the rows with a prefix; None: no adapter, or every row)."""
 
-    def __init__(self, lm_config, cache, mask: torch.Tensor, positions: torch.Tensor, last: torch.Tensor):
+    def __init__(self, lm_config, cache, mask: torch.Tensor, positions: torch.Tensor, last: torch.Tensor,
+                 adapter_rows: list[bool] | None = None):
         self.lm_config, self.cache, self.mask, self.positions, self.last = lm_config, cache, mask, positions, last
+        self.adapter_rows = adapter_rows
 
     def _layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(layer.keys, layer.values) for layer in self.cache.layers]
 
-    def _rebuild(self, layers, mask, positions, last) -> "Decoding":
+    def _rebuild(self, layers, mask, positions, last, adapter_rows) -> "Decoding":
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.lm_config)
         for i, (k, v) in enumerate(layers):
             cache.update(k, v, i)
-        return Decoding(self.lm_config, cache, mask, positions, last)
+        return Decoding(self.lm_config, cache, mask, positions, last, adapter_rows)
 
     def select(self, rows: list[int]) -> "Decoding":
         """Only these rows (in this order); padding columns no row needs any more are dropped."""
@@ -38,7 +41,8 @@ class Decoding:
         mask = self.mask[idx]
         drop = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
         layers = [(k[idx][:, :, drop:], v[idx][:, :, drop:]) for k, v in self._layers()]
-        return self._rebuild(layers, mask[:, drop:], self.positions[idx], self.last[idx])
+        flags = None if self.adapter_rows is None else [self.adapter_rows[i] for i in rows]
+        return self._rebuild(layers, mask[:, drop:], self.positions[idx], self.last[idx], flags)
 
     def join(self, other: "Decoding") -> "Decoding":
         """This batch's rows, then `other`'s: the shorter history is left-padded (masked) to the longer."""
@@ -54,8 +58,12 @@ class Decoding:
 
         layers = [(torch.cat([pad(k1, 2), pad(k2.to(k1.dtype), 2)]), torch.cat([pad(v1, 2), pad(v2.to(v1.dtype), 2)]))
                   for (k1, v1), (k2, v2) in zip(self._layers(), other._layers())]
+        flags = None
+        if self.adapter_rows is not None or other.adapter_rows is not None:
+            flags = [*(self.adapter_rows or [True] * len(self.positions)), *(other.adapter_rows or [True] * len(other.positions))]
         return self._rebuild(layers, torch.cat([pad(self.mask, 1), pad(other.mask, 1)]),
-                             torch.cat([self.positions, other.positions]), torch.cat([self.last, other.last.to(self.last.dtype)]))
+                             torch.cat([self.positions, other.positions]), torch.cat([self.last, other.last.to(self.last.dtype)]),
+                             flags)
 
 
 def row_generator(do_sample: bool, seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:

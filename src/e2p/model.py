@@ -1,6 +1,7 @@
 """E2PModel: the one place that builds prefixed inputs, computes the loss and generates."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from .backbone import Backbone
 from .devices import autocast as autocast_context, cpu_has_native_bf16
 from .config import E2PConfig
 from .errors import E2PError
+from .caches import (DeepInjectionError, _cache_kwarg, _output_cache, _token_keys_values,  # noqa: F401 (re-exported)
+                     check_deep_injection, token_keys_values)
 from .generation import DecodeRow, Decoding, Generation
 from .projector import Projector, check_backbone
 
@@ -53,47 +56,6 @@ def plain_prompt(messages: Messages, add_generation_prompt: bool, bos: str = "",
     return text
 
 
-class DeepInjectionError(E2PError, ValueError):
-    """The backbone does not keep its attention cache as per-layer keys and values."""
-
-
-def check_deep_injection(lm: nn.Module) -> None:
-    """Deep injection writes a prefix into every layer's key/value cache: refuse, by name, an architecture whose
-    cache is something else (state-space or recurrent layers, encoder-decoder caches)."""
-    arch = type(lm).__name__
-    try:
-        cache = _output_cache(lm.base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=_device(lm)), use_cache=True))
-        layers = getattr(cache, "layers", None)
-        ok = layers is not None and len(layers) == lm.config.num_hidden_layers and all(
-            getattr(layer, "keys", None) is not None and layer.keys.dim() == 4 and layer.keys.shape[2] == 1 for layer in layers)
-    except Exception as exc:  # noqa: BLE001 - any failure means the layout is not the one deep injection writes
-        raise DeepInjectionError(f"deep injection needs per-layer key/value caches; {arch} failed to build one ({exc}): "
-                                 "train with --injection input") from None
-    if not ok:
-        raise DeepInjectionError(f"deep injection needs per-layer key/value caches, and {arch} keeps its cache as "
-                                 f"{type(cache).__name__}: train with --injection input, which works on every causal LM")
-
-
-def _device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-@functools.lru_cache(maxsize=None)
-def _cache_arg_name(model_class: type) -> str:
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
-def _cache_kwarg(module: nn.Module, cache) -> dict:
-    """transformers 5 renamed `past_key_values` to `cache`; accept both."""
-    return {_cache_arg_name(type(module)): cache}
-
-
-def _output_cache(out):
-    return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
-
-
 def new_config(backbone: Backbone, **overrides) -> E2PConfig:
     """An E2PConfig filled in with the backbone's sizes and name."""
     values = dict(
@@ -128,6 +90,10 @@ class E2PModel(nn.Module):
                                              "drops the key/value cache, where a deep prefix lives, in checkpointed layers")
             check_backbone(projector.config, backbone)
             projector.to(backbone.device)
+            if projector.lora is not None:  # hooks on the target layers, once per backbone; inactive outside `adapter`
+                from . import lora
+
+                lora.attach(backbone.model, projector.config.lora_modules)
         self.backbone = backbone
         self.lm = backbone.model
         self.base = backbone.model.base_model  # the decoder stack: .model (Llama, Qwen2, Gemma), .gpt_neox, ...
@@ -147,6 +113,20 @@ class E2PModel(nn.Module):
         gen_eos = getattr(getattr(self.lm, "generation_config", None), "eos_token_id", None)
         eos |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
         self.eos_ids = sorted(i for i in eos if i is not None)
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.projector is not None and self.projector.lora is not None
+
+    def adapter(self, rows: list[bool] | None = None):
+        """The projector's shared LoRA adapter active on the backbone for the calls inside (`rows`: which rows of the
+        batch get it, None: all); a no-op without one. Every backbone call of this model runs inside it."""
+        if not self.has_adapter:
+            return contextlib.nullcontext()
+        from .lora import active
+
+        mask = None if rows is None or all(rows) else torch.tensor(rows, dtype=torch.bool, device=self.device)
+        return active(self.lm, self.projector.lora, mask)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -298,6 +278,8 @@ class E2PModel(nn.Module):
         offset = (has.long() * n_cache).unsqueeze(1) if deep else 0
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0) + offset
         batch = dict(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, ids=ids, is_target=is_target)
+        if self.has_adapter:  # the shared adapter goes with the prefix: a row without a user gets the plain backbone
+            batch["adapter_rows"] = has.tolist()
         if deep and prefix is not None:
             batch["past_key_values"] = self._deep_cache(prefix)
             batch["attention_mask"] = torch.cat([has.long().unsqueeze(1).expand(B, n_cache), mask], dim=1)
@@ -307,6 +289,10 @@ class E2PModel(nn.Module):
         """[B, 1, L*2*kv]: every layer's key/value of each row's first token at position 0 (frozen, cached),
         so that with "after_sink" the model's attention sink stays a real token and the prefix sits behind it."""
         firsts = [tuple((r.pre or r.post)[:1]) for r in rows]  # each row its own first token, as it was trained
+        if self.has_adapter:  # the sink as the adapted backbone computes it (and trains it): never cached
+            with self.adapter():
+                kv = {first: _token_keys_values(self.lm, list(first)) for first in set(firsts)}
+            return torch.stack([kv[first] for first in firsts])
         sinks = self.__dict__.setdefault("_sinks", {})
         if len(sinks) > 256:
             sinks.clear()
@@ -333,7 +319,7 @@ class E2PModel(nn.Module):
         return autocast_context(self.device, self.autocast)
 
     def _hidden(self, batch: dict, use_cache: bool = False):
-        with self._autocast():
+        with self._autocast(), self.adapter(batch.get("adapter_rows")):
             return self.base(
                 inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
                 position_ids=batch["position_ids"], use_cache=use_cache, **_cache_kwarg(self.base, batch.get("past_key_values")),
@@ -430,7 +416,7 @@ class E2PModel(nn.Module):
             batch["past_key_values"] = DynamicCache(config=self.lm.config)
         out = self._hidden(batch, use_cache=True)
         return Decoding(self.lm.config, _output_cache(out), batch["attention_mask"], batch["position_ids"][:, -1:],
-                        out.last_hidden_state[:, -1])
+                        out.last_hidden_state[:, -1], adapter_rows=batch.get("adapter_rows"))
 
     @torch.no_grad()
     def next_logits(self, dec: "Decoding") -> torch.Tensor:
@@ -444,7 +430,7 @@ class E2PModel(nn.Module):
         dec.mask = torch.cat([dec.mask, torch.ones(B, 1, dtype=dec.mask.dtype, device=dec.mask.device)], dim=1)
         dec.positions = dec.positions + 1
         step = dict(inputs_embeds=self.lm.get_input_embeddings()(tokens.unsqueeze(1)), attention_mask=dec.mask,
-                    position_ids=dec.positions, past_key_values=dec.cache)
+                    position_ids=dec.positions, past_key_values=dec.cache, adapter_rows=dec.adapter_rows)
         out = self._hidden(step, use_cache=True)
         dec.cache, dec.last = _output_cache(out), out.last_hidden_state[:, -1]
 
@@ -461,16 +447,6 @@ class E2PModel(nn.Module):
             sorted_p = sorted_p * keep
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(1)
-
-
-@torch.no_grad()
-def token_keys_values(lm: nn.Module, ids: Sequence[int]) -> torch.Tensor:
-    """[t, L*2*kv]: every layer's keys and values of `ids` (from position 0), laid out as a deep prefix."""
-    cache = _output_cache(lm.base_model(input_ids=torch.tensor([list(ids)], device=_device(lm)), use_cache=True))
-    layers = [torch.stack([cache.layers[i].keys[0].permute(1, 0, 2).flatten(1),  # [n_kv, t, hd] -> [t, n_kv*hd]
-                           cache.layers[i].values[0].permute(1, 0, 2).flatten(1)], dim=1)
-              for i in range(lm.config.num_hidden_layers)]
-    return torch.stack(layers, dim=1).reshape(len(ids), -1)
 
 
 def per_row_sum(values: torch.Tensor, row: torch.Tensor, n_rows: int) -> torch.Tensor:

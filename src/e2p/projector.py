@@ -27,6 +27,8 @@ class Projector(nn.Module):
     With config.prototypes = N > 0 there is no MLP: the person part is a mix of N training users' own learned person
     parts (`prototype_values`), weighted by softmax(cos(x, their x) / prototype_temperature) (`prototype_keys`):
     a new user borrows from the training users whose embeddings are like theirs (recipe: `train_prototypes`).
+    With config.lora_rank = r > 0 the projector also carries `lora`, one LoRA adapter of the backbone shared by every
+    user (e2p.lora.Adapter, trained with it; E2PModel applies it), so per-user storage stays one embedding.
     """
 
     def __init__(self, config: E2PConfig):
@@ -56,6 +58,11 @@ class Projector(nn.Module):
             nn.init.zeros_(last.bias)
             layers.append(last)
             self.mlp = nn.Sequential(*layers)
+        self.lora = None  # created last, so the other initial weights are those of a projector without one
+        if config.lora_rank:
+            from .lora import Adapter
+
+            self.lora = Adapter(config.lora_modules, config.lora_rank, config.lora_alpha)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -152,6 +159,11 @@ def check_backbone(config: E2PConfig, backbone) -> None:
         problems.append(f"hidden size {config.backbone_hidden_size} vs {backbone.hidden_size}")
     if config.injection == "deep" and (config.backbone_num_layers, config.backbone_kv_dim) != (backbone.num_layers, backbone.kv_dim):
         problems.append(f"layers x kv {config.backbone_num_layers}x{config.backbone_kv_dim} vs {backbone.num_layers}x{backbone.kv_dim}")
+    if config.lora_rank:
+        from .lora import module_problems
+
+        found = module_problems(backbone.model, config.lora_modules)
+        problems += found[:3] + ([f"{len(found) - 3} more LoRA layers"] if len(found) > 3 else [])
     if problems:
         raise BackboneMismatchError(
             f"projector was trained for backbone {config.backbone_name!r} but got {backbone.name!r} ({'; '.join(problems)}): "
@@ -161,7 +173,19 @@ def check_backbone(config: E2PConfig, backbone) -> None:
 
 def parameter_summary(projector: Projector) -> str:
     n = projector.num_parameters()
-    return f"{n:,} parameters ({n * 4 / 2**20:.2f} MiB float32)"
+    text = f"{n:,} parameters ({n * 4 / 2**20:.2f} MiB float32)"
+    if projector.lora is not None:
+        text += f", of which the shared {projector.lora.describe()}"
+    return text
+
+
+def adapter_cost(projector: Projector | None) -> dict:
+    """The shared LoRA adapter's size (one for every user, not stored per user); zeros without one."""
+    lora = getattr(projector, "lora", None)
+    if lora is None:
+        return {"adapter_parameters": 0, "adapter_bytes": 0}
+    n = lora.num_parameters()
+    return {"adapter_parameters": n, "adapter_bytes": n * 4, "adapter": lora.describe()}
 
 
 def unit_rows(e: torch.Tensor) -> torch.Tensor:

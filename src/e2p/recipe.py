@@ -6,6 +6,8 @@ Stages (each its own projector folder, each resumable):
                      knows about the user; calibrated on validation users (`person_scale`).
   3. *_text (opt.)   shared_prefix_text and e2p_text: the same, trained with the profile text in the prompt
                      (the hybrid must be trained as a hybrid).
+With `lora_rank` > 0 both stages also train one shared LoRA adapter of the backbone, and the controls are trained
+alike (e2p.lora_controls: shared_prefix continued for as many steps as e2p took, shuffled_trained).
 """
 from __future__ import annotations
 
@@ -62,6 +64,10 @@ class RecipeConfig:
     dp_delta: float | None = None  # default 1 / (10 x training users); must be below 1 / training users
     dp_max_grad_norm: float = 1.0  # C: each sampled user's gradient is clipped to this norm
     dp_examples_per_user: int = 4  # at most this many of a sampled user's examples make its gradient in a step
+    lora_rank: int = 0  # > 0: one shared LoRA adapter of this rank trained with the projector (e2p.lora_controls)
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # the backbone's linear layers
+    lora_alpha: float | None = None  # default 2 x rank (the update's scale alpha / rank is then 2)
+    lora_lr: float = 3e-4  # the adapter's learning rate in every stage (the prefix and person part keep theirs)
 
 
 def sample_examples(examples: list, n: int, seed: int) -> list:
@@ -128,7 +134,7 @@ def train_stage(backbone, name: str, projector: Projector, folder: str | Path, i
     model = E2PModel(backbone, projector, training=True)
     tc = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=lr, eval_every=cfg.eval_every, seed=cfg.seed,
                      contrastive_weight=contrastive, margin=cfg.margin, freeze_shared=freeze_shared, minutes=minutes,
-                     dp=dp)
+                     dp=dp, lora_lr=getattr(cfg, "lora_lr", None) if projector.lora is not None else None)
     s = time.time()
     state = train_projector(model, items, table, folder, tc, val_items=val_items, progress=progress, name=name,
                             resume=resume, objective=objective, item_users=item_users)
@@ -157,7 +163,8 @@ def train_prefix_stages(backbone, examples: Sequence[Example], users: UserTable 
     table = users.tensor() if users is not None else None
     index = users.index if users is not None else None
     train_shared = shared_dir is None or not (Path(shared_dir) / "config.json").is_file()
-    total_steps = (cfg.shared_steps if train_shared else 0) + (cfg.e2p_steps if table is not None else 0)
+    # with a shared adapter the two controls train as many steps as e2p (e2p.lora_controls)
+    total_steps = (cfg.shared_steps if train_shared else 0) + (cfg.e2p_steps * (3 if cfg.lora_rank else 1) if table is not None else 0)
     report: dict = {"train_items": len(examples), "train_people": len({ex.user for ex in examples}), "stages": {},
                     "shared_dir": None, "e2p_dir": None}
     if cfg.person_map not in ("mlp", "prototypes"):
@@ -165,6 +172,9 @@ def train_prefix_stages(backbone, examples: Sequence[Example], users: UserTable 
     if cfg.person_map == "prototypes" and cfg.text_steps > 0:
         raise DataError("--text-steps trains an MLP person part with the text; prototype mixing has none: leave "
                         "--text-steps out with --person-map prototypes")
+    from .lora_controls import check_recipe
+
+    check_recipe(cfg)  # what a shared adapter cannot be trained with
     dp, delta = None, None
     if cfg.dp_epsilon is not None:
         if not train_shared:
@@ -184,12 +194,13 @@ def train_prefix_stages(backbone, examples: Sequence[Example], users: UserTable 
                  dp.max_grad_norm, total_steps)
 
     def stage(name: str, projector: Projector, folder: Path, steps: int, lr: float, tbl, freeze_shared=False,
-              contrastive=0.0, train=None, val=None, idx=None) -> Projector:
-        """One stage on the run's examples (or on `train` / `val` examples with the table index `idx`)."""
-        budget = None if minutes is None else minutes * steps / max(total_steps, 1)
+              contrastive=0.0, train=None, val=None, idx=None, train_idx=None, timed=True) -> Projector:
+        """One stage on the run's examples (or on `train` / `val` examples with the table index `idx`; `train_idx`:
+        the training examples' own index); `timed`: its share of `minutes` (a control matching a stage's steps: none)."""
+        budget = None if minutes is None or not timed else minutes * steps / max(total_steps, 1)
         train = examples if train is None else train
         trained, report["stages"][name] = train_stage(
-            backbone, name, projector, folder, example_items(backbone, projector, train, idx or index, cfg),
+            backbone, name, projector, folder, example_items(backbone, projector, train, train_idx or idx or index, cfg),
             example_items(backbone, projector, val_examples if val is None else val, idx or index, cfg), tbl, steps,
             lr, cfg, minutes=budget, progress=progress, freeze_shared=freeze_shared, contrastive=contrastive,
             resume=resume, dp=dp, item_users=[ex.user for ex in train])
@@ -200,20 +211,28 @@ def train_prefix_stages(backbone, examples: Sequence[Example], users: UserTable 
                 embedding_slots=cfg.embedding_slots,
                 hidden_dims=cfg.hidden_dims, dropout=cfg.dropout, encoder_name=encoder_name,
                 history_turns=cfg.history_turns, max_target_tokens=cfg.max_target_tokens, **overrides)
+    if cfg.lora_rank:
+        from .lora_controls import START, adapter_fields
+
+        base.update(adapter_fields(backbone, cfg))
+    folder = out_dir / "shared_prefix"
+    start = folder / START if cfg.lora_rank else folder  # with an adapter, shared_prefix/ holds the continued control
     if train_shared:
         torch.manual_seed(cfg.seed)  # the seed fixes every initial weight, so one seed gives one projector
         shared = Projector(new_config(backbone, embedding_dim=0, **base))
         init_shared(backbone, shared)
-        folder = out_dir / "shared_prefix"
         if cfg.shared_steps > 0:
-            shared = stage("shared_prefix", shared, folder, cfg.shared_steps, cfg.shared_lr, None)
+            shared = stage("shared_prefix", shared, start, cfg.shared_steps, cfg.shared_lr, None)
         elif main:
-            shared.save_pretrained(folder)
+            shared.save_pretrained(start)
         report["shared_dir"] = str(folder)
     else:
-        shared = Projector.from_pretrained(shared_dir, backbone)
-        if main and Path(shared_dir).resolve() != (out_dir / "shared_prefix").resolve():
-            shared.save_pretrained(out_dir / "shared_prefix")  # the run folder holds its own control, as always
+        from .lora_controls import check_same_adapter, shared_source
+
+        shared = Projector.from_pretrained(shared_source(shared_dir), backbone)
+        check_same_adapter(shared.config, base, shared_dir)
+        if main and shared_source(shared_dir).resolve() != start.resolve():
+            shared.save_pretrained(start)  # the run folder holds its own control, as always
         report["shared_dir"] = str(out_dir / "shared_prefix")
         report["shared_from"] = str(shared_dir)
     if table is not None and cfg.e2p_steps > 0:
@@ -228,12 +247,25 @@ def train_prefix_stages(backbone, examples: Sequence[Example], users: UserTable 
             barrier()
             report["e2p_dir"] = str(out_dir)
             return _with_privacy(report, dp, delta, cfg, total_steps)
-        e2p = Projector(new_config(backbone, embedding_dim=table.shape[1],
-                                   embedding_mean=mean.tolist() if mean is not None else None, **base))
-        e2p.shared.data.copy_(shared.shared.data)
-        stage("e2p", e2p, out_dir, cfg.e2p_steps, cfg.e2p_lr, table, freeze_shared=cfg.freeze_shared,
+
+        def new_e2p() -> Projector:  # the e2p stage's initial projector (again for the shuffled control, alike)
+            torch.manual_seed(cfg.seed + 1)
+            e2p = Projector(new_config(backbone, embedding_dim=table.shape[1],
+                                       embedding_mean=mean.tolist() if mean is not None else None, **base))
+            e2p.shared.data.copy_(shared.shared.data)
+            if e2p.lora is not None:  # and the shared stage's adapter
+                e2p.lora.load_state_dict(shared.lora.state_dict())
+            return e2p
+
+        stage("e2p", new_e2p(), out_dir, cfg.e2p_steps, cfg.e2p_lr, table, freeze_shared=cfg.freeze_shared,
               contrastive=cfg.contrastive_weight)
         report["e2p_dir"] = str(out_dir)
+        if cfg.lora_rank:
+            from .lora_controls import train_controls
+
+            report["adapter"] = train_controls(stage, new_e2p, start, out_dir, examples, index, table, cfg, report)
+    if start != folder and main and not (folder / "config.json").is_file():
+        shared.save_pretrained(folder)  # no e2p stage to match: the control is the shared stage itself
     return _with_privacy(report, dp, delta, cfg, total_steps)
 
 
@@ -322,6 +354,10 @@ def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: Recip
                                                           evaluate_loss)
         else:
             report["person_scale"] = calibrate_person_scale(backbone, e2p, items, users.tensor(), cfg.person_scales)
+        if "adapter" in report:  # the shuffled control trained alike is calibrated alike
+            from .lora_controls import calibrate_shuffled
+
+            calibrate_shuffled(backbone, out_dir, items, users.tensor(), cfg, report, calibrate_person_scale)
         if is_main_process():  # every rank computed the same scale; one writes it
             e2p.save_pretrained(out_dir)
         barrier()

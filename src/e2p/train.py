@@ -35,6 +35,7 @@ class TrainConfig:
     margin: float = 0.1  # nats per token the own embedding must beat another person's by
     freeze_shared: bool = False  # keep the shared (style) prefix fixed, learn only the person part
     dp: DPPlan | None = None  # DP-SGD per user (e2p.privacy): sampled users, each user's gradient clipped, noise
+    lora_lr: float | None = None  # the projector's shared LoRA adapter's learning rate (None: `lr`, like the rest)
 
 
 Objective = Callable[[E2PModel, Sequence[Item], "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor]"]
@@ -76,7 +77,7 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
     if cfg.freeze_shared:
         projector.shared.requires_grad_(False)
     params = [p for p in projector.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(projector, params, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     dp_opt, by_user = None, None
     if cfg.dp is not None:
         dp_opt, by_user = _dp_setup(cfg, optimizer, items, item_users, world)
@@ -116,7 +117,7 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
             break
         step = state["step"]
         for g in optimizer.param_groups:
-            g["lr"] = cfg.lr * schedule(step)
+            g["lr"] = g.get("base_lr", cfg.lr) * schedule(step)
         if dp_opt is not None:  # the training loss is a statistic of training users: not recorded under DP
             _dp_step(model, items, table, by_user, params, dp_opt, cfg.dp, step, objective)
         else:
@@ -171,7 +172,8 @@ def _sgd_step(model: E2PModel, batch: list[Item], table, params, optimizer, cfg:
         gap = (shuf_s - own_s) / own_c
         loss = loss + cfg.contrastive_weight * torch.relu(cfg.margin - gap).sum() / cfg.batch_size
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    with model.adapter():  # gradient checkpointing recomputes the backbone's layers here: with the shared adapter
+        loss.backward()
     if world > 1:
         for p in params:
             torch.distributed.all_reduce(p.grad)
@@ -179,6 +181,17 @@ def _sgd_step(model: E2PModel, batch: list[Item], table, params, optimizer, cfg:
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
     return float(loss.detach())
+
+
+def _param_groups(projector: Projector, params: list, cfg: TrainConfig):
+    """The optimizer's parameters: one group, or with `cfg.lora_lr` the shared adapter's in a group of its own (each
+    group's `base_lr` follows the one schedule)."""
+    if cfg.lora_lr is None or projector.lora is None:
+        return params
+    mine = {id(p) for p in projector.lora.parameters()}
+    groups = [{"params": [p for p in params if id(p) not in mine], "base_lr": cfg.lr},
+              {"params": [p for p in params if id(p) in mine], "lr": cfg.lora_lr, "base_lr": cfg.lora_lr}]
+    return [g for g in groups if g["params"]]
 
 
 def _dp_setup(cfg: TrainConfig, optimizer, items: Sequence[Item], item_users: Sequence | None, world: int):
@@ -218,7 +231,8 @@ def _dp_step(model: E2PModel, items: Sequence[Item], table: torch.Tensor | None,
         emb = None if table is None else table[torch.tensor([it.person for it in batch])]
         s, c = objective(model, batch, emb)
         loss = s.sum() / c.sum().clamp_min(1).float()
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        with model.adapter():  # as in _sgd_step: a recomputed layer sees the adapter it was run with
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
         per_user.append([torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)])
     for j, p in enumerate(params):  # [users, *shape]; an empty step still adds the noise
         p.grad_sample = torch.stack([g[j] for g in per_user]) if per_user else torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)

@@ -57,6 +57,10 @@ class VLLMExporter:
     def __init__(self, model: E2PModel, dtype: torch.dtype | None = None):
         if model.projector is not None and model.config.injection != "input":
             raise ConfigError(DEEP_ERROR)
+        if model.projector is not None and model.config.lora_rank:
+            raise ConfigError("this projector carries a shared LoRA adapter (e2p train --lora-rank) that changes the "
+                              "backbone's layers; prompt embeddings alone would run vLLM's backbone without it: serve "
+                              "it with `e2p serve`, or train a projector without --lora-rank for vLLM")
         self.model = model
         self.dtype = dtype  # e.g. torch.bfloat16 to halve the payload; None: the backbone's own dtype
 

@@ -18,6 +18,15 @@ def add_engine_arguments(parser) -> None:
                                                      "decodes many rows faster)")
 
 
+def check_engine(engine: str, config) -> None:
+    """Refuse, before any model loads, a projector (its E2PConfig) the engine cannot run: the llama-cpp engine takes
+    neither deep injection nor a shared LoRA adapter."""
+    if engine == "llama-cpp":
+        from .llamacpp import check_projector
+
+        check_projector(config)
+
+
 def make_model(backbone, projector=None, config=None, engine: str = "torch", gguf: str | None = None,
                n_seq_max: int = 16, max_prompt_tokens: int = 1024):
     """An E2PModel on the chosen engine (the llama-cpp one loads its GGUF here)."""

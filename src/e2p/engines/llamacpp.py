@@ -19,6 +19,21 @@ from ..model import E2PModel, Segments
 from .llamacpp_backend import LlamaCppBackend, LlamaCppError, LlamaDecoding  # noqa: F401 (re-exported)
 
 
+def check_projector(config) -> None:
+    """Refuse, before llama.cpp loads anything, a projector (config) this engine cannot run as it was trained."""
+    if config is None:
+        return
+    if config.injection != "input":
+        raise ConfigError("the llama-cpp engine takes input-injection projectors only: a deep projector's keys and "
+                          "values live inside every layer, where llama.cpp takes no input. Use --engine torch, or "
+                          "an input projector (e2p train --injection input; shipped: persona-input-k1)")
+    if config.lora_rank:
+        raise ConfigError(f"the llama-cpp engine cannot run this projector: it carries a shared LoRA adapter (rank "
+                          f"{config.lora_rank} on {', '.join(config.lora_targets) or 'the backbone'}, e2p train "
+                          "--lora-rank) that changes the backbone's layers, and llama.cpp runs the GGUF's weights as "
+                          "they are. Use --engine torch, or a projector trained without --lora-rank")
+
+
 class LlamaCppModel(E2PModel):
     """An E2PModel whose forward passes run in llama.cpp. The torch backbone only formats (tokenizer, chat template,
     sizes); the projector runs in torch on the CPU and its k vectors go in through `llama_batch.embd`. Input
@@ -26,10 +41,7 @@ class LlamaCppModel(E2PModel):
 
     def __init__(self, backbone, projector=None, config=None, gguf: str | Path | None = None, n_seq_max: int = 16,
                  n_ctx: int = 8192, max_prompt_tokens: int = 1024, backend: LlamaCppBackend | None = None):
-        if projector is not None and projector.config.injection != "input":
-            raise ConfigError("the llama-cpp engine takes input-injection projectors only: a deep projector's keys and "
-                              "values live inside every layer, where llama.cpp takes no input. Use --engine torch, or "
-                              "an input projector (e2p train --injection input; shipped: persona-input-k1)")
+        check_projector(projector.config if projector is not None else None)
         super().__init__(backbone, projector, config, autocast=False, max_prompt_tokens=max_prompt_tokens)
         from .gguf_convert import resolve_gguf
 

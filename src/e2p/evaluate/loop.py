@@ -6,10 +6,12 @@ A baseline is a condition (how to build the model, which prompt, which embedding
   text           the user's `profile_text` in the system prompt (only where every example has one)
   shared_prefix  the trained style-only prefix: no user information
   shuffled       the E2P projector fed another user's embedding: the style without the person
+  shuffled_trained  instead of `shuffled` where the run trained it (e2p train --lora-rank): the e2p stage trained
+                 alike on other users' embeddings (`shuffled_trained/`), scored with the users' own
   e2p            the E2P projector with the user's own embedding
   e2p_text       E2P trained and scored together with the profile text (where trained)
 A study adds its own: another embedding table for the same users (`Condition.users`), a LoRA adapter on the
-backbone (`Condition.adapter`, a PEFT folder), and fixed texts scored like generations (`baselines`, e.g.
+backbone (`Condition.adapter`, a folder in PEFT's format, applied by e2p.lora), and fixed texts scored like generations (`baselines`, e.g.
 copying the headline quoted in the prompt).
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 
 from ..config import E2PConfig, resolve_projector
 from ..data.contract import Example, UserTable
+from ..errors import ConfigError
 from ..model import E2PModel
 from ..projector import Projector
 from ..scoring import Item, derangement, row_losses
@@ -32,7 +35,7 @@ from .compare import compare, identification_accuracy
 
 log = logging.getLogger(__name__)
 
-PAIRS = [("e2p", "shared_prefix"), ("e2p", "shuffled"), ("e2p", "none"), ("shared_prefix", "none"),
+PAIRS = [("e2p", "shared_prefix"), ("e2p", "shuffled"), ("e2p", "shuffled_trained"), ("e2p", "none"), ("shared_prefix", "none"),
          ("text", "none"), ("e2p_text", "text"), ("e2p_text", "shared_prefix_text")]
 
 
@@ -43,14 +46,17 @@ class Condition:
     with_text: bool = False  # the user's profile_text in the system prompt
     embeddings: str = "none"  # "none" | "own" | "shuffled"
     users: UserTable | None = None  # this condition's embedding table (default: the evaluation's)
-    adapter: Path | None = None  # a PEFT (LoRA) adapter folder applied to the backbone for this condition
+    adapter: Path | None = None  # a LoRA adapter folder (PEFT's format) applied to the backbone for this condition
 
 
 def conditions_for(projector_dir: str | Path, with_text: bool) -> list[Condition]:
     """The conditions a projector folder (as `e2p train` writes it) supports; text ones only `with_text`."""
     p = Path(projector_dir)
-    conds = [Condition("none", None), Condition("shared_prefix", p / "shared_prefix"),
-             Condition("shuffled", p, embeddings="shuffled"), Condition("e2p", p, embeddings="own")]
+    trained = p / "shuffled_trained"  # the shuffled control trained alike (a run with a shared LoRA adapter)
+    shuffled = (Condition("shuffled_trained", trained, embeddings="own") if (trained / "config.json").is_file()
+                else Condition("shuffled", p, embeddings="shuffled"))
+    conds = [Condition("none", None), Condition("shared_prefix", p / "shared_prefix"), shuffled,
+             Condition("e2p", p, embeddings="own")]
     if with_text:
         conds += [Condition("text", None, with_text=True),
                   Condition("shared_prefix_text", p / "shared_prefix_text", with_text=True),
@@ -66,19 +72,16 @@ def _model(backbone, cond: Condition, plain: E2PConfig, engine=None) -> E2PModel
 
 @contextmanager
 def _adapter(backbone, folder: Path | None):
-    """The backbone with a PEFT adapter injected in place for the duration (E2PModel calls the same module
-    object), removed after so the backbone is as it was."""
+    """The backbone with a LoRA adapter folder (PEFT's format) active for the duration (e2p.lora: the backbone's
+    weights never change), inactive again after."""
     if folder is None:
         yield
         return
-    from peft import PeftModel
+    from ..lora import active, load_peft
 
-    peft_model = PeftModel.from_pretrained(backbone.model, str(folder))
-    peft_model.eval()
-    try:
+    adapter = load_peft(folder, backbone.model).to(backbone.device)
+    with active(backbone.model, adapter):
         yield
-    finally:
-        backbone.model = peft_model.unload()
 
 
 def run_conditions(backbone, conditions: list[Condition], examples: list[Example], users: UserTable, *,
@@ -100,6 +103,8 @@ def run_conditions(backbone, conditions: list[Condition], examples: list[Example
         own = [table_of.index[ex.user] for ex in examples]
         persons = {"own": own, "shuffled": [own[j] for j in swap], "none": own}
         model = _model(backbone, cond, plain, engine)
+        if cond.adapter is not None and model.projector is not None and model.projector.lora is not None:
+            raise ConfigError(f"condition {cond.name}: a LoRA folder and a projector with its own shared adapter; give one")
         reads_user = model.projector is not None and not model.projector.config.is_shared and cond.embeddings != "none"
         text = lambda ex: ex.profile_text if cond.with_text else None
         rows = [model.format(ex.prompt, reply=ex.target, persona_text=text(ex), max_target_tokens=max_target_tokens)
@@ -124,11 +129,14 @@ def run_conditions(backbone, conditions: list[Condition], examples: list[Example
 def _costs(model: E2PModel, rows, reads_user: bool) -> dict:
     """What a condition costs per request and per user: context tokens (prompt + soft prefix), trained parameters,
     bytes stored per user."""
+    from ..projector import adapter_cost
+
     p = model.projector
     return {"tokens_per_request": float(np.mean([len(r.pre) + len(r.post) for r in rows])) + model.num_prefix_tokens,
             "prefix_tokens": model.num_prefix_tokens,
             "trainable_parameters": p.num_parameters() if p is not None else 0,
-            "bytes_per_user": int(p.config.embedding_dim * 4) if reads_user else 0}
+            "bytes_per_user": int(p.config.embedding_dim * 4) if reads_user else 0,
+            **adapter_cost(p)}  # a shared adapter's parameters are counted once, for every user: not per user
 
 
 def generation_metrics(generations: dict[str, list[str]], examples: list[Example], encoder=None) -> dict:
@@ -273,11 +281,13 @@ def verdict(results: dict) -> dict:
     """One plain answer: does the embedding carry the person? Yes only if e2p beats both style-only controls
     (shared_prefix and shuffled) with both 95% intervals below zero."""
     comps = results["comparisons"]
-    vs_shared, vs_shuffled = comps.get("e2p_vs_shared_prefix"), comps.get("e2p_vs_shuffled")
+    shuffled = "shuffled_trained" if "e2p_vs_shuffled_trained" in comps else "shuffled"  # trained alike, where it is
+    vs_shared, vs_shuffled = comps.get("e2p_vs_shared_prefix"), comps.get(f"e2p_vs_{shuffled}")
     if vs_shared is None or vs_shuffled is None:
         return {"carries_person": None, "text": "not measured: the projector folder lacks shared_prefix/ or e2p"}
     fmt = lambda c: f"{c['relative_change'] * 100:+.2f}% [{c['ci95'][0] * 100:+.2f}, {c['ci95'][1] * 100:+.2f}]"
-    numbers = f"perplexity e2p vs shared_prefix {fmt(vs_shared)}, vs shuffled {fmt(vs_shuffled)} (95% intervals over users)"
+    numbers = (f"perplexity e2p vs shared_prefix {fmt(vs_shared)}, vs {shuffled} {fmt(vs_shuffled)} (95% intervals "
+               "over users)")
     yes = vs_shared["ci95"][1] < 0 and vs_shuffled["ci95"][1] < 0
     if yes:
         text = f"YES: the embedding carries the person on users never trained on: {numbers}."

@@ -24,6 +24,12 @@ def report_markdown(results: dict) -> str:
         lines.append(f"| {name} | {cell(c, 'perplexity')} | {cell(c, 'rouge1')} | {cell(c, 'rouge2')} | "
                      f"{cell(c, 'rougeL')} | {cell(c, 'identification')} | {cell(c, 'tokens_per_request', '.1f')} | "
                      f"{cell(c, 'bytes_per_user', 'd')} |")
+    adapted = [name for name, c in results["conditions"].items() if c.get("adapter_parameters")]
+    if adapted:  # the shared LoRA adapter (e2p train --lora-rank): a cost once per deployment, not per user
+        c = results["conditions"][adapted[0]]
+        lines += ["", f"Shared LoRA adapter in {', '.join(adapted)} (each condition its own, trained alike): "
+                      f"{c.get('adapter', '')}, {c['adapter_bytes']:,} bytes in float32, stored once for every user; "
+                      "per user E2P still stores one embedding (bytes/user)."]
     if ident:
         lines += ["", f"Identification: share of {ident['generations']} greedy generations closer (all-MiniLM-L6-v2 cosine) "
                       f"to their own user's reference ({ident['reference']}) than to each of the other "

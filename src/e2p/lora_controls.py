@@ -1,0 +1,122 @@
+"""E2P with a shared LoRA adapter (`e2p train --lora-rank R`) and its controls, trained alike.
+
+One adapter for every user, trained jointly with the projector (e2p.lora; its tensors are the projector's), so per-user
+storage stays one embedding. A gain over the plain recipe's controls could then come from the adapter alone, so the
+controls get the same adapter training:
+  shared_prefix     stage 1 trains the shared prefix and the adapter together (`shared_prefix/start/`); e2p starts from
+                    it and trains the person part and the adapter; the control then *continues* stage 1 for as many steps
+                    as e2p took (`shared_prefix/`), so it has had exactly as many adapter updates.
+  shuffled_trained  the e2p stage again (same initial weights, steps, data order), trained on a derangement of
+                    training users -> embedding rows (e2p.scoring.derangement), scored with each user's own embedding:
+                    the adapter and person part learnt without the person (`shuffled_trained/`; the evaluation's
+                    shuffled condition where it exists).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from .errors import ConfigError, DataError
+from .lora import find_targets, parse_targets
+from .privacy import PrivacyError
+from .projector import Projector
+from .scoring import derangement
+
+START = "start"  # shared_prefix/start/: the shared stage as the e2p stage started from it
+SHUFFLED = "shuffled_trained"
+ADAPTER_KEYS = ("lora_rank", "lora_alpha", "lora_targets", "lora_modules")
+
+
+def check_recipe(cfg) -> None:
+    """Refuse, by name, what a shared adapter cannot be trained with."""
+    if cfg.lora_rank < 0:
+        raise ConfigError(f"--lora-rank must be >= 0 (0: no adapter), got {cfg.lora_rank}")
+    if not cfg.lora_rank:
+        return
+    if cfg.dp_epsilon is not None:
+        raise PrivacyError("--lora-rank is not supported under --dp-epsilon: its shuffled control trains one user's "
+                           "examples with another user's embedding, so one user's data enters two users' clipped "
+                           "gradients, which the per-user guarantee does not cover. Train without one of the two")
+    if cfg.person_map != "mlp":
+        raise DataError("--lora-rank trains the shared adapter with the person MLP; prototype mixing has none: "
+                        "leave out --person-map prototypes or --lora-rank")
+
+
+def adapter_fields(backbone, cfg) -> dict:
+    """The E2PConfig fields of the run's adapter: rank, alpha (default 2 x rank), targets and the layers they name."""
+    targets = parse_targets(cfg.lora_targets)
+    return {"lora_rank": cfg.lora_rank, "lora_alpha": float(cfg.lora_alpha or 2 * cfg.lora_rank), "lora_targets": targets,
+            "lora_modules": find_targets(backbone.model, targets)}
+
+
+def describe(fields: Mapping) -> str:
+    if not fields.get("lora_rank"):
+        return "no LoRA adapter"
+    return (f"a rank-{fields['lora_rank']} LoRA adapter on {', '.join(fields['lora_targets'])} (alpha "
+            f"{fields['lora_alpha']:g}, {len(fields['lora_modules'])} layers)")
+
+
+def shared_source(shared_dir: str | Path) -> Path:
+    """The folder --shared-from DIR means: a LoRA run's stage 1 (DIR/start), or DIR itself."""
+    folder = Path(shared_dir)
+    return folder / START if (folder / START / "config.json").is_file() else folder
+
+
+def check_same_adapter(config, base: Mapping, shared_dir) -> None:
+    """--shared-from: the reused shared prefix must have been trained with this run's adapter (or none, alike)."""
+    theirs = {k: getattr(config, k) for k in ADAPTER_KEYS}
+    ours = {k: base.get(k, theirs[k] if k != "lora_rank" else 0) for k in ADAPTER_KEYS}
+    if not ours["lora_rank"]:
+        ours = {"lora_rank": 0, "lora_alpha": 0.0, "lora_targets": [], "lora_modules": {}}
+    same = theirs["lora_rank"] == ours["lora_rank"] == 0 or all(theirs[k] == ours[k] for k in ADAPTER_KEYS)
+    if not same:
+        raise ConfigError(f"--shared-from {shared_dir} was trained with {describe(theirs)}, and this run asks for "
+                          f"{describe(ours)}: give the same --lora-rank and --lora-targets, or leave --shared-from out "
+                          "to train the shared prefix (and its adapter) again")
+
+
+def train_controls(stage: Callable, new_e2p: Callable[[], Projector], start: Path, out_dir: Path,
+                   examples: Sequence, index: Mapping[str, int], table: torch.Tensor, cfg, report: dict) -> dict:
+    """After the e2p stage: the shared control continued for as many steps as e2p took (into `shared_prefix/`) and the
+    shuffled control trained alike (`shuffled_trained/`). `stage` is train_prefix_stages' stage runner, `new_e2p`
+    makes the e2p stage's initial projector again. -> the report's `adapter` entry."""
+    steps = report["stages"]["e2p"]["steps"]
+    stage("shared_prefix_continued", Projector.from_pretrained(start), out_dir / "shared_prefix", steps,
+          cfg.shared_lr, None, timed=False)
+    users = sorted({ex.user for ex in examples})
+    swap = derangement(users, cfg.seed)
+    deranged = {u: index[users[j]] for u, j in zip(users, swap)}  # each training user trains on another's embedding
+    stage(SHUFFLED, new_e2p(), out_dir / SHUFFLED, steps, cfg.e2p_lr, table, freeze_shared=cfg.freeze_shared,
+          contrastive=cfg.contrastive_weight, train_idx=deranged, timed=False)
+    first = report["stages"].get("shared_prefix", {}).get("steps")  # None when reused (--shared-from)
+    trained = Projector.from_pretrained(out_dir)
+    n = trained.lora.num_parameters()
+    return {"rank": trained.config.lora_rank, "alpha": trained.config.lora_alpha, "targets": trained.config.lora_targets,
+            "layers": len(trained.config.lora_modules), "parameters": n, "bytes_float32": 4 * n,
+            "shared": "one adapter for every user, in the projector's model.safetensors (and one per control)",
+            "per_user_storage": f"one embedding of {trained.config.embedding_dim} floats "
+                                f"({4 * trained.config.embedding_dim} bytes in float32), as without the adapter",
+            "lr": cfg.lora_lr,
+            "controls": {
+                "shared_prefix": {"folder": "shared_prefix", "started_from": f"shared_prefix/{START}",
+                                  "stages": ["shared_prefix", "shared_prefix_continued"],
+                                  "adapter_updates": None if first is None else first + steps},
+                SHUFFLED: {"folder": SHUFFLED, "stages": [SHUFFLED], "adapter_updates": None if first is None else first + steps,
+                           "embeddings": f"training users' examples with another training user's embedding "
+                                         f"(e2p.scoring.derangement, seed {cfg.seed}); scored with users' own"}},
+            "e2p_adapter_updates": None if first is None else first + steps}
+
+
+def calibrate_shuffled(backbone, out_dir: Path, items, table: torch.Tensor, cfg, report: dict, calibrate) -> None:
+    """The shuffled control's person scale, chosen like e2p's on the same validation items (`calibrate`:
+    recipe.calibrate_person_scale), so the two are calibrated alike."""
+    from .distributed import is_main_process
+
+    folder = Path(out_dir) / SHUFFLED
+    projector = Projector.from_pretrained(folder, backbone)
+    report["adapter"]["controls"][SHUFFLED]["person_scale"] = calibrate(backbone, projector, items, table,
+                                                                        cfg.person_scales)
+    if is_main_process():
+        projector.save_pretrained(folder)
