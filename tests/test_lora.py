@@ -190,9 +190,11 @@ def test_the_recipe_trains_the_adapter_and_its_controls_alike(tiny, tmp_path):
     from e2p.recipe import train_on_examples
 
     users, examples = _contract(n_users=10)
-    report = train_on_examples(tiny, users, examples, tmp_path, _lora_recipe(), val_users=4, progress=False)
+    report = train_on_examples(tiny, users, examples, tmp_path, _lora_recipe(text_steps=1), val_users=4, progress=False)
     stages = report["stages"]
-    assert list(stages) == ["shared_prefix", "e2p", "shared_prefix_continued", "shuffled_trained"]
+    assert list(stages) == ["shared_prefix", "e2p", "shared_prefix_continued", "shuffled_trained", "shared_prefix_text",
+                            "e2p_text"]  # the text stages start from the adapted controls and keep training the adapter
+    assert Projector.from_pretrained(tmp_path / "e2p_text", tiny).lora is not None
     assert stages["e2p"]["steps"] == stages["shared_prefix_continued"]["steps"] == stages["shuffled_trained"]["steps"] == 3
     for folder in ("", "shared_prefix", "shared_prefix/start", "shuffled_trained"):
         p = Projector.from_pretrained(tmp_path / folder, tiny)
