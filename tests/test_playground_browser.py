@@ -1,6 +1,6 @@
 """The playground in a real browser: headless Chromium (Debian's `chromium` + `chromium-driver`, which
 `scripts/setup.sh test` installs) through Selenium drives the page on a real server with the tiny backbone: the
-key, two users picked (one by id, one on the map), a message sent with Enter; the columns must hold exactly what
+key, two users picked (one by id, one on the map, both by the keyboard), a message sent with Enter; the columns must hold exactly what
 the API answers for those users and that seed, and the browser's console no error. A wrong key shows an error and
 no reply; a user key sees no admin panel; the columns stack on a narrow window."""
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from selenium import webdriver
 from selenium.common.exceptions import WebDriverException
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -131,7 +132,9 @@ def test_two_users_and_the_plain_backbone_fill_with_what_the_api_answers(server,
     user_id.send_keys("alice" + Keys.ENTER)  # by id, with the keyboard
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '.chip[data-user="alice"]'))
     point = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, 'circle[data-user="bob"]'))[0]
-    point.click()  # by a click on the map
+    assert (point.get_attribute("tabindex"), point.get_attribute("role")) == ("0", "button")
+    browser.execute_script("arguments[0].focus()", point)  # on the map, by the keyboard: focus, then Enter
+    ActionChains(browser).send_keys(Keys.ENTER).perform()
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '.chip[data-user="bob"]'))
     wait(browser, lambda d: "chosen" in d.find_element(By.CSS_SELECTOR, 'circle[data-user="bob"]').get_attribute("class"))
     rows = browser.find_element(By.ID, "admin-users").text

@@ -59,7 +59,13 @@ export function renderMap(svg, map, chosen, onPick) {
     const title = document.createElementNS(SVG, "title");
     title.textContent = point.user;
     circle.append(title);
+    circle.setAttribute("tabindex", "0");  // keyboard: Tab reaches every point, Enter or Space picks it
+    circle.setAttribute("role", "button");
+    circle.setAttribute("aria-label", `pick user ${point.user}`);
     circle.addEventListener("click", () => onPick(point.user));
+    circle.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" || event.key === " ") { event.preventDefault(); onPick(point.user); }
+    });
     if (chosen.has(point.user)) later.push([circle, point]);
     else svg.append(circle);
   }
