@@ -1,7 +1,7 @@
 """The playground in a real browser: headless Chromium (Debian's `chromium` + `chromium-driver`, which
 `scripts/setup.sh test` installs) through Selenium drives the page on a real server with the tiny backbone: the
-key, two users picked (one by id, one on the map, both by the keyboard), a message sent with Enter; the columns must hold exactly what
-the API answers for those users and that seed, and the browser's console no error. A wrong key shows an error and
+key, two users picked by the keyboard (one by id, one on the map), a message sent with Enter; the columns must hold
+exactly what the API answers for those users and that seed, and the browser's console no error. A wrong key shows an error and
 no reply; a user key sees no admin panel; the columns stack on a narrow window."""
 from __future__ import annotations
 
