@@ -75,11 +75,13 @@ def test_prototypes_refuse_text_stages_and_dp(tiny, tmp_path):
 
     users, examples = _contract(n_users=10, per_user=2)
     with pytest.raises(DataError, match="text-steps"):
-        train_on_examples(tiny, users, examples, tmp_path, RecipeConfig(person_map="prototypes", text_steps=1),
-                          val_users=4, progress=False)
+        RecipeConfig(person_map="prototypes", text_steps=1)
     with pytest.raises(PrivacyError, match="prototype"):
-        train_on_examples(tiny, users, examples, tmp_path / "dp", RecipeConfig(person_map="prototypes", dp_epsilon=4.0),
-                          val_users=4, progress=False)
+        RecipeConfig(person_map="prototypes", dp_epsilon=4.0)
+    changed = RecipeConfig(person_map="prototypes")
+    changed.dp_epsilon = 4.0  # changed after it was made: the recipe checks again before anything trains
+    with pytest.raises(PrivacyError, match="prototype"):
+        train_on_examples(tiny, users, examples, tmp_path / "dp", changed, val_users=4, progress=False)
 
 
 def test_max_train_users_keeps_the_validation_users(tiny, tmp_path):

@@ -4,7 +4,7 @@ import torch
 from e2p import Projector
 from e2p.data.persona import PersonaExample
 from e2p.model import E2PModel, new_config
-from e2p.recipe import calibrate_person_scale
+from e2p.calibration import calibrate_person_scale
 from research.persona.recipe import PersonaRecipeConfig as RecipeConfig
 from research.persona.recipe import person_table, persona_key, reconstruction_items, split_people
 from e2p.train import Item

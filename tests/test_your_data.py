@@ -211,7 +211,8 @@ def test_identification_uses_other_targets_or_profiles():
             "wrong": ["cats", "music", "dogs", "dogs", "cats", "cats", "dogs"]}
     m = generation_metrics(gens, examples, WordEncoder())
     # d has one example: nothing else of d's to compare with, so its generation is left out (6 of 7 scored)
-    assert m["_identification"] == {"users": 4, "chance": 0.25, "generations": 6, "reference": "the user's other targets"}
+    info = {k: m["_identification"][k] for k in ("users", "chance", "generations", "reference")}
+    assert info == {"users": 4, "chance": 0.25, "generations": 6, "reference": "the user's other targets"}
     assert m["right"]["identification"] == pytest.approx(4 / 6) and m["wrong"]["identification"] == 0
     with_profiles = [Example(e.user, e.prompt, e.target, profile_text=f"likes {e.target.split()[2]}") for e in examples]
     m = generation_metrics(gens, with_profiles, WordEncoder())

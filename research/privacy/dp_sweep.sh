@@ -1,22 +1,36 @@
 #!/usr/bin/env bash
-# Utility against epsilon on the PENS text profile (docs/privacy.md): the default recipe trained without DP and
-# with DP-SGD per user at epsilon 16, 4 and 1, each evaluated on the same unseen test users (`e2p eval`: e2p vs
-# shared_prefix perplexity with 95% intervals over users) and audited (`e2p audit`: membership inference, AUC with
-# and without DP), then one plot (plot_sweep.py). Runs one training at a time; hours on 2 CPU cores.
-#   research/privacy/dp_sweep.sh            needs runs/backbones/pens (research/backbones/run.sh makes it)
-# Knobs (environment): PENS (runs/backbones/pens), OUT (runs/privacy), EPSILONS ("16 4 1"), LIMIT (840), E2P.
-set -uo pipefail
+# Utility against epsilon on PENS (docs/privacy.md): the default recipe trained without DP and with DP-SGD per user
+# at epsilon 16, 4 and 1, one training at a time, each scored on users never trained on (the training report's
+# verdict users; with EVAL=1 also `e2p eval` on the test users) and audited (`e2p audit`: membership inference, AUC
+# with and without DP), then one table and plot (plot_sweep.py).
+#   research/privacy/dp_sweep.sh            needs $PENS from `e2p data pens` (research/pens/full_run.sh makes one)
+# Knobs (environment): PENS (runs/i30/data), USERS (users_text_style.npz), OUT (runs/privacy), EPSILONS ("16 4 1"),
+# STEPS (total optimizer steps of each run, the same for every point; empty: the recipe's 180), EVAL (0), LIMIT
+# (840, with EVAL=1), AUDIT ("none 1": the runs audited), E2P.
+set -euo pipefail
 cd "$(dirname "$0")/../.."
 E2P=${E2P:-.venv/bin/e2p}
-PENS=${PENS:-runs/backbones/pens}
+PENS=${PENS:-runs/i30/data}
+USERS=${USERS:-users_text_style.npz}
 OUT=${OUT:-runs/privacy}
 mkdir -p "$OUT"
+steps=(); [ -n "${STEPS:-}" ] && steps=(--steps "$STEPS")
 for eps in none ${EPSILONS:-16 4 1}; do
   run="$OUT/pens-eps-$eps"
   dp=(); [ "$eps" = none ] || dp=(--dp-epsilon "$eps")
-  "$E2P" train --users "$PENS/users_text.npz" --examples "$PENS/examples.jsonl" --out "$run" "${dp[@]}"
-  "$E2P" eval --users "$PENS/test/users_text.npz" --examples "$PENS/test/examples.jsonl" --projector "$run" \
-      --out "$run-eval" --limit "${LIMIT:-840}" --generate 34
-  "$E2P" audit --users "$PENS/users_text.npz" --examples "$PENS/examples.jsonl" --projector "$run" --out "$run-audit"
+  start=$SECONDS
+  [ -f "$run/training_report.json" ] || \
+      "$E2P" train --users "$PENS/$USERS" --examples "$PENS/examples.jsonl" --out "$run" "${dp[@]}" "${steps[@]}"
+  printf 'train %s\t%d\n' "$eps" $((SECONDS - start)) | tee -a "$OUT/wall_times.tsv"
+  if [ "${EVAL:-0}" = 1 ]; then
+    "$E2P" eval --users "$PENS/test/$USERS" --examples "$PENS/test/examples.jsonl" --projector "$run" \
+        --out "$run-eval" --limit "${LIMIT:-840}" --generate 34 --conditions shared_prefix,shuffled,e2p
+  fi
+done
+for eps in ${AUDIT:-none 1}; do
+  start=$SECONDS
+  "$E2P" audit --users "$PENS/$USERS" --examples "$PENS/examples.jsonl" --projector "$OUT/pens-eps-$eps" \
+      --out "$OUT/pens-eps-$eps-audit"
+  printf 'audit %s\t%d\n' "$eps" $((SECONDS - start)) | tee -a "$OUT/wall_times.tsv"
 done
 .venv/bin/python research/privacy/plot_sweep.py --runs "$OUT" --out "$OUT/utility_vs_epsilon.png"

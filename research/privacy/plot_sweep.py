@@ -1,5 +1,6 @@
 """Utility against epsilon from research/privacy/dp_sweep.sh's runs: e2p vs shared_prefix perplexity change on
-unseen users (95% interval over users) and the calibrated membership AUC, per epsilon (and without DP)."""
+unseen users (95% interval over users) and the membership AUCs, per epsilon (and without DP). The unseen users are
+the test users where the sweep evaluated them (pens-eps-*-eval), else each run's training-report verdict users."""
 from __future__ import annotations
 
 import argparse
@@ -13,26 +14,34 @@ def main() -> None:
     ap.add_argument("--out", default="runs/privacy/utility_vs_epsilon.png", help="the plot")
     args = ap.parse_args()
     rows = []
-    for ev in sorted(Path(args.runs).glob("pens-eps-*-eval/results.json")):
-        eps = ev.parent.name[len("pens-eps-"):-len("-eval")]
-        res = json.loads(ev.read_text())
-        c = res["comparisons"]["e2p_vs_shared_prefix"]
-        audit = ev.parent.parent / f"pens-eps-{eps}-audit" / "results.json"
+    for run in sorted(p for p in Path(args.runs).glob("pens-eps-*") if (p / "training_report.json").is_file()):
+        eps = run.name[len("pens-eps-"):]
+        report = json.loads((run / "training_report.json").read_text())
+        ev = run.parent / f"{run.name}-eval" / "results.json"
+        if ev.is_file():  # the test users, where the sweep evaluated them (EVAL=1)
+            res = json.loads(ev.read_text())
+            comparisons, ppl = res["comparisons"], {k: v["perplexity"] for k, v in res["conditions"].items()}
+            where = f"{res['users']} test users"
+        else:  # the training report's verdict: validation users never trained on nor tuned on
+            comparisons, ppl = report["validation"]["comparisons"], report["validation"]["perplexity"]
+            where = f"{report['verdict_users']} verdict users"
+        c = comparisons["e2p_vs_shared_prefix"]
+        audit = run.parent / f"{run.name}-audit" / "results.json"
         mia = json.loads(audit.read_text())["membership"]["attacks"] if audit.is_file() else {}
-        spent = None
-        report = ev.parent.parent / f"pens-eps-{eps}" / "training_report.json"
-        if report.is_file():
-            spent = (json.loads(report.read_text()).get("privacy") or {}).get("epsilon")
-        rows.append({"epsilon": eps, "spent": spent, "e2p_ppl": res["conditions"]["e2p"]["perplexity"],
-                     "shared_ppl": res["conditions"]["shared_prefix"]["perplexity"], "change": c["relative_change"],
-                     "ci95": c["ci95"], "auc": {k: (a["auc"], a["ci95"]) for k, a in mia.items()}})
+        spent = (report.get("privacy") or {}).get("epsilon")
+        rows.append({"epsilon": eps, "spent": spent, "e2p_ppl": ppl["e2p"], "shared_ppl": ppl["shared_prefix"],
+                     "change": c["relative_change"], "ci95": c["ci95"], "where": where,
+                     "person_scale": report.get("person_scale", {}).get("chosen") if isinstance(report.get("person_scale"), dict) else None,
+                     "auc": {k: (a["auc"], a["ci95"]) for k, a in mia.items()}})
     order = lambda r: float("inf") if r["epsilon"] == "none" else float(r["epsilon"])
     rows.sort(key=order)
-    print("| epsilon (target / spent) | e2p ppl | shared_prefix ppl | e2p vs shared_prefix [95%] | MIA AUC loss | MIA AUC calibrated |")
-    print("|---|---|---|---|---|---|")
+    print("| epsilon (target / spent) | scored on | person_scale | e2p ppl | shared_prefix ppl | e2p vs shared_prefix [95%] "
+          "| MIA AUC loss | MIA AUC calibrated |")
+    print("|---|---|---|---|---|---|---|---|")
     fmt = lambda a: "-" if a is None else f"{a[0]:.3f} [{a[1][0]:.3f}, {a[1][1]:.3f}]"
     for r in rows:
-        print(f"| {r['epsilon']} / {'-' if r['spent'] is None else format(r['spent'], '.2f')} | {r['e2p_ppl']:.2f} | "
+        print(f"| {r['epsilon']} / {'-' if r['spent'] is None else format(r['spent'], '.2f')} | {r['where']} | "
+              f"{r['person_scale']} | {r['e2p_ppl']:.2f} | "
               f"{r['shared_ppl']:.2f} | {r['change'] * 100:+.2f}% [{r['ci95'][0] * 100:+.2f}, {r['ci95'][1] * 100:+.2f}] | "
               f"{fmt(r['auc'].get('loss'))} | {fmt(r['auc'].get('calibrated'))} |")
     import matplotlib
@@ -48,7 +57,7 @@ def main() -> None:
     ax.axhline(0, color="k", lw=1, ls="--")
     ax.set_xticks(xs, [f"eps {r['epsilon']}" if r["epsilon"] != "none" else "no DP" for r in rows])
     ax.set_ylabel("e2p vs shared_prefix perplexity, % (lower: better)")
-    ax.set_title("PENS text profile, unseen users: utility against epsilon")
+    ax.set_title(f"PENS, users never trained on ({rows[0]['where']}): utility against epsilon")
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=100)

@@ -28,14 +28,16 @@ def _scaled_recipe(args, **overrides):
     slots = getattr(args, "embedding_slots", 1)
     if slots > 1 and args.prefix_tokens not in (1, slots):
         raise E2PError(f"--embedding-slots {slots} gives one prefix token per slot: leave --prefix-tokens out")
+    # flags only `e2p train` has: where a command lacks one, RecipeConfig's own default holds (one place for it)
+    train_only = {name: getattr(args, name) for name in ("person_map", "max_train_users", "lora_rank", "lora_lr")
+                  if getattr(args, name, None) is not None}
+    if getattr(args, "lora_targets", None):
+        train_only["lora_targets"] = args.lora_targets.split(",")
     cfg = RecipeConfig(injection=args.injection, num_prefix_tokens=slots if slots > 1 else args.prefix_tokens,
                        seed=args.seed, prefix_position=args.prefix_position, batch_size=args.batch_size,
                        text_steps=args.text_steps, val_examples=args.val_examples,
                        hidden_dims=_hidden_dims(args.hidden_dims), dropout=args.dropout, embedding_slots=slots,
-                       person_map=getattr(args, "person_map", "mlp"),
-                       max_train_users=getattr(args, "max_train_users", None), lora_rank=getattr(args, "lora_rank", 0),
-                       lora_targets=getattr(args, "lora_targets", "q_proj,v_proj").split(","),
-                       lora_lr=getattr(args, "lora_lr", 3e-4), **overrides)
+                       **train_only, **overrides)
     if args.steps is not None:  # --steps N: total over the stages that run, keeping the recipe's proportions
         stages = ["e2p_steps"] if getattr(args, "shared_from", None) else ["shared_steps", "e2p_steps"]
         total = sum(getattr(cfg, s) for s in stages) + 2 * cfg.text_steps + (2 * cfg.e2p_steps if cfg.lora_rank else 0)
@@ -180,7 +182,8 @@ def cmd_eval(args) -> None:
     users, examples, encoder = _command_data(args, training=False, config=config)
     backbone = _backbone(args)
     evaluate_examples(backbone, users, examples, args.projector, args.out, generate=args.generate,
-                      batch_size=args.batch_size, seed=args.seed, encoder=encoder, engine=_eval_engine(args, backbone))
+                      batch_size=args.batch_size, seed=args.seed, encoder=encoder, engine=_eval_engine(args, backbone),
+                      only=[c.strip() for c in args.conditions.split(",") if c.strip()] if args.conditions else None)
     print((Path(args.out) / "REPORT.md").read_text())
 
 
@@ -369,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--encoder", default=None,
                    help="with --data: the text encoder for persona embeddings (default: the projector's)")
     add_engine_arguments(e)
+    e.add_argument("--conditions", default=None,
+                   help="comma-separated conditions to score (default: all the projector supports, e.g. "
+                        "none,shared_prefix,shuffled,e2p,text)")
     e.add_argument("--people-half", type=int, choices=[0, 1], default=None,
                    help="evaluate only one of two disjoint halves of the people (by id parity)")
     e.set_defaults(func=cmd_eval)

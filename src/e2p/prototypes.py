@@ -9,7 +9,6 @@ embeddings are (docs/privacy.md).
 """
 from __future__ import annotations
 
-import logging
 import random
 from pathlib import Path
 from typing import Sequence
@@ -20,10 +19,9 @@ import torch
 from .data.contract import Example, UserTable
 from .distributed import is_main_process
 from .errors import DataError
-from .model import E2PModel, new_config
+from .model import new_config
 from .projector import Projector, unit_rows
 
-log = logging.getLogger(__name__)
 
 TEMPERATURES = (0.02, 0.05, 0.1, 0.2, 0.5)  # the grid calibration picks from (with the person scales)
 
@@ -74,25 +72,3 @@ def train_prototypes(backbone, examples: Sequence[Example], users: UserTable, sh
     if is_main_process():
         mixed.save_pretrained(out_dir)
     return mixed
-
-
-def calibrate_prototypes(backbone, projector: Projector, items, table: torch.Tensor, scales: Sequence[float],
-                         evaluate_loss) -> dict:
-    """Set the temperature and person scale with the lowest loss on validation users' `items` (scale 0, the shared
-    prefix, is always a candidate, so calibration can only move toward the control)."""
-    model = E2PModel(backbone, projector)
-    losses: dict[str, float] = {}
-    best, best_loss = (TEMPERATURES[0], 0.0), float("inf")
-    for temperature in TEMPERATURES:
-        for scale in sorted({0.0, *scales}):
-            if scale == 0.0 and temperature != TEMPERATURES[0]:
-                continue  # scale 0 is the shared prefix at any temperature
-            projector.config.prototype_temperature, projector.config.person_scale = temperature, scale
-            loss = evaluate_loss(model, items, table)
-            losses[f"{temperature}/{scale}"] = loss
-            if loss < best_loss:
-                best, best_loss = (temperature, scale), loss
-    projector.config.prototype_temperature, projector.config.person_scale = best
-    log.info("prototype temperature %s, person_scale %s (validation loss %.4f)", *best, best_loss)
-    return {"chosen": best[1], "temperature": best[0], "validation_loss": losses, "items": len(items),
-            "keys": "temperature/person_scale"}

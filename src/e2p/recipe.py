@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .calibration import calibrate_person_scale, calibrate_prototypes
 from .config import SPLIT_FILE
 from .data.contract import Example, UserTable
 from .distributed import barrier, is_main_process
@@ -28,7 +29,7 @@ from .errors import DataError
 from .model import E2PModel, new_config, token_keys_values
 from .projector import Projector, embedding_center
 from .privacy import DPPlan, PrivacyError, plan, resolve_delta, spent
-from .train import Item, Objective, TrainConfig, evaluate_loss, train_projector
+from .train import Item, Objective, TrainConfig, train_projector
 
 log = logging.getLogger(__name__)
 
@@ -69,27 +70,31 @@ class RecipeConfig:
     lora_alpha: float | None = None  # default 2 x rank (the update's scale alpha / rank is then 2)
     lora_lr: float = 3e-4  # the adapter's learning rate in every stage (the prefix and person part keep theirs)
 
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Refuse, by name and before anything loads, the combinations the recipe cannot train."""
+        if self.person_map not in ("mlp", "prototypes"):
+            raise DataError(f"person_map must be 'mlp' or 'prototypes', got {self.person_map!r}")
+        if self.person_map == "prototypes" and self.text_steps > 0:
+            raise DataError("--text-steps trains an MLP person part with the text; prototype mixing has none: leave "
+                            "--text-steps out with --person-map prototypes")
+        if self.dp_epsilon is not None and self.person_map == "prototypes":
+            raise PrivacyError("prototype mixing keeps each training user's own person part in the projector, which "
+                               "DP-SGD cannot cover: train the default person map under --dp-epsilon")
+        if self.dp_epsilon is not None and (self.contrastive_weight > 0 or self.text_steps > 0):
+            raise PrivacyError("--dp-epsilon covers the shared_prefix and e2p stages only: train without "
+                               "--text-steps and with contrastive_weight 0")
+        from .lora_controls import check_recipe
+
+        check_recipe(self)  # what a shared adapter cannot be trained with
+
 
 def sample_examples(examples: list, n: int, seed: int) -> list:
     if len(examples) <= n:
         return list(examples)
     return random.Random(seed).sample(examples, n)
-
-
-def calibrate_person_scale(backbone, projector: Projector, items: list[Item], table: torch.Tensor,
-                           scales: list[float]) -> dict:
-    """Set projector.config.person_scale to the scale with the lowest loss on `items` (validation people).
-
-    The shared prefix (scale 0) is always a candidate, so calibration can only move E2P toward its control."""
-    model = E2PModel(backbone, projector)
-    losses = {}
-    for scale in sorted({0.0, *scales}):
-        projector.config.person_scale = scale
-        losses[scale] = evaluate_loss(model, items, table)
-    best = min(losses, key=losses.get)
-    projector.config.person_scale = best
-    log.info("person_scale %s (validation loss by scale: %s)", best, {k: round(v, 4) for k, v in losses.items()})
-    return {"chosen": best, "validation_loss": {str(k): v for k, v in losses.items()}, "items": len(items)}
 
 
 def init_shared(backbone, projector: Projector, text: str = "Persona:") -> None:
@@ -167,25 +172,12 @@ def train_prefix_stages(backbone, examples: Sequence[Example], users: UserTable 
     total_steps = (cfg.shared_steps if train_shared else 0) + (cfg.e2p_steps * (3 if cfg.lora_rank else 1) if table is not None else 0)
     report: dict = {"train_items": len(examples), "train_people": len({ex.user for ex in examples}), "stages": {},
                     "shared_dir": None, "e2p_dir": None}
-    if cfg.person_map not in ("mlp", "prototypes"):
-        raise DataError(f"person_map must be 'mlp' or 'prototypes', got {cfg.person_map!r}")
-    if cfg.person_map == "prototypes" and cfg.text_steps > 0:
-        raise DataError("--text-steps trains an MLP person part with the text; prototype mixing has none: leave "
-                        "--text-steps out with --person-map prototypes")
-    from .lora_controls import check_recipe
-
-    check_recipe(cfg)  # what a shared adapter cannot be trained with
+    cfg.check()  # again: a config changed after it was made
     dp, delta = None, None
     if cfg.dp_epsilon is not None:
         if not train_shared:
             raise PrivacyError("--shared-from reuses a shared prefix trained outside this run's privacy budget: "
                                "leave it out under --dp-epsilon, so the shared prefix is trained with DP-SGD too")
-        if cfg.person_map == "prototypes":
-            raise PrivacyError("prototype mixing keeps each training user's own person part in the projector, which "
-                               "DP-SGD cannot cover: train the default person map under --dp-epsilon")
-        if cfg.contrastive_weight > 0 or cfg.text_steps > 0:
-            raise PrivacyError("--dp-epsilon covers the shared_prefix and e2p stages only: train without "
-                               "--text-steps and with contrastive_weight 0")
         n_users = report["train_people"]
         delta = resolve_delta(cfg.dp_epsilon, cfg.dp_delta, n_users)
         dp = plan(cfg.dp_epsilon, delta, n_users, cfg.batch_size, total_steps, cfg.dp_max_grad_norm,
@@ -348,10 +340,10 @@ def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: Recip
     if len(cfg.person_scales) > 1 or e2p.config.prototypes:
         items = example_items(backbone, e2p, sample_examples(calib, 2 * cfg.val_examples, cfg.seed + 11), users.index, cfg)
         if e2p.config.prototypes:
-            from .prototypes import calibrate_prototypes
+            from .prototypes import TEMPERATURES
 
             report["person_scale"] = calibrate_prototypes(backbone, e2p, items, users.tensor(), cfg.person_scales,
-                                                          evaluate_loss)
+                                                          TEMPERATURES)
         else:
             report["person_scale"] = calibrate_person_scale(backbone, e2p, items, users.tensor(), cfg.person_scales)
         if "adapter" in report:  # the shuffled control trained alike is calibrated alike

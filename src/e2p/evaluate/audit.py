@@ -154,7 +154,8 @@ def _identify(backbone, conds, examples, users, config, members, inside: bool, c
     m = generation_metrics(s["generations"], exs, encoder)
     info = m.get("_identification") or {"users": len(chosen), "chance": 1 / max(len(chosen), 1), "generations": 0}
     return {"candidates": info["users"], "chance": info["chance"], "replies": info["generations"],
-            "accuracy": {name: m[name].get("identification") for name in s["generations"]}}
+            "accuracy": {name: m[name].get("identification") for name in s["generations"]},
+            "accuracy_style": {name: m[name].get("identification_style") for name in s["generations"]}}
 
 
 def report_markdown(r: dict) -> str:
@@ -177,12 +178,15 @@ def report_markdown(r: dict) -> str:
     if r["identification"]:
         lines += ["", "## What replies reveal", "",
                   "Share of greedy replies closer (text-encoder cosine) to their own user's other targets than to each "
-                  "other candidate's: an attacker who sees a reply picks its author among N candidates.", "",
-                  "| candidates | N | chance | e2p | shared_prefix |", "|---|---|---|---|---|"]
+                  "other candidate's: an attacker who sees a reply picks its author among N candidates; by text and "
+                  "style, the same with the reply's writing style joined to the text vector.", "",
+                  "| candidates | N | chance | e2p | shared_prefix | e2p (text+style) | shared_prefix (text+style) |",
+                  "|---|---|---|---|---|---|---|"]
         f = lambda x: "-" if x is None else f"{x:.3f}"
         for group, v in r["identification"].items():
+            style = v.get("accuracy_style", {})
             lines.append(f"| {group} users | {v['candidates']} | {v['chance']:.3f} | {f(v['accuracy'].get('e2p'))} | "
-                         f"{f(v['accuracy'].get('shared_prefix'))} |")
+                         f"{f(v['accuracy'].get('shared_prefix'))} | {f(style.get('e2p'))} | {f(style.get('shared_prefix'))} |")
     return "\n".join(lines) + "\n"
 
 

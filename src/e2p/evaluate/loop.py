@@ -31,7 +31,7 @@ from ..errors import ConfigError
 from ..model import E2PModel
 from ..projector import Projector
 from ..scoring import Item, derangement, row_losses
-from .compare import compare, identification_accuracy
+from .compare import compare
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +140,12 @@ def _costs(model: E2PModel, rows, reads_user: bool) -> dict:
 
 
 def generation_metrics(generations: dict[str, list[str]], examples: list[Example], encoder=None) -> dict:
-    """ROUGE-1/2/L against each example's own target and identification accuracy: how often a generation is closer
-    (all-MiniLM-L6-v2 cosine) to its own user's reference than to every other evaluated user's. The reference is
-    the user's profile_text when every example has one, else the mean of the user's *other* targets (a user
-    with one example cannot be identified and is left out)."""
+    """ROUGE-1/2/L against each example's own target and identification (e2p.evaluate.identification): how often
+    a generation is closer to its own user's reference than to every other evaluated user's, read by text alone
+    (`identification`, all-MiniLM-L6-v2 cosine to the profile text or the user's other targets) and by text and
+    writing style (`identification_style`, against the user's other targets), each with a 95% interval over users."""
     from ..metrics import rouge
+    from .identification import identify
 
     if not generations:
         return {}
@@ -153,56 +154,22 @@ def generation_metrics(generations: dict[str, list[str]], examples: list[Example
     out: dict = {name: rouge(texts, [ex.target for ex in shown]) for name, texts in generations.items()}
     if encoder is None:
         return out
-    users = sorted({ex.user for ex in examples})
-    col = {u: i for i, u in enumerate(users)}
-    profiles = all(ex.profile_text for ex in examples)
-    if profiles:
-        first = {}
-        for ex in examples:
-            first.setdefault(ex.user, ex.profile_text)
-        refs = _unit(encoder.encode([first[u] for u in users]))
-        keep = list(range(n))
-    else:
-        targets = _unit(encoder.encode([ex.target for ex in examples]))
-        sums = np.zeros((len(users), targets.shape[1]), np.float32)
-        sizes = np.zeros(len(users))
-        for ex, t in zip(examples, targets):
-            sums[col[ex.user]] += t
-            sizes[col[ex.user]] += 1
-        keep = [i for i in range(n) if sizes[col[shown[i].user]] > 1]
-        refs = np.stack([_unit(_without(sums, col[shown[i].user], targets[i])) for i in keep]) if keep else None
-    own = np.array([col[shown[i].user] for i in keep])
-    for name, texts in generations.items():
-        g = _unit(encoder.encode([texts[i] for i in keep])) if keep else np.zeros((0, 1))
-        if not keep:
-            sim = np.zeros((0, len(users)))
-        elif profiles:
-            sim = g @ refs.T
-        else:  # leave-one-out: [N, U, D] references, the user's own never containing the target being generated
-            sim = np.einsum("nud,nd->nu", refs, g)
-        out[name]["identification"] = identification_accuracy(sim, own)
-    out["_identification"] = {"users": len(users), "chance": 1 / len(users), "generations": len(keep),
-                              "reference": "profile_text" if profiles else "the user's other targets"}
+    by_text, info = identify(generations, examples, encoder, "text")
+    by_style, style_info = identify(generations, examples, encoder, "text+style")
+    for name in generations:
+        out[name].update(by_text[name])
+        out[name]["identification_style"] = by_style[name]["identification"]
+        out[name]["identification_style_ci95"] = by_style[name]["identification_ci95"]
+    out["_identification"] = {**info, "style": style_info}
     return out
-
-
-def _without(sums: np.ndarray, row: int, vector: np.ndarray) -> np.ndarray:
-    """`sums` with `vector` taken out of one user's row: that user's reference without the generated example."""
-    out = sums.copy()
-    out[row] -= vector
-    return out
-
-
-def _unit(x) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def evaluate_examples(backbone, users: UserTable, examples: list[Example], projector_dir: str | Path,
                       out_dir: str | Path | None = None, *, conditions: list[Condition] | None = None,
                       limit: int | None = None, generate: int = 64, max_target_tokens: int | None = None,
                       batch_size: int = 16, seed: int = 0, encoder=None, progress: bool = True,
-                      baselines: dict | None = None, pairs: list[tuple[str, str]] | None = None, engine=None) -> dict:
+                      baselines: dict | None = None, pairs: list[tuple[str, str]] | None = None, engine=None,
+                      only: list[str] | None = None) -> dict:
     """Every condition the projector folder supports, on the same examples of unseen users: perplexity on
     target tokens, paired 95% intervals over users, ROUGE-1/2/L and identification of greedy generations.
     Writes results.json, REPORT.md and plots to `out_dir` when given. `encoder`: for identification
@@ -210,7 +177,8 @@ def evaluate_examples(backbone, users: UserTable, examples: list[Example], proje
     projector config's (what it was trained with). `baselines`: {name: fn(example) -> text},
     texts scored like generations (no perplexity), e.g. copying a headline the prompt quotes. `pairs`: the
     comparisons (default: the standard ones present). `engine`: how each condition's model is made, e.g.
-    `e2p.engines.llamacpp.LlamaCppModel.factory(backend)` (default: the torch E2PModel)."""
+    `e2p.engines.llamacpp.LlamaCppModel.factory(backend)` (default: the torch E2PModel). `only`: score just these
+    condition names (e.g. skip the slow text conditions)."""
     from .report import write_report
 
     projector_dir = resolve_projector(projector_dir)
@@ -218,6 +186,12 @@ def evaluate_examples(backbone, users: UserTable, examples: list[Example], proje
     examples = _interleave_users(examples, seed)  # generations spread over users, not the first few
     with_text = all(ex.profile_text for ex in examples)
     conditions = conditions or conditions_for(projector_dir, with_text)
+    if only:
+        unknown = sorted(set(only) - {c.name for c in conditions})
+        if unknown:
+            raise ConfigError(f"condition(s) {', '.join(unknown)} not available here; this projector and these examples "
+                              f"support: {', '.join(c.name for c in conditions)}")
+        conditions = [c for c in conditions if c.name in only]
     plain = E2PConfig.load(projector_dir)
     max_target_tokens = max_target_tokens or plain.max_target_tokens  # as the projector was trained
     scores = run_conditions(backbone, conditions, examples, users, plain_config=plain, max_target_tokens=max_target_tokens,

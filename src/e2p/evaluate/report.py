@@ -16,13 +16,17 @@ def report_markdown(results: dict) -> str:
         f"{results['examples']} targets of {results['users']} users never trained on, {results['target_tokens']} target "
         f"tokens; projector `{results['projector']}` (person_scale {results.get('person_scale')}).", "",
         f"**Verdict:** {results['verdict']['text']}", "",
-        "| condition | perplexity | ROUGE-1 | ROUGE-2 | ROUGE-L | identification | tokens/request | bytes/user |",
-        "|---|---|---|---|---|---|---|---|",
+        "| condition | perplexity | ROUGE-1 | ROUGE-2 | ROUGE-L | identification (text) | identification (text+style) "
+        "| tokens/request | bytes/user |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     cell = lambda c, k, f=".3f": format(c[k], f) if c.get(k) is not None else "-"
+    ci = lambda c, k: (f"{c[k]:.3f} [{c[k + '_ci95'][0]:.3f}, {c[k + '_ci95'][1]:.3f}]" if c.get(k + "_ci95")
+                       else cell(c, k))
     for name, c in results["conditions"].items():
         lines.append(f"| {name} | {cell(c, 'perplexity')} | {cell(c, 'rouge1')} | {cell(c, 'rouge2')} | "
-                     f"{cell(c, 'rougeL')} | {cell(c, 'identification')} | {cell(c, 'tokens_per_request', '.1f')} | "
+                     f"{cell(c, 'rougeL')} | {ci(c, 'identification')} | {ci(c, 'identification_style')} | "
+                     f"{cell(c, 'tokens_per_request', '.1f')} | "
                      f"{cell(c, 'bytes_per_user', 'd')} |")
     adapted = [name for name, c in results["conditions"].items() if c.get("adapter_parameters")]
     if adapted:  # the shared LoRA adapter (e2p train --lora-rank): a cost once per deployment, not per user
@@ -33,7 +37,9 @@ def report_markdown(results: dict) -> str:
     if ident:
         lines += ["", f"Identification: share of {ident['generations']} greedy generations closer (all-MiniLM-L6-v2 cosine) "
                       f"to their own user's reference ({ident['reference']}) than to each of the other "
-                      f"{ident['users'] - 1} users'; chance is {ident['chance']:.3f}."]
+                      f"{ident['users'] - 1} users'; chance is {ident['chance']:.3f}. By text and style: the same "
+                      "text vector joined with the writing style (capitalisation, length, punctuation), against each "
+                      "user's other targets; 95% intervals over users."]
     lines += ["", "## Paired comparisons (95% interval from a bootstrap over users)", "",
               "| comparison | perplexity change | 95% interval |", "|---|---|---|"]
     for key, v in results["comparisons"].items():
