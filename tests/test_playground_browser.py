@@ -131,12 +131,25 @@ def test_two_users_and_the_plain_backbone_fill_with_what_the_api_answers(server,
     user_id = browser.find_element(By.ID, "user-id")
     user_id.send_keys("alice" + Keys.ENTER)  # by id, with the keyboard
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '.chip[data-user="alice"]'))
-    point = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, 'circle[data-user="bob"]'))[0]
-    assert (point.get_attribute("tabindex"), point.get_attribute("role")) == ("0", "button")
-    browser.execute_script("arguments[0].focus()", point)  # on the map, by the keyboard: focus, then Enter
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, 'circle[data-user="bob"]'))
+    stops = "return [...document.querySelectorAll('#map circle')].filter(c => c.tabIndex === 0).map(c => c.dataset.user)"
+    assert browser.execute_script(stops) == ["alice"]  # the whole map is one Tab stop, held by the chosen user
+    on_map = lambda d: d.execute_script("const a = document.activeElement; return a && a.closest('#map') ? a.dataset.user : null")
+    browser.find_element(By.ID, "profile").click()
+    ActionChains(browser).send_keys(Keys.TAB).perform()  # on the map, by the keyboard: Tab, arrows, then Enter
+    assert wait(browser, on_map) == "alice"
+    for _ in USERS:
+        if on_map(browser) == "bob":
+            break
+        ActionChains(browser).send_keys(Keys.ARROW_RIGHT).perform()
+    assert on_map(browser) == "bob"
     ActionChains(browser).send_keys(Keys.ENTER).perform()
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '.chip[data-user="bob"]'))
     wait(browser, lambda d: "chosen" in d.find_element(By.CSS_SELECTOR, 'circle[data-user="bob"]').get_attribute("class"))
+    assert on_map(browser) == "bob"  # the redraw gave the focus back to the same point
+    for present in (True, False):  # and with the mouse: a click on carol's point picks her, a second drops her
+        ActionChains(browser).click(browser.find_element(By.CSS_SELECTOR, 'circle[data-user="carol"]')).perform()
+        wait(browser, lambda d: bool(d.find_elements(By.CSS_SELECTOR, '.chip[data-user="carol"]')) == present)
     rows = browser.find_element(By.ID, "admin-users").text
     assert all(u in rows for u in USERS) and "version" in rows
 

@@ -28,6 +28,7 @@ export function renderUsers(tbody, page, chosen, onPick) {
     const picked = chosen.has(row.user);
     button.textContent = picked ? "Drop" : "Pick";
     button.setAttribute("aria-label", `${picked ? "Drop" : "Pick"} user ${row.user}`);
+    button.dataset.user = row.user;  // so a redraw can give focus back to the same row's button
     button.addEventListener("click", () => onPick(row.user));
     td.append(button);
     tr.append(td);
@@ -39,8 +40,12 @@ export async function loadMap() {
   return call("GET", "/v1/users/map?limit=2000");
 }
 
-export function renderMap(svg, map, chosen, onPick) {
+// One Tab stop for the whole map (a roving tabindex): Tab reaches the map once, the arrow keys move between its
+// points, Enter or Space picks or drops the focused one. `focusUser`: the point that holds the Tab stop.
+export function renderMap(svg, map, chosen, onPick, focusUser = null) {
   svg.replaceChildren();
+  const stop = map.points.some((p) => p.user === focusUser) ? focusUser
+    : (map.points.find((p) => chosen.has(p.user)) || map.points[0] || {}).user;
   const [width, height, pad] = [320, 220, 14];
   const xs = map.points.map((p) => p.x);
   const ys = map.points.map((p) => p.y);
@@ -59,12 +64,19 @@ export function renderMap(svg, map, chosen, onPick) {
     const title = document.createElementNS(SVG, "title");
     title.textContent = point.user;
     circle.append(title);
-    circle.setAttribute("tabindex", "0");  // keyboard: Tab reaches every point, Enter or Space picks it
+    circle.setAttribute("tabindex", point.user === stop ? "0" : "-1");
     circle.setAttribute("role", "button");
-    circle.setAttribute("aria-label", `pick user ${point.user}`);
+    circle.setAttribute("aria-label", `${chosen.has(point.user) ? "drop" : "pick"} user ${point.user}`);
     circle.addEventListener("click", () => onPick(point.user));
     circle.addEventListener("keydown", (event) => {
-      if (event.key === "Enter" || event.key === " ") { event.preventDefault(); onPick(point.user); }
+      if (event.key === "Enter" || event.key === " ") { event.preventDefault(); onPick(point.user); return; }
+      const step = { ArrowRight: 1, ArrowDown: 1, ArrowLeft: -1, ArrowUp: -1 }[event.key];
+      if (!step) return;
+      event.preventDefault();
+      const all = [...svg.querySelectorAll("circle.point")];
+      const next = all[(all.indexOf(circle) + step + all.length) % all.length];
+      for (const c of all) c.setAttribute("tabindex", c === next ? "0" : "-1");
+      next.focus();
     });
     if (chosen.has(point.user)) later.push([circle, point]);
     else svg.append(circle);

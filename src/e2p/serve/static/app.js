@@ -6,6 +6,8 @@ import { Column } from "./columns.js";
 import { loadMap, loadUsers, renderMap, renderUsers } from "./admin.js";
 
 const MAX_USERS = 4;
+const MAP_HELP = "PCA of the users' embeddings, computed on the server. Click a point to pick or drop that user; " +
+  "keyboard: Tab reaches the map, the arrow keys move between points, Enter or Space picks or drops one.";
 const $ = (id) => document.getElementById(id);
 const state = { card: null, chosen: new Map(), columns: [], columnsKey: "", running: null, map: null, page: null,
                 adminPrefix: "", adminAfter: [], embedded: { text: null, vector: null } };
@@ -108,6 +110,10 @@ async function addUser(id) {
     keyTrouble(err);
     return;
   }
+  if (state.chosen.size >= MAX_USERS) {  // again: other picks may have landed while this one was checked
+    status.textContent = `at most ${MAX_USERS} users: remove one first`;
+    return;
+  }
   state.chosen.set(id, true);
   status.textContent = `added ${id}`;
   renderChosen();
@@ -140,8 +146,16 @@ function renderChosen() {
     li.append(name, remove);
     return li;
   }));
-  if (state.map) renderMap($("map"), state.map, state.chosen, toggleUser);
+  // a redraw replaces the map's points and the table's buttons: focus goes back to the same user's element
+  const active = document.activeElement;
+  const focused = active && active.dataset ? active.dataset.user : undefined;
+  const where = focused === undefined ? null : active.closest("#map") ? "#map circle" : active.closest("#admin-users") ? "#admin-users button" : null;
+  if (state.map) renderMap($("map"), state.map, state.chosen, toggleUser, where === "#map circle" ? focused : null);
   if (state.page) renderUsers($("admin-users").tBodies[0], state.page, state.chosen, toggleUser);
+  if (where) {
+    const again = [...document.querySelectorAll(where)].find((el) => el.dataset.user === focused);
+    if (again) again.focus();
+  }
 }
 
 let suggestTimer = null;
@@ -191,6 +205,7 @@ async function refreshMap() {
   try {
     state.map = await loadMap();
     renderMap($("map"), state.map, state.chosen, toggleUser);
+    $("map-desc").textContent = MAP_HELP;
   } catch (err) {
     $("map-desc").textContent = `cannot draw the map: ${err.message}`;
   }
@@ -276,7 +291,7 @@ async function sendMessage() {
   state.running = null;
   $("send").disabled = false;
   $("stop").disabled = true;
-  $("message").value = "";
+  if (results.some((r) => r.status === "fulfilled")) $("message").value = "";  // a message nobody answered stays
   $("message").focus();
 }
 

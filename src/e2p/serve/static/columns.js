@@ -46,6 +46,14 @@ export class Column {
       this.stats.textContent = describe(result);
       this.root.dataset.state = "done";
     } catch (err) {
+      // what stays on screen is what the next request sends: a cut reply stays (marked) in the history, and a
+      // turn without any reply leaves both, so the conversation never holds a turn the user cannot see
+      if (reply.textContent) {
+        reply.classList.add("cut");
+        this.history.push({ role: "user", content: message }, { role: "assistant", content: reply.textContent });
+      } else {
+        asked.remove();
+      }
       this.fail(err.name === "AbortError" ? "stopped" : err.message, reply);
       if (err.name !== "AbortError") throw err;
     }
