@@ -10,18 +10,22 @@ import math
 import numpy as np
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, counts: np.ndarray, groups: list[str], n: int = 1000, seed: int = 0):
-    """Relative perplexity change b->a ((ppl_a / ppl_b) - 1) with a 95% interval, resampling people."""
+def resampled_users(groups: list[str], n: int = 1000, seed: int = 0):
+    """`n` bootstrap draws of row indices: users (groups) drawn with replacement, each with all of their rows."""
     rng = np.random.default_rng(seed)
     uniq = sorted(set(groups))
     members = {g: [] for g in uniq}
     for i, g in enumerate(groups):
         members[g].append(i)
     idx_lists = [np.array(members[g]) for g in uniq]
-    diffs = []
     for _ in range(n):
-        pick = np.concatenate([idx_lists[j] for j in rng.integers(0, len(uniq), len(uniq))])
-        diffs.append(math.exp((a[pick].sum() - b[pick].sum()) / counts[pick].sum()) - 1)
+        yield np.concatenate([idx_lists[j] for j in rng.integers(0, len(uniq), len(uniq))])
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, counts: np.ndarray, groups: list[str], n: int = 1000, seed: int = 0):
+    """Relative perplexity change b->a ((ppl_a / ppl_b) - 1) with a 95% interval, resampling people."""
+    diffs = [math.exp((a[pick].sum() - b[pick].sum()) / counts[pick].sum()) - 1
+             for pick in resampled_users(groups, n, seed)]
     return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .compare import resampled_users
+
 READERS = ("text", "text+style")
 
 
@@ -89,13 +91,7 @@ def identify(generations: dict[str, list[str]], examples: list, encoder, reader:
 
 def user_interval(values: np.ndarray, groups: list[str], seed: int = 0, n: int = 1000) -> list[float]:
     """95% percentile interval of the mean of `values`, resampling groups (users) with all their rows."""
-    rng = np.random.default_rng(seed)
-    uniq = sorted(set(groups))
-    rows = {g: [] for g in uniq}
-    for i, g in enumerate(groups):
-        rows[g].append(i)
-    idx = [np.array(rows[g]) for g in uniq]
-    means = [values[np.concatenate([idx[j] for j in rng.integers(0, len(uniq), len(uniq))])].mean() for _ in range(n)]
+    means = [values[pick].mean() for pick in resampled_users(groups, n, seed)]
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
