@@ -48,3 +48,19 @@ def test_the_interval_resamples_users_not_rows():
     lo, hi = user_interval(values, ["a"] * 10 + ["b"], seed=0)
     assert lo == 0.0 and hi == 1.0
     assert user_interval(np.ones(6), list("aabbcc")) == [1.0, 1.0]
+
+
+def test_paired_identification_compares_conditions_on_the_same_generations(minilm):
+    """e2p's replies in each author's own style, the shuffled control's swapped: the paired difference is +1 for
+    every user, with its interval over users, and each generation's hit is kept for re-analysis."""
+    examples = [Example("title", "hi", h) for h in TITLE] + [Example("lower", "hi", h) for h in LOWER]
+    title, lower = "Weather Service Warns Of Cold Weekend", "weather service warns of cold weekend."
+    replies = {"e2p": [title] * 4 + [lower] * 4, "shuffled": [lower] * 4 + [title] * 4,
+               "shared_prefix": [title] * 8}
+    _, info = identify(replies, examples, minilm, "text+style")
+    vs_shuffled, vs_shared = info["paired"]["e2p_vs_shuffled"], info["paired"]["e2p_vs_shared_prefix"]
+    assert vs_shuffled["difference"] == 1.0 and vs_shuffled["ci95"] == [1.0, 1.0]
+    assert vs_shuffled["users_higher"] == 2 and vs_shuffled["users_lower"] == 0
+    assert vs_shared["difference"] == 0.5 and vs_shared["users_higher"] == 1 and vs_shared["users_lower"] == 0
+    assert info["hits"]["shuffled"] == [0] * 8 and len(info["generation_users"]) == 8
+    assert "e2p_vs_shuffled" not in identify({"e2p": replies["e2p"]}, examples, minilm, "text+style")[1]["paired"]

@@ -6,6 +6,8 @@ one (else the user's other targets). `text+style`: the same unit text vector joi
 norm), against each user's *other targets* (leave-one-out). The second exists because an uncased, mean-pooled
 encoder cannot see what a prefix carrying the person changes most (Title Case against sentence case, length):
 a reader that misses the signal would report it as absent. Intervals resample users, as everywhere in e2p.
+Conditions generated for the same targets are also compared pairwise (`paired`: e2p's hits minus a control's on the
+same generations, resampling users), which removes how identifiable each user is from the difference.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import numpy as np
 from .compare import resampled_users
 
 READERS = ("text", "text+style")
+PAIRED = (("e2p", "shuffled"), ("e2p", "shared_prefix"))  # the person against the controls that carry none
 
 
 class TextStyleEncoder:
@@ -74,7 +77,7 @@ def identify(generations: dict[str, list[str]], examples: list, encoder, reader:
         refs = np.stack([_unit(_without(sums, col[shown[i].user], targets[i])) for i in keep]) if keep else None
     own = np.array([col[shown[i].user] for i in keep], dtype=int)
     who = [shown[i].user for i in keep]
-    out = {}
+    out, hits_of = {}, {}
     for name, texts in generations.items():
         if not keep:
             out[name] = {"identification": float("nan"), "identification_ci95": [float("nan")] * 2}
@@ -83,10 +86,30 @@ def identify(generations: dict[str, list[str]], examples: list, encoder, reader:
         # profile references are [U, D]; leave-one-out ones [N, U, D], the user's own never holding the target
         sim = g @ refs.T if profiles else np.einsum("nud,nd->nu", refs, g)
         hits = (sim.argmax(1) == own).astype(float)
+        hits_of[name] = hits
         out[name] = {"identification": float(hits.mean()), "identification_ci95": user_interval(hits, who, seed)}
     info = {"users": len(users), "chance": 1 / len(users), "generations": len(keep), "reader": reader,
-            "reference": "profile_text" if profiles else "the user's other targets"}
+            "reference": "profile_text" if profiles else "the user's other targets",
+            "paired": paired_identification(hits_of, who, seed),
+            "generation_users": who, "hits": {name: h.astype(int).tolist() for name, h in hits_of.items()}}
     return out, info
+
+
+def paired_identification(hits: dict[str, np.ndarray], users: list[str], seed: int = 0) -> dict:
+    """For each (a, b) of PAIRED present: accuracy a minus b on the same generations, its 95% interval over users
+    (the same draws for both), and how many users a identifies more often and less often than b."""
+    out = {}
+    for a, b in PAIRED:
+        if a in hits and b in hits and len(users):
+            diff = hits[a] - hits[b]
+            per_user: dict = {}
+            for u, d in zip(users, diff):
+                per_user.setdefault(u, []).append(d)
+            means = [float(np.mean(v)) for v in per_user.values()]
+            out[f"{a}_vs_{b}"] = {"difference": float(diff.mean()), "ci95": user_interval(diff, users, seed),
+                                  "users_higher": sum(m > 0 for m in means), "users_lower": sum(m < 0 for m in means),
+                                  "users": len(means)}
+    return out
 
 
 def user_interval(values: np.ndarray, groups: list[str], seed: int = 0, n: int = 1000) -> list[float]:

@@ -40,6 +40,15 @@ def report_markdown(results: dict) -> str:
                       f"{ident['users'] - 1} users'; chance is {ident['chance']:.3f}. By text and style: the same "
                       "text vector joined with the writing style (capitalisation, length, punctuation), against each "
                       "user's other targets; 95% intervals over users."]
+        paired = [(reader, key, v) for reader, info in (("text", ident), ("text+style", ident.get("style") or {}))
+                  for key, v in (info.get("paired") or {}).items()]
+        if paired:
+            lines += ["", "Paired on the same generations (hits of a minus hits of b; users where a identifies more "
+                          "/ less often):", "", "| reader | comparison | difference | 95% interval | users higher / lower |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {reader} | {key.replace('_vs_', ' vs ')} | {v['difference']:+.3f} | "
+                      f"[{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] | {v['users_higher']} / {v['users_lower']} of "
+                      f"{v['users']} |" for reader, key, v in paired]
     lines += ["", "## Paired comparisons (95% interval from a bootstrap over users)", "",
               "| comparison | perplexity change | 95% interval |", "|---|---|---|"]
     for key, v in results["comparisons"].items():
