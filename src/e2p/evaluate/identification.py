@@ -100,7 +100,7 @@ def paired_identification(hits: dict[str, np.ndarray], users: list[str], seed: i
     (the same draws for both), and how many users a identifies more often and less often than b."""
     out = {}
     for a, b in PAIRED:
-        if a in hits and b in hits and len(users):
+        if a in hits and b in hits:  # filled only when some generation was scored
             diff = hits[a] - hits[b]
             per_user: dict = {}
             for u, d in zip(users, diff):
