@@ -71,11 +71,13 @@ def test_dp_training_writes_the_budget_spent(tmp_path):
     users_path, examples_path = synthetic(tmp_path, n_users=14, per_user=3)
     users = load_users(users_path)
     examples = load_examples(examples_path, users)
-    cfg = RecipeConfig(**{**FAST, "shared_steps": 2, "e2p_steps": 3, "eval_every": 5, "dp_epsilon": 2.0})
+    cfg = RecipeConfig(**{**FAST, "shared_steps": 2, "e2p_steps": 3, "eval_every": 5, "dp_epsilon": 2.0,
+                          "dp_examples_per_user": 2})
     report = train_on_examples(make_backbone(), users, examples, tmp_path / "run", cfg, val_users=6, progress=False)
     saved = json.loads((tmp_path / "run" / "training_report.json").read_text())
     p = saved["privacy"]
     assert p["unit"] == "user" and p["stages"] == ["shared_prefix", "e2p"] and p["steps"] == 5
+    assert p["examples_per_user"] == 2  # `e2p train --dp-examples-per-user 2`
     assert 0 < p["epsilon"] <= 2.0 + 0.02 and p["delta"] == pytest.approx(1 / 80) and p["training_users"] == 8
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     assert len(split["train"]) == 8 and report["split_file"] == "split.json"
@@ -101,7 +103,8 @@ def test_cli_refuses_bad_budgets_in_one_line(tmp_path, capsys):
                            (["--dp-epsilon", "-3"], "epsilon must be a positive number"),
                            (["--dp-epsilon", "1", "--dp-delta", "0.2"], "at or above 1 / 8 training users"),
                            (["--dp-epsilon", "1", "--dp-delta", "-1"], "delta must lie in"),
-                           (["--dp-delta", "0.001"], "needs --dp-epsilon")]:
+                           (["--dp-delta", "0.001"], "needs --dp-epsilon"),
+                           (["--dp-epsilon", "1", "--dp-examples-per-user", "0"], "give 1 or more")]:
         assert main(base + extra) == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
         assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], errors

@@ -6,7 +6,8 @@
 #   research/privacy/dp_sweep.sh            needs $PENS from `e2p data pens` (research/pens/full_run.sh makes one)
 # Knobs (environment): PENS (runs/i30/data), USERS (users_text_style.npz), OUT (runs/privacy), EPSILONS ("16 4 1"),
 # STEPS (total optimizer steps of each run, the same for every point; empty: the recipe's 180), EVAL (0), LIMIT
-# (840, with EVAL=1), AUDIT ("none 1": the runs audited), E2P.
+# (840, with EVAL=1), AUDIT ("none 1": the runs audited), DP_EXAMPLES (1: --dp-examples-per-user, so that a DP step
+# reads 16 users x 1 example, the rows of a plain step, and costs about what it does), E2P.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 E2P=${E2P:-.venv/bin/e2p}
@@ -17,7 +18,7 @@ mkdir -p "$OUT"
 steps=(); [ -n "${STEPS:-}" ] && steps=(--steps "$STEPS")
 for eps in none ${EPSILONS:-16 4 1}; do
   run="$OUT/pens-eps-$eps"
-  dp=(); [ "$eps" = none ] || dp=(--dp-epsilon "$eps")
+  dp=(); [ "$eps" = none ] || dp=(--dp-epsilon "$eps" --dp-examples-per-user "${DP_EXAMPLES:-1}")
   start=$SECONDS
   [ -f "$run/training_report.json" ] || \
       "$E2P" train --users "$PENS/$USERS" --examples "$PENS/examples.jsonl" --out "$run" "${dp[@]}" "${steps[@]}"

@@ -133,10 +133,13 @@ def cmd_train(args) -> None:
     from .privacy import check_epsilon_delta
 
     check_epsilon_delta(args.dp_epsilon, args.dp_delta)  # before any data or model loads
+    if args.dp_examples_per_user < 1:
+        raise E2PError(f"--dp-examples-per-user {args.dp_examples_per_user}: give 1 or more (default 4)")
     init_distributed()  # torchrun / accelerate launch: one process group, batches split, rank 0 writes
     users, examples, encoder = _command_data(args, training=True)
     backbone = _backbone(args)  # the text encoder, if any, embedded persona data above; files bring their own
-    recipe = _scaled_recipe(args, dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, dp_max_grad_norm=args.dp_clip)
+    recipe = _scaled_recipe(args, dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, dp_max_grad_norm=args.dp_clip,
+                            dp_examples_per_user=args.dp_examples_per_user)
     report = train_on_examples(backbone, users, examples, args.out, recipe, val_users=args.val_users,
                                minutes=args.minutes, shared_dir=args.shared_from, resume=args.resume,
                                encoder_name=getattr(encoder, "name", ""))
@@ -352,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --dp-epsilon: delta, below 1 / training users (default 1 / (10 x training users))")
     t.add_argument("--dp-clip", type=float, default=1.0,
                    help="with --dp-epsilon: each sampled user's gradient is clipped to this norm")
+    t.add_argument("--dp-examples-per-user", type=int, default=4,
+                   help="with --dp-epsilon: at most this many of a sampled user's examples make its gradient in a "
+                        "step (fewer: cheaper steps, the same guarantee)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="score every condition (none, shared_prefix, shuffled, e2p, text) on unseen users "
