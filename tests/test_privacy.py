@@ -26,6 +26,8 @@ def test_budget_checks_say_what_to_do():
             resolve_delta(1.0, delta, 50)
     with pytest.raises(PrivacyError, match=r"in \(0, 1 / number"):
         resolve_delta(1.0, 0.0, 50)
+    with pytest.raises(PrivacyError, match="give 1 or more"):  # the Python API refuses it as the CLI does
+        RecipeConfig(dp_epsilon=1.0, dp_examples_per_user=0)
 
 
 def test_sigma_is_calibrated_and_the_accountant_spends_it():

@@ -133,13 +133,11 @@ def cmd_train(args) -> None:
     from .privacy import check_epsilon_delta
 
     check_epsilon_delta(args.dp_epsilon, args.dp_delta)  # before any data or model loads
-    if args.dp_examples_per_user < 1:
-        raise E2PError(f"--dp-examples-per-user {args.dp_examples_per_user}: give 1 or more (default 4)")
+    recipe = _scaled_recipe(args, dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, dp_max_grad_norm=args.dp_clip,
+                            dp_examples_per_user=args.dp_examples_per_user)  # RecipeConfig.check(): before loading too
     init_distributed()  # torchrun / accelerate launch: one process group, batches split, rank 0 writes
     users, examples, encoder = _command_data(args, training=True)
     backbone = _backbone(args)  # the text encoder, if any, embedded persona data above; files bring their own
-    recipe = _scaled_recipe(args, dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, dp_max_grad_norm=args.dp_clip,
-                            dp_examples_per_user=args.dp_examples_per_user)
     report = train_on_examples(backbone, users, examples, args.out, recipe, val_users=args.val_users,
                                minutes=args.minutes, shared_dir=args.shared_from, resume=args.resume,
                                encoder_name=getattr(encoder, "name", ""))

@@ -83,6 +83,8 @@ class RecipeConfig:
         if self.dp_epsilon is not None and self.person_map == "prototypes":
             raise PrivacyError("prototype mixing keeps each training user's own person part in the projector, which "
                                "DP-SGD cannot cover: train the default person map under --dp-epsilon")
+        if self.dp_examples_per_user < 1:
+            raise PrivacyError(f"--dp-examples-per-user {self.dp_examples_per_user}: give 1 or more (default 4)")
         if self.dp_epsilon is not None and (self.contrastive_weight > 0 or self.text_steps > 0):
             raise PrivacyError("--dp-epsilon covers the shared_prefix and e2p stages only: train without "
                                "--text-steps and with contrastive_weight 0")
