@@ -82,10 +82,37 @@ def test_mixed_users_in_one_llamacpp_batch_give_each_row_its_text_alone(real_bac
     embeddings = [users[i] if i != 3 else None for i in range(8)]  # one row without a user, same batch
     together = llama_model.generate_tokens(segs, embeddings, max_new_tokens=12)
     alone = [llama_model.generate_tokens([s], [e], max_new_tokens=12)[0] for s, e in zip(segs, embeddings)]
-    assert sum(a == b for a, b in zip(together, alone)) >= 7, (together, alone)
+    assert together == alone
     # continuous batching: at most 3 rows at once, rows joining as others finish
-    assert llama_model.generate_tokens(segs, embeddings, max_new_tokens=12, batch_size=3) == together or True
+    assert llama_model.generate_tokens(segs, embeddings, max_new_tokens=12, batch_size=3) == together
     assert llama_model.engine.free_seqs == list(range(16))  # every finished row gave its KV cells back
+
+
+def test_a_row_on_q8_0_decodes_the_same_whatever_rows_share_its_batch(real_backbone, input_projector, users):
+    """Each row in its own KV stream, so it attends to its own cells only: on Q8_0 (5 random projectors x 16
+    rows x 32 tokens) 76 of 80 rows equal their text alone against 23 of 80 with one unified cache; what is left
+    is the quantized matmul kernels of a 16-token batch summing in another order than a 1-token one."""
+    from e2p.engines.llamacpp import LlamaCppModel
+
+    q8 = LlamaCppModel(real_backbone, input_projector, gguf="q8_0", n_seq_max=16)
+    q8.eos_ids = [-1]
+    segs = [q8.format(PROMPTS[i % 4]) for i in range(16)]
+    embeddings = [users[i % len(users)] for i in range(16)]
+    together = q8.generate_tokens(segs, embeddings, max_new_tokens=32)
+    alone = [q8.generate_tokens([s], [e], max_new_tokens=32)[0] for s, e in zip(segs, embeddings)]
+    assert sum(a == b for a, b in zip(together, alone)) >= 14, (together, alone)
+
+
+def test_a_row_that_outgrows_its_kv_cells_gets_a_clear_error_and_frees_them(f32_gguf):
+    from e2p.engines.llamacpp_backend import LlamaCppBackend, LlamaCppError, Prompt, tokenize
+
+    backend = LlamaCppBackend(f32_gguf, n_ctx_seq=256, n_seq_max=2, n_batch=128)
+    seqs = backend.take_seqs(1)
+    with pytest.raises(LlamaCppError, match="outgrew its 256 KV cells"):
+        backend.prefill([Prompt([], tokenize(backend, "hello " * 400))], [None], seqs)
+    backend.release(seqs)
+    logits, nxt = backend.prefill([Prompt([], tokenize(backend, "hello"))], [None], backend.take_seqs(1))
+    assert nxt == [1] and logits[0].shape == (1, backend.n_vocab)
 
 
 def test_gguf_q8_0_is_the_bundled_weights_converted_once(real_backbone, input_projector, llama_model, users):

@@ -250,7 +250,8 @@ def cmd_generate(args) -> None:
     backbone = _backbone(args)
     projector = Projector.from_pretrained(args.projector, backbone)
     projector.eval()
-    model = make_model(backbone, projector, engine=args.engine, gguf=args.gguf, n_seq_max=max(len(users), 1))
+    model = make_model(backbone, projector, engine=args.engine, gguf=args.gguf, n_seq_max=max(len(users), 1),
+                       reply_tokens=args.max_new_tokens)
     vectors = []
     personas = [v for kind, v in users if kind == "persona"]
     if personas:

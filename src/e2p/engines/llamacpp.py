@@ -40,12 +40,16 @@ class LlamaCppModel(E2PModel):
     injection only: a deep projector's keys and values live inside the layers, where llama.cpp takes no input."""
 
     def __init__(self, backbone, projector=None, config=None, gguf: str | Path | None = None, n_seq_max: int = 16,
-                 n_ctx: int = 8192, max_prompt_tokens: int = 1024, backend: LlamaCppBackend | None = None):
+                 max_prompt_tokens: int = 1024, reply_tokens: int = 1024, backend: LlamaCppBackend | None = None):
+        """Each of the `n_seq_max` rows gets its own KV cells: its prompt (at most `max_prompt_tokens`), its k
+        prefix vectors and up to `reply_tokens` reply (or scored target) tokens."""
         check_projector(projector.config if projector is not None else None)
         super().__init__(backbone, projector, config, autocast=False, max_prompt_tokens=max_prompt_tokens)
         from .gguf_convert import resolve_gguf
 
-        self.engine = backend or LlamaCppBackend(resolve_gguf(backbone.name, gguf), n_ctx=n_ctx, n_seq_max=n_seq_max)
+        k = projector.config.num_prefix_tokens if projector is not None else 0
+        self.engine = backend or LlamaCppBackend(resolve_gguf(backbone.name, gguf), n_seq_max=n_seq_max,
+                                                 n_ctx_seq=max_prompt_tokens + k + reply_tokens)
         if self.engine.n_embd != backbone.hidden_size:
             raise ConfigError(f"{self.engine.path} has hidden size {self.engine.n_embd}, the backbone "
                               f"{backbone.name} {backbone.hidden_size}: pass the GGUF of the same model")

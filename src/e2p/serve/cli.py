@@ -51,7 +51,8 @@ def cmd_serve(args) -> None:
     if not api_keys and not admin_key and not keys:
         log.warning("no API keys: the server is open to anyone who can reach it")
     model = load_model(args.projector, args.backbone, max_prompt_tokens=args.max_prompt_tokens, device=args.device,
-                       dtype=args.dtype, engine=args.engine, gguf=args.gguf, max_batch_size=args.max_batch_size)
+                       dtype=args.dtype, engine=args.engine, gguf=args.gguf, max_batch_size=args.max_batch_size,
+                       max_tokens_limit=args.max_tokens_limit)
     name = args.model_name or (f"e2p-{os.path.basename(os.path.normpath(args.projector))}" if args.projector else "e2p")
     store = EmbeddingStore(args.store)
     config = ServeConfig(model_name=name, api_keys=api_keys, admin_key=admin_key, keys=keys,

@@ -6,7 +6,7 @@ from ..model import E2PModel
 
 def load_model(projector_dir: str | None, backbone_name: str | None = None, max_prompt_tokens: int = 1024,
                device: str = "auto", dtype: str = "auto", engine: str = "torch", gguf: str | None = None,
-               max_batch_size: int = 16) -> E2PModel:
+               max_batch_size: int = 16, max_tokens_limit: int = 1024) -> E2PModel:
     """Backbone + projector from disk, ready to serve (on a CPU 'auto' is float32: batch-independent answers), on
     the torch or the llama-cpp engine (one llama.cpp sequence per row of the largest batch)."""
     from ..backbone import load_backbone
@@ -19,4 +19,4 @@ def load_model(projector_dir: str | None, backbone_name: str | None = None, max_
         projector = Projector.from_pretrained(projector_dir, backbone)
         projector.eval()
     return make_model(backbone, projector, engine=engine, gguf=gguf, n_seq_max=max_batch_size,
-                      max_prompt_tokens=max_prompt_tokens)
+                      max_prompt_tokens=max_prompt_tokens, reply_tokens=max_tokens_limit)
