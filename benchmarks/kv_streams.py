@@ -15,20 +15,16 @@ import time
 
 import torch
 
+from bench_engines import PROMPTS
+from common import embeddings, make_projector
 from e2p.backbone import load_backbone
 from e2p.engines.gguf_convert import resolve_gguf
 from e2p.engines.llamacpp import LlamaCppModel
 from e2p.engines.llamacpp_backend import LlamaCppBackend
-from e2p.model import new_config
-from e2p.projector import Projector
-
-PROMPTS = ["What do you do on weekends?", "Tell me about yourself.", "What is your favourite food?",
-           "Do you have any pets?"]
 
 
-def projector(backbone, seed: int) -> Projector:
-    torch.manual_seed(seed)
-    p = Projector(new_config(backbone, embedding_dim=384, injection="input"))
+def projector(backbone, seed: int):
+    p = make_projector(backbone, "input", seed=seed)
     with torch.no_grad():
         p.mlp[-1].weight.normal_(0, 0.05)  # a person part large enough that users get different replies
     return p.eval()
@@ -48,7 +44,7 @@ def main() -> None:
     out: dict = {"gguf": args.gguf, "users": args.users, "new_tokens": args.new_tokens}
     with torch.inference_mode():
         for seed in range(args.projectors):
-            emb = torch.randn(args.users, 384, generator=torch.Generator().manual_seed(100 + seed))
+            emb = embeddings(args.users, seed=100 + seed)
             for name, be in backends.items():
                 m = LlamaCppModel(bb, projector(bb, seed), backend=be)
                 m.eos_ids = [-1]  # every row makes exactly new_tokens tokens
