@@ -336,6 +336,9 @@ def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: Recip
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / SPLIT_FILE).write_text(json.dumps({"train": list(train_ids), "selection": sorted(select_ids),
                                                       "verdict": sorted(verdict_ids)}, indent=1))
+        from .data.live_profile import carry_rule
+
+        carry_rule(users, out_dir)  # the rule that built the table, so a server folds new events in the same way
     report = train_prefix_stages(backbone, train_ex, users, out_dir, cfg, val_examples=picked, encoder_name=encoder_name,
                                  progress=progress, minutes=minutes, shared_dir=shared_dir, resume=resume)
     e2p = Projector.from_pretrained(out_dir, backbone)

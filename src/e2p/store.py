@@ -100,6 +100,10 @@ def _immediate(db: sqlite3.Connection):
 
 _UPSERT = ("INSERT INTO embeddings (tenant, user, vector, dim, version, updated_at) VALUES (?, ?, ?, ?, 1, ?) "
            + _ON_CONFLICT)
+# a user's live-profile running sums (e2p.data.live_profile.ProfileSums, float64 bytes, never texts), kept beside
+# the embedding they made; written in the same transaction as it, dropped when a PUT or an import replaces it
+_CREATE_PROFILES = ("CREATE TABLE IF NOT EXISTS profiles (tenant TEXT NOT NULL, user TEXT NOT NULL, sums BLOB NOT NULL, "
+                    "PRIMARY KEY (tenant, user))")
 _CREATE = ("CREATE TABLE IF NOT EXISTS embeddings (tenant TEXT NOT NULL, user TEXT NOT NULL, vector BLOB NOT NULL, "
            "dim INTEGER NOT NULL, version INTEGER NOT NULL, updated_at REAL NOT NULL, PRIMARY KEY (tenant, user))")
 
@@ -145,6 +149,7 @@ class EmbeddingStore:
                 self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
                 _migrate(self._db)
                 self._db.execute(_CREATE)
+                self._db.execute(_CREATE_PROFILES)
                 self._reader = self._connect()
                 self._reader.execute("SELECT COUNT(*) FROM meta").fetchone()
         except StoreError as exc:
@@ -200,6 +205,35 @@ class EmbeddingStore:
     def _write_transaction(self, rows: list[tuple]) -> None:
         with _immediate(self._db):
             self._db.executemany(_UPSERT, rows)
+            # a vector put from outside replaces the profile those sums made: later events start a new one
+            self._db.executemany("DELETE FROM profiles WHERE tenant=? AND user=?", [r[:2] for r in rows])
+
+    def update_profile(self, user: str, update, tenant: str = DEFAULT_TENANT, create: bool = True
+                       ) -> UserEmbedding | None:
+        """Fold into `tenant`'s `user`'s live profile in one write transaction: `update(sums bytes or None)` ->
+        (new sums bytes, new vector); the vector is stored (version + 1) with its sums, so two replicas folding at
+        once each see the other's sums. None, and nothing written, for an unknown user when `create` is False."""
+        check_user_id(user)
+        with self._lock:
+            with _sqlite_errors(self.path), _immediate(self._db):
+                known = self._db.execute("SELECT 1 FROM embeddings WHERE tenant=? AND user=?", (tenant, user)).fetchone()
+                if known is None and not create:
+                    return None
+                row = self._db.execute("SELECT sums FROM profiles WHERE tenant=? AND user=?", (tenant, user)).fetchone()
+                sums, vector = update(row[0] if row else None)
+                v = as_vector(vector, self.dim)
+                self.claim_dim(v.size)
+                self._db.execute(_UPSERT, (tenant, user, v.tobytes(), v.size, time.time()))
+                self._db.execute("INSERT INTO profiles (tenant, user, sums) VALUES (?, ?, ?) ON CONFLICT(tenant, user) "
+                                 "DO UPDATE SET sums=excluded.sums", (tenant, user, sums))
+            record = self.get(user, tenant)
+        assert record is not None
+        return record
+
+    def profile_sums(self, user: str, tenant: str = DEFAULT_TENANT) -> bytes | None:
+        """The running sums of `tenant`'s `user`'s live profile (None: no events folded since the last PUT)."""
+        row = self._read("SELECT sums FROM profiles WHERE tenant=? AND user=?", (tenant, user))
+        return None if row is None else row[0]
 
     def get(self, user: str, tenant: str = DEFAULT_TENANT) -> UserEmbedding | None:
         """`tenant`'s stored record of `user`, or None; CorruptEmbeddingError if the row holds no usable vector."""
@@ -228,8 +262,10 @@ class EmbeddingStore:
         which still holds the pages written before, is checkpointed into the database and truncated (also when there
         was no such user, so that a retry wipes what a reader kept in the WAL before)."""
         with self._lock, _sqlite_errors(self.path):
-            cur = self._db.execute("DELETE FROM embeddings WHERE tenant=? AND user=?", (tenant, user))
-            deleted = cur.rowcount > 0
+            with _immediate(self._db):
+                cur = self._db.execute("DELETE FROM embeddings WHERE tenant=? AND user=?", (tenant, user))
+                deleted = cur.rowcount > 0
+                self._db.execute("DELETE FROM profiles WHERE tenant=? AND user=?", (tenant, user))
             self.checkpoint()  # also when nobody was deleted: the same work (and time) either way, and a retry wipes
         return deleted
 
@@ -343,6 +379,7 @@ class EmbeddingStore:
             db.execute("INSERT INTO embeddings (tenant, user, vector, dim, version, updated_at) "
                        "SELECT ?, user, vector, dim, 1, ? FROM temp.staged WHERE true " + _ON_CONFLICT,
                        (tenant, time.time()))
+            db.execute("DELETE FROM profiles WHERE tenant=? AND user IN (SELECT user FROM temp.staged)", (tenant,))
 
     def close(self) -> None:
         with self._lock, self._read_lock:

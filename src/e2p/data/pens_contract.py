@@ -14,6 +14,8 @@ Written to OUT (`e2p data pens SRC --out OUT`):
   users_text.npz     text profile: mean all-MiniLM-L6-v2 vector of the user's history headlines
   users_text_style.npz  the text profile joined with the history's headline style (e2p.data.headline_style:
                      capitalisation, length, punctuation; z-scored on the training pool)
+  *.profile.json     beside users_text.npz and users_text_style.npz: the rule that built them (e2p.data.live_profile),
+                     which `e2p train` copies into the projector so a server folds new headlines in the same way
   users_text_slots.npz  with --profile-slots N: the same history as N vectors, the unit means of N clusters of its
                      headline vectors, largest cluster first (`e2p train --embedding-slots N`: one token each)
   examples.jsonl     the training pool's examples (prompts only ever quote training-pool users' headlines)
@@ -33,6 +35,7 @@ import numpy as np
 
 from ..errors import DataError
 from .contract import Example, write_examples, write_users
+from .live_profile import ProfileRule, rule_path
 from .pens import PensUser, load_pens, split_headlines, split_test_users
 
 SYSTEM = "You write short news headlines in your own style."
@@ -135,19 +138,27 @@ def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path
 
     from .headline_style import StyleScaler, style_features
 
-    style_of = {u.user_id: style_features([h for _, h in history_of[u.user_id]]) for u in everyone}
+    style_of = {u.user_id: style_features([h for _, h in history_of[u.user_id]]) for u in pool}
     scaler = StyleScaler(np.stack([style_of[u.user_id] for u in pool]))  # fitted on the training pool only
 
-    def profiles(users: Sequence[PensUser]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    # the live profile's rules (e2p.data.live_profile): a server folds a user's new headlines into their vector
+    # with exactly the rule that built these tables, so online and batch profiles agree
+    encoder_name = getattr(encoder, "name", "all-MiniLM-L6-v2")
+    encoder_dim = getattr(encoder, "dim", None) or np.asarray(encoder.encode(["a headline"])).shape[1]
+    text_rule = ProfileRule(dim=int(encoder_dim), encoder=encoder_name)
+    style_rule = ProfileRule(dim=text_rule.dim, encoder=encoder_name, style=scaler.to_dict())
+
+    def profiles(users: Sequence[PensUser]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         vectors = clicks.encode([u.clicked for u in users])
-        text, slotted = [], []
+        text, styled, slotted = [], [], []
         for u in users:
-            heads = np.asarray(encoder.encode([h for _, h in history_of[u.user_id]]), dtype=np.float32)
-            v = heads.mean(0)
-            text.append(v / max(float(np.linalg.norm(v)), 1e-12))
+            texts = [h for _, h in history_of[u.user_id]]
+            heads = np.asarray(encoder.encode(texts), dtype=np.float32)
+            text.append(text_rule.batch(heads, texts))
+            styled.append(style_rule.batch(heads, texts))
             if profile_slots:
                 slotted.append(history_slots(heads, profile_slots, seed))
-        return vectors, np.stack(text), np.stack(slotted) if slotted else None
+        return vectors, np.stack(text), np.stack(styled), np.stack(slotted) if slotted else None
 
     out = Path(out)
     card = {"source": str(src), "seed": seed, "behaviour": {"encoder": behaviour, "dim": clicks.dim,
@@ -162,12 +173,13 @@ def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path
     for name, users, quotes, folder in (("train_pool", pool, quotable, out), ("test", test, test_quotable, out / "test")):
         if not users:
             continue
-        behaviour, text, slotted = profiles(users)
+        behaviour, text, styled, slotted = profiles(users)
         ids = [u.user_id for u in users]
         write_users(folder / "users.npz", ids, behaviour)
         write_users(folder / "users_text.npz", ids, text)
-        write_users(folder / "users_text_style.npz", ids,
-                    np.concatenate([text, scaler(np.stack([style_of[u] for u in ids]))], axis=1))
+        write_users(folder / "users_text_style.npz", ids, styled)
+        text_rule.save(rule_path(folder / "users_text.npz"))
+        style_rule.save(rule_path(folder / "users_text_style.npz"))
         if slotted is not None:
             write_users(folder / "users_text_slots.npz", ids, slotted)
         examples = _examples(users, quotes, history_of, seed)

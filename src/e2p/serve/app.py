@@ -23,7 +23,7 @@ from .auth import Caller, authorize, authorize_metrics, bearer_key
 from .chat import ChatServing
 from .playground import add_playground
 from .prompts import Prompts
-from .protocol import ChatCompletionRequest, CompletionRequest, EmbeddingPut, EmbeddingsRequest
+from .protocol import ChatCompletionRequest, CompletionRequest, EmbeddingPut, EmbeddingsRequest, UserEvents
 from .serving import APIError, OpenAIServing, ServeConfig
 from .users import UserServing
 
@@ -206,7 +206,7 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
     # --- OpenAI endpoints -----------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request, caller: Caller = inference):
-        prompt = await prompts.chat_prompt(req, caller.tenant)
+        prompt = await prompts.chat_prompt(req, caller.tenant, remember=users.remember)
         if req.stream:
             return event_stream(await chat.chat_completion_stream(prompt, req), prompt.headers)
         return JSONResponse(await chat.chat_completion(prompt, req, request), headers=prompt.headers)
@@ -241,6 +241,11 @@ def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | Non
     @app.get("/v1/users/{user_id:path}/embedding")
     async def get_embedding(user_id: str, caller: Caller = inference):
         return await users.get_embedding(user_id, caller.admin, caller.tenant)
+
+    @app.post("/v1/users/{user_id:path}/events")
+    async def post_events(user_id: str, body: UserEvents, caller: Caller = inference):
+        """Fold what a user did (texts, item vectors) into their live profile; admins may start a new user's."""
+        return await users.post_events(user_id, body, caller.tenant, caller.admin)
 
     @app.delete("/v1/users/{user_id:path}/embedding")
     async def delete_embedding(user_id: str, caller: Caller = admin):

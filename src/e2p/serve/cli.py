@@ -2,6 +2,7 @@
 add_serve_commands)."""
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import logging
 import os
@@ -31,9 +32,11 @@ def cmd_serve(args) -> None:
     from .logs import configure_json_logging
     from .serving import ServeConfig
 
-    from .keys import find_key, load_keys
+    from .keys import find_key, load_keys, tenant_settings
 
     keys = load_keys(args.keys) if args.keys else []  # KeyFileError: one line naming the file, entry and fix
+    settings = tenant_settings(args.keys) if args.keys else {}
+    remember = {t for t, v in settings.items() if v.get("allow_remember")} | ({"default"} if args.allow_remember else set())
     configure_json_logging(logging.DEBUG if args.verbose else logging.INFO)
     api_keys = [k for k in (args.api_key or os.environ.get("E2P_API_KEY") or "").split(",") if k]
     admin_key = args.admin_key or os.environ.get("E2P_ADMIN_KEY") or None
@@ -64,6 +67,7 @@ def cmd_serve(args) -> None:
                          stall_seconds=args.stall_seconds, max_stop_strings=args.max_stop_strings,
                          max_stop_chars=args.max_stop_chars, max_embed_requests=args.max_embed_requests,
                          max_user_requests=args.max_user_requests,
+                         profile_rule=args.profile_rule, remember_tenants=frozenset(remember),
                          projector_dir=str(resolve_projector(args.projector)) if args.projector else None,
                          metrics_key=args.metrics_key or os.environ.get("E2P_METRICS_KEY") or None)
     app = create_app(model, store, config)
@@ -135,6 +139,34 @@ def cmd_users_delete(args) -> None:
                           f"{args.store}: check the ids and --tenant (`e2p users list`)")
 
 
+def cmd_users_update(args) -> None:
+    """A batch refresh: every event of a file folded into its user's live profile, by the rule a server uses."""
+    from ..config import E2PConfig, resolve_projector
+    from ..data.live_profile import ProfileRule, fold_event_file, serving_rule
+    from ..store import EmbeddingStore
+
+    tenant = _tenant(args)
+    if args.rule:
+        rule = ProfileRule.load(args.rule)
+    elif args.projector:
+        folder = resolve_projector(args.projector)
+        rule = serving_rule(folder, E2PConfig.load(folder))
+    else:
+        raise ConfigError("give --projector (its profile.json, else the mean of its encoder's vectors) or --rule FILE")
+    if rule is None:
+        raise ConfigError(f"{args.projector}'s embedding is several sentence slots: no live profile rule makes one")
+    store = EmbeddingStore(args.store, dim=rule.embedding_dim)
+    users, events = fold_event_file(args.file, store, rule, tenant, progress=not args.quiet)
+    print(f"folded {events} events into {users} users' profiles in {args.store} (tenant {tenant})")
+
+
+def cmd_keys_tenant(args) -> None:
+    from .keys import set_tenant
+
+    current = set_tenant(args.file, args.tenant, allow_remember=args.allow_remember)
+    print(f"tenant {args.tenant} in {args.file}: {current}")
+
+
 def cmd_keys_add(args) -> None:
     from .keys import add_key
 
@@ -201,6 +233,12 @@ def add_serve_commands(sub) -> None:
                    help="PUT / GET / DELETE /v1/users/{id}/embedding in flight on their own threads (429 above)")
     s.add_argument("--stall-seconds", type=float, default=30.0,
                    help="/healthz answers 503 when the decoding worker made no step for this long while busy")
+    s.add_argument("--profile-rule", default=None,
+                   help="the live profile's rule for POST /v1/users/{id}/events (default: the projector's profile.json, "
+                        "else the mean of its encoder's vectors)")
+    s.add_argument("--allow-remember", action="store_true",
+                   help="the default tenant's chats may fold their message into the user's profile (e2p.remember); "
+                        "other tenants: `e2p keys tenant --allow-remember`")
     s.add_argument("--metrics-key", default=None, help="key GET /metrics needs (prefer env E2P_METRICS_KEY; default: open)")
     s.set_defaults(func=cmd_serve)
 
@@ -231,6 +269,15 @@ def add_serve_commands(sub) -> None:
     d.add_argument("--tenant", default="default", help="the tenant whose users these are (default: default)")
     d.set_defaults(func=cmd_users_delete)
 
+    up = usub.add_parser("update", help="fold a file of events (what users did) into their live profiles")
+    up.add_argument("file", help="JSON lines: {\"user\": ID, \"text\": TEXT} or {\"user\": ID, \"vector\": [...]}, in order")
+    up.add_argument("--store", required=True, help="the SQLite store file (created if missing)")
+    up.add_argument("--projector", default=None, help="the served projector: its profile.json is the rule")
+    up.add_argument("--rule", default=None, help="a profile rule file (<users>.profile.json from `e2p data`)")
+    up.add_argument("--tenant", default="default", help="the tenant whose users these are (default: default)")
+    up.add_argument("--quiet", action="store_true", help="no progress bar")
+    up.set_defaults(func=cmd_users_update)
+
     k = sub.add_parser("keys", help="manage the tenant key file of `e2p serve --keys`")
     ksub = k.add_subparsers(dest="keys_command", required=True)
     a = ksub.add_parser("add", help="add an API key (stored as a salted hash) for a tenant and role")
@@ -241,6 +288,12 @@ def add_serve_commands(sub) -> None:
     a.add_argument("--key", default=None,
                    help="the plain key (omit: read from standard input, which keeps it out of `ps` and shell history)")
     a.set_defaults(func=cmd_keys_add)
+    t = ksub.add_parser("tenant", help="set a tenant's settings in the key file")
+    t.add_argument("--file", required=True, help="the key file (created if missing, replaced atomically)")
+    t.add_argument("--tenant", required=True, help="the tenant (letters, digits, . _ -)")
+    t.add_argument("--allow-remember", action=argparse.BooleanOptionalAction, default=False,
+                   help="chats of this tenant may fold their message into the user's profile (e2p.remember)")
+    t.set_defaults(func=cmd_keys_tenant)
 
 
 if __name__ == "__main__":  # pragma: no cover

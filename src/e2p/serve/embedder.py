@@ -22,8 +22,11 @@ class TextEmbeddingError(ValueError):
 
 
 class UserEmbedder:
-    def __init__(self, projector_config, encoder=None):
-        self.config = projector_config
+    """`rule` (e2p.data.live_profile.ProfileRule): the projector's live-profile rule, when its embedding is more than
+    the encoder's vector (a text + style profile): a text is then embedded as a profile of that one text."""
+
+    def __init__(self, projector_config, encoder=None, rule=None):
+        self.config, self.rule = projector_config, rule
         self._encoder = encoder
         self._lock = threading.Lock()  # one load, and one encode at a time (the model is not thread-safe)
 
@@ -39,6 +42,16 @@ class UserEmbedder:
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         """-> ([N, embedding_dim] float32, input tokens counted by the encoder's tokenizer). Blocking: run it in a
         thread. Raises TextEmbeddingError for bad input, ConfigError when the encoder cannot be loaded."""
+        if self.rule is not None:
+            items, tokens = self.encode_items(texts)
+            return np.stack([self.rule.batch(items[i:i + 1], [t]) for i, t in enumerate(texts)]), tokens
+        return self._encode(texts, self.config.embedding_dim)
+
+    def encode_items(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """-> ([N, encoder dim] float32: the encoder's own vectors, what a live profile folds in, input tokens)."""
+        return self._encode(texts, self.rule.dim if self.rule is not None else self.config.embedding_dim)
+
+    def _encode(self, texts: list[str], dim: int) -> tuple[np.ndarray, int]:
         if not texts:
             raise TextEmbeddingError("input is empty: send a text or a list of texts")
         if len(texts) > MAX_INPUTS:
@@ -52,9 +65,9 @@ class UserEmbedder:
             encoder = self._loaded()
             vectors = np.asarray(encoder.encode(list(texts)), dtype=np.float32)
             tokens = _count_tokens(encoder, texts)
-        if vectors.shape != (len(texts), self.config.embedding_dim):
+        if vectors.shape != (len(texts), dim):
             raise ConfigError(f"encoder {self.name!r} gives {vectors.shape[-1]} values, the projector reads "
-                              f"{self.config.embedding_dim}: serve the projector with the encoder it was trained with")
+                              f"{dim}: serve the projector with the encoder it was trained with")
         return vectors, tokens
 
 

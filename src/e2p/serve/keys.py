@@ -117,6 +117,31 @@ def load_keys(path: str | Path) -> list[KeyEntry]:
     return entries
 
 
+def tenant_settings(path: str | Path) -> dict[str, dict]:
+    """The key file's per-tenant settings, `{"tenants": {"acme": {"allow_remember": true}}}` ({} when none)."""
+    load_keys(path)  # the same checks and messages as for the keys
+    tenants = json.loads(Path(path).read_text(encoding="utf-8")).get("tenants", {})
+    if not isinstance(tenants, dict) or not all(isinstance(v, dict) for v in tenants.values()):
+        raise KeyFileError(f"key file {path}: \"tenants\" must be an object of tenant -> settings object; write it "
+                           "with `e2p keys tenant`")
+    for name in tenants:
+        check_tenant(name, f"key file {path}, tenants: ")
+    return tenants
+
+
+def set_tenant(path: str | Path, tenant: str, **settings) -> dict:
+    """Set `tenant`'s settings (e.g. allow_remember=True) in the key file, replaced atomically like `add_key`."""
+    path = Path(path)
+    check_tenant(tenant)
+    body = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"format": FORMAT, "keys": []}
+    if path.exists():
+        tenant_settings(path)
+    current = {**body.get("tenants", {}).get(tenant, {}), **settings}
+    body["tenants"] = {**body.get("tenants", {}), tenant: current}
+    _write_atomically(path, body)
+    return current
+
+
 def find_key(entries: list[KeyEntry], key: str) -> KeyEntry | None:
     """The entry `key` belongs to, or None; every entry is checked (constant time in which one matched)."""
     found = None
@@ -142,6 +167,14 @@ def add_key(path: str | Path, tenant: str, role: str, key: str) -> KeyEntry:
     else:
         kept = []
     body = {"format": FORMAT, "keys": kept + [{**entry.to_json(), "added": now}]}
+    if path.exists():
+        body = {**json.loads(path.read_text(encoding="utf-8")), **body}  # other fields (tenants) kept
+    _write_atomically(path, body)
+    return entry
+
+
+def _write_atomically(path: Path, body: dict) -> None:
+    """A temporary file in the same folder, fsync, rename; readable by its owner only."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -156,4 +189,3 @@ def add_key(path: str | Path, tenant: str, role: str, key: str) -> KeyEntry:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return entry

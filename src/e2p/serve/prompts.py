@@ -147,19 +147,30 @@ class Prompts:
             raise APIError(400, "the prompt is empty: send some text", param=param, code="invalid_value")
         return segments
 
-    async def chat_prompt(self, req: ChatCompletionRequest, tenant: str = DEFAULT_TENANT) -> Prompt:
-        """A chat request checked, its user's embedding resolved and its messages formatted with the chat template."""
+    async def chat_prompt(self, req: ChatCompletionRequest, tenant: str = DEFAULT_TENANT, remember=None) -> Prompt:
+        """A chat request checked, its user's embedding resolved and its messages formatted with the chat template.
+        `remember(req, messages, tenant) -> headers`: folds the message into the user's profile when the request
+        asks (`e2p.remember`), after every check and before the embedding is read, so the answer uses it."""
         self.check_common(req)
         max_tokens = self.max_tokens_of(req.max_completion_tokens or req.max_tokens)
         messages = self.chat_messages(req)
         self.check_size([m["content"] for m in messages], "messages")
+        remembered = {}
+        if req.e2p is not None and req.e2p.remember:
+            if remember is None:
+                raise APIError(400, "`remember` is not available on this endpoint", param="e2p.remember")
+            remembered = await remember(req, messages, tenant)
         embedding, headers = await self.serving.resolve_embedding(req, tenant)
+        headers = {**headers, **remembered}
         segments = await self.segments_of(self._format_chat, messages, "messages")
         return Prompt(segments, embedding, headers, max_tokens)
 
     async def completion_prompt(self, req: CompletionRequest, tenant: str = DEFAULT_TENANT) -> Prompt:
         """A completion request checked, its user's embedding resolved and its raw prompt tokenized (no template)."""
         self.check_common(req)
+        if req.e2p is not None and req.e2p.remember:
+            raise APIError(400, "`remember` folds a chat's user message into the profile: use /v1/chat/completions",
+                           param="e2p.remember", code="invalid_value")
         max_tokens = self.max_tokens_of(req.max_tokens)
         prompt = req.prompt
         if isinstance(prompt, list):

@@ -49,6 +49,8 @@ class E2PExtra(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     embedding: list[Number] | None = Field(default=None, description="an inline user embedding, used instead of `user`")
+    remember: Flag = Field(default=False, description="fold the last user message into `user`'s live profile before "
+                                                      "answering (only where the tenant allows it)")
 
 
 class ContentPart(BaseModel):
@@ -308,6 +310,29 @@ class EmbeddingPut(RequestBody):
         if (self.embedding is None) == (self.text is None):
             raise ValueError("send exactly one of `embedding` (a vector) or `text` (a profile the server embeds)")
         return self
+
+
+class UserEvents(RequestBody):
+    """`POST /v1/users/{id}/events`: what the user did, folded into their live profile in order: texts they wrote
+    (embedded with the projector's own encoder) and / or item vectors (the encoder's size)."""
+
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str] | None = Field(default=None, max_length=256)
+    vectors: list[list[Number]] | None = Field(default=None, max_length=256)
+
+    @model_validator(mode="after")
+    def _some(self):
+        if not self.texts and not self.vectors:
+            raise ValueError("send `texts` (what the user wrote) and / or `vectors` (items they acted on): at least one")
+        return self
+
+
+class UserProfileInfo(UserEmbeddingInfo):
+    """The embedding after events: its metadata and how many events its profile holds."""
+
+    object: Literal["user.profile"] = "user.profile"
+    events: int  # items folded into the profile since it started (the last PUT or import replaces it)
+    half_life_events: float | None  # the rule's decay (None: every event weighs the same)
 
 
 class EmbeddingsRequest(RequestBody):

@@ -57,6 +57,8 @@ class ServeConfig:
     max_stop_chars: int = 256  # characters per stop string (the tail searched each step is this long)
     max_embed_requests: int = 8  # text embeddings in flight (/v1/embeddings, PUT {"text"}), one encoder thread; 429 above
     max_user_requests: int = 32  # PUT / GET / DELETE /v1/users/{id}/embedding in flight, own threads; 429 above
+    profile_rule: str | None = None  # the live profile's rule file (default: the projector's profile.json, else a mean)
+    remember_tenants: frozenset = frozenset()  # tenants whose chats may send "e2p": {"remember": true}
     projector_dir: str | None = None  # the served projector's folder: the card (GET /v1/projector) reads its training_report.json
 
     @property

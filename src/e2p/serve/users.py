@@ -11,12 +11,16 @@ import logging
 import threading
 from typing import Callable
 
-from ..errors import ConfigError, EmbeddingError
+import numpy as np
+
+from ..data.live_profile import ProfileSums, serving_rule
+from ..errors import ConfigError, DataError, EmbeddingError
 from ..store import DEFAULT_TENANT, StoreBusyError, StoreError
 from ..vectors import as_vector
 from .embedder import TextEmbeddingError, UserEmbedder
 from .protocol import (EmbeddingData, EmbeddingList, EmbeddingPut, EmbeddingsRequest, EmbeddingUsage,
-                       UserEmbeddingDeleted, UserEmbeddingInfo, UserEmbeddingWithVector, dump)
+                       UserEmbeddingDeleted, UserEmbeddingInfo, UserEmbeddingWithVector, UserEvents, UserProfileInfo,
+                       dump)
 from .serving import APIError, OpenAIServing
 
 log = logging.getLogger("e2p.serve")
@@ -55,7 +59,11 @@ class UserServing:
     def __init__(self, serving: OpenAIServing, encoder=None):
         self.serving, self.config, self.store, self.metrics = serving, serving.config, serving.store, serving.metrics
         self.embedding_dim = dim = serving.embedding_dim
-        self.embedder = UserEmbedder(serving.model.projector.config, encoder) if dim is not None else None
+        config = serving.model.projector.config if dim is not None else None
+        # the live profile's rule (e2p.data.live_profile): the projector's profile.json, or a plain mean
+        self.rule = serving_rule(self.config.projector_dir, config, self.config.profile_rule) if config else None
+        with_style = self.rule if self.rule is not None and self.rule.embedding_dim != self.rule.dim else None
+        self.embedder = UserEmbedder(config, encoder, with_style) if dim is not None else None
         # the encoder runs one text at a time anyway (UserEmbedder's lock): one thread, so waiting texts hold none
         self.text_admission = Admission(self.config.max_embed_requests, 1, "text-embedding requests",
                                         "embedding_queue_full")
@@ -73,6 +81,87 @@ class UserServing:
         except ConfigError as exc:
             raise APIError(503, f"the text encoder is unavailable: {exc}", type="server_error",
                            code="encoder_unavailable") from None
+
+    # --- the live profile -----------------------------------------------------------------------------
+    async def post_events(self, user_id: str, body: UserEvents, tenant: str, admin: bool) -> dict:
+        """Fold what `tenant`'s user did (texts, then vectors, in order) into their live profile; an admin key may
+        start a new user's profile, any other key only adds to a known user's (404 otherwise)."""
+        self.serving.check_user(user_id)
+        rule = self._rule("events")
+        vectors = []
+        for i, v in enumerate(body.vectors or []):
+            try:
+                vectors.append(as_vector(v, rule.dim))
+            except EmbeddingError as exc:
+                raise APIError(400, f"vectors.{i}: {exc}", param=f"vectors.{i}", code="invalid_embedding") from None
+        texts = list(body.texts or [])
+        items = [await self._encode_items(texts, "texts")] if texts else []
+        items.append(np.asarray(vectors, dtype=np.float32).reshape(len(vectors), rule.dim))
+        return await self.fold(user_id, tenant, np.concatenate(items), texts + [None] * len(vectors), create=admin)
+
+    async def remember(self, req, messages: list[dict], tenant: str) -> dict:
+        """A chat's `"e2p": {"remember": true}`: its last user message folded into the user's profile before the
+        answer, where the tenant allows it. -> response headers."""
+        if tenant not in self.config.remember_tenants:
+            raise APIError(403, f"tenant {tenant!r} does not allow `remember`: its operator turns it on with `e2p keys "
+                                f"tenant --file KEYS --tenant {tenant} --allow-remember` (or `e2p serve "
+                                "--allow-remember` for the default tenant)", param="e2p.remember",
+                           code="remember_not_allowed")
+        user = req.end_user
+        if not user or req.e2p.embedding is not None:
+            raise APIError(400, "`remember` folds the message into a stored user's profile: send `user` and no inline "
+                                "`e2p.embedding`", param="e2p.remember", code="invalid_value")
+        said = [m["content"] for m in messages if m["role"] == "user" and m["content"].strip()]
+        if not said:
+            raise APIError(400, "`remember` needs a user message with text", param="messages", code="invalid_value")
+        self._rule("e2p.remember")
+        record = await self.fold(user, tenant, await self._encode_items(said[-1:], "messages"), said[-1:],
+                                 create=False)
+        return {"x-e2p-remembered": str(record["events"])}
+
+    def _rule(self, param: str):
+        if self.rule is None:
+            raise APIError(400, "this server's projector has no live-profile rule (it reads no user embedding, or one "
+                                "made of several slots): store whole vectors with PUT", param=param,
+                           code="no_profile_rule")
+        return self.rule
+
+    async def _encode_items(self, texts: list[str], param: str) -> np.ndarray:
+        if self.embedder is None:
+            self._rule(param)
+        try:
+            return (await self.text_admission.run(self.embedder.encode_items, texts))[0]
+        except TextEmbeddingError as exc:
+            raise APIError(400, str(exc), param=param, code="invalid_value") from None
+        except ConfigError as exc:
+            raise APIError(503, f"the text encoder is unavailable: {exc}", type="server_error",
+                           code="encoder_unavailable") from None
+
+    async def fold(self, user: str, tenant: str, items: np.ndarray, texts: list, create: bool) -> dict:
+        """Items folded into `tenant`'s `user`'s running sums in one store transaction -> UserProfileInfo."""
+        rule, folded = self.rule, {}
+
+        def update(blob):
+            sums = rule.empty() if blob is None else ProfileSums.from_bytes(blob, rule)
+            folded["sums"] = sums = rule.fold(sums, items, texts)
+            return sums.to_bytes(), rule.vector(sums)
+
+        try:
+            record = await self.user_admission.run(self.store.update_profile, user, update, tenant, create)
+        except StoreBusyError as exc:
+            raise APIError(503, str(exc), type="server_error", code="store_busy", headers={"retry-after": "1"}) from None
+        except DataError as exc:
+            raise APIError(409, str(exc), param="user", code="profile_mismatch") from None
+        except (EmbeddingError, StoreError) as exc:
+            raise APIError(400, str(exc), param="user", code="invalid_embedding") from None
+        if record is None:
+            raise APIError(404, f"user {user!r} has no stored embedding: an admin key starts a new user's profile "
+                                "from events (POST /v1/users/{id}/events)", param="user", code="user_not_found")
+        self.metrics.store_writes.labels("events").inc()
+        log.info("events folded", extra={**self.serving.who(tenant, user), "version": record.version,
+                                          "events": len(texts)})
+        return dump(UserProfileInfo(**record.metadata(), events=folded["sums"].events,
+                                    half_life_events=rule.half_life_events))
 
     async def embeddings(self, req: EmbeddingsRequest) -> dict:
         """OpenAI's embeddings endpoint: the vectors to store for users (or send inline as `e2p.embedding`)."""
