@@ -206,3 +206,26 @@ def test_users_update_folds_an_event_file_by_the_same_rule(tmp_path):
     assert main(["users", "update", str(tmp_path / "bad.jsonl"), "--store", str(tmp_path / "s.db"),
                  "--rule", str(tmp_path / "rule.json"), "--quiet"]) == 2
     assert store.get("ann").version == 1  # checked whole before anything was folded
+
+
+def test_deleting_a_user_deletes_their_running_sums_bytes_and_all(tmp_path):
+    from test_privacy_store import files_holding
+
+    rule = ProfileRule(dim=8, normalize=False)
+    folder = tmp_path / "store"
+    store = EmbeddingStore(folder / "s.db")
+    item = np.asarray([[3.14159265358979, 2.71828182845904, 1.41421356237309, 1.73205080756887,
+                        2.23606797749978, 0.57721566490153, 1.61803398874989, 4.66920160910299]])
+
+    def update(blob):
+        sums = rule.fold(rule.empty() if blob is None else ProfileSums.from_bytes(blob, rule), item, [None])
+        return sums.to_bytes(), rule.vector(sums)
+
+    for n in range(40):  # neighbours, so the deleted row is one cell among others on its page
+        store.update_profile(f"n{n}", update)
+    store.update_profile("ann", update)
+    store.update_profile("ann", update)  # sums of 2 x item: bytes no other row holds
+    needle = (2 * item[0]).astype("<f8").tobytes()
+    assert files_holding(folder, needle)
+    assert store.delete("ann")
+    assert files_holding(folder, needle) == [] and store.profile_sums("ann") is None

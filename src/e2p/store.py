@@ -17,7 +17,8 @@ existed are migrated when opened: their rows become the `default` tenant's.
 
 Deletion deletes: every connection runs with `PRAGMA secure_delete=ON` (freed cells and pages are overwritten
 with zeros) and `delete` ends with a `wal_checkpoint(TRUNCATE)`, so a deleted vector's bytes are in none of the
-store's files (database, -wal, -shm) afterwards (tested on the raw files).
+store's files (database, -wal, -shm) afterwards (tested on the raw files). The same holds for a user's live-profile
+running sums (table `profiles`, `update_profile`), which are written and deleted with the vector.
 
 Files are read by `e2p.embedding_files` (the one reader the store, the data contract and the CLI share) and
 ids and vectors checked by `e2p.vectors`.
