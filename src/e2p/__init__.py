@@ -3,13 +3,16 @@ from .config import E2PConfig
 from .errors import BackboneMismatchError, ConfigError, DataError, E2PError, EmbeddingError
 
 __all__ = [
-    "E2PConfig", "Projector", "E2PModel", "load_backbone", "TextEncoder",
+    "load", "E2PConfig", "Projector", "E2PModel", "load_backbone", "TextEncoder",
     "E2PError", "ConfigError", "EmbeddingError", "BackboneMismatchError", "DataError",
 ]
 __version__ = "0.1.0"
 
 
 def __getattr__(name):  # lazy: importing e2p imports neither torch nor transformers (e2p.edge runs without them)
+    if name == "load":
+        from .loading import load
+        return load
     if name == "Projector":
         from .projector import Projector
         return Projector

@@ -228,42 +228,25 @@ def cmd_data(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    import torch
-
-    from .engines import DEFAULT_PROJECTOR, make_model
-    from .projector import Projector
+    from .config import E2PConfig
+    from .embedding_files import read_vector
+    from .engines import DEFAULT_PROJECTOR, check_engine
+    from .loading import load
 
     args.projector = args.projector or DEFAULT_PROJECTOR[args.engine]
     users = [("persona", p) for p in args.persona or []] + [("embedding", e) for e in args.embedding or []]
     if not users:
         raise E2PError("give at least one --persona TEXT or --embedding FILE")
-    from .config import E2PConfig
-
-    from .engines import check_engine
-
     config = E2PConfig.load(args.projector)
     check_engine(args.engine, config)  # an engine that cannot run the projector: before the backbone loads
-    dim = config.embedding_dim  # files are checked before the backbone loads
-    from .embedding_files import read_vector
-
-    from_files = [torch.tensor(read_vector(v, dim)) for kind, v in users if kind == "embedding"]
-    backbone = _backbone(args)
-    projector = Projector.from_pretrained(args.projector, backbone)
-    projector.eval()
-    model = make_model(backbone, projector, engine=args.engine, gguf=args.gguf, n_seq_max=max(len(users), 1),
-                       reply_tokens=args.max_new_tokens)
-    vectors = []
-    personas = [v for kind, v in users if kind == "persona"]
-    if personas:
-        from .encoders import encoder_for
-
-        vectors += list(torch.tensor(encoder_for(projector.config).encode(personas)))
-    vectors += from_files
-    prompts = [args.message] * len(users)
+    # files are checked before the backbone loads
+    rows = [value if kind == "persona" else read_vector(value, config.embedding_dim) for kind, value in users]
+    model = load(args.projector, engine=args.engine, backbone=args.backbone, device=args.device, dtype=args.dtype,
+                 gguf=args.gguf, max_batch_size=max(len(users), 1), max_new_tokens=args.max_new_tokens)
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                   top_p=args.top_p, seed=args.seed)
-    replies = model.generate(prompts, embeddings=vectors, **kwargs)
-    plain = model.generate([args.message], embeddings=[None], **kwargs)[0] if args.compare else None
+    replies = model.generate([args.message] * len(users), users=rows, **kwargs)
+    plain = model.generate([args.message], users=[None], **kwargs)[0] if args.compare else None
     if plain is not None:
         print(f"[no personalization] {plain}\n")
     for (kind, value), reply in zip(users, replies):

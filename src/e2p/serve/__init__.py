@@ -2,9 +2,8 @@
 
 Layers, as in vLLM's OpenAI entrypoint: `protocol` (request / response schemas), `serving` (`OpenAIServing`: what
 the endpoint families share), the families `prompts` + `chat`, `users` and `health`, `auth` (keys), and `app` (the
-FastAPI app: thin routes, errors, middleware); `loading` loads the model to serve."""
+FastAPI app: thin routes, errors, middleware); `e2p.load` loads the model to serve."""
 from .app import create_app
-from .loading import load_model
 from .serving import APIError, ServeConfig
 
-__all__ = ["APIError", "ServeConfig", "create_app", "load_model"]
+__all__ = ["APIError", "ServeConfig", "create_app"]

@@ -28,7 +28,7 @@ def cmd_serve(args) -> None:
     from ..config import resolve_projector
     from ..store import EmbeddingStore
     from .app import create_app
-    from .loading import load_model
+    from ..loading import load
     from .logs import configure_json_logging
     from .serving import ServeConfig
 
@@ -53,9 +53,9 @@ def cmd_serve(args) -> None:
                               "use one key per tenant and role")
     if not api_keys and not admin_key and not keys:
         log.warning("no API keys: the server is open to anyone who can reach it")
-    model = load_model(args.projector, args.backbone, max_prompt_tokens=args.max_prompt_tokens, device=args.device,
-                       dtype=args.dtype, engine=args.engine, gguf=args.gguf, max_batch_size=args.max_batch_size,
-                       max_tokens_limit=args.max_tokens_limit)
+    model = load(args.projector, engine=args.engine, backbone=args.backbone, device=args.device, dtype=args.dtype,
+                 gguf=args.gguf, max_batch_size=args.max_batch_size, max_prompt_tokens=args.max_prompt_tokens,
+                 max_new_tokens=args.max_tokens_limit).model
     name = args.model_name or (f"e2p-{os.path.basename(os.path.normpath(args.projector))}" if args.projector else "e2p")
     store = EmbeddingStore(args.store)
     config = ServeConfig(model_name=name, api_keys=api_keys, admin_key=admin_key, keys=keys,
