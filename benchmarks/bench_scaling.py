@@ -11,7 +11,7 @@ import torch
 
 from bench_train_step import project_loss, step
 from common import Context, embeddings, make_model, make_projector, random_ids, timed
-from e2p.model import Segments
+from e2p.formatting import Segments
 
 
 def _rows(bb, batch: int, prompt: int, reply: int = 0):

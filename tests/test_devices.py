@@ -10,7 +10,8 @@ import torch
 from conftest import make_backbone
 from e2p.devices import Precision, cpu_has_native_bf16, resolve_device, resolve_dtype
 from e2p.errors import ConfigError
-from e2p.model import DeepInjectionError, E2PModel, Segments, new_config
+from e2p.model import DeepInjectionError, E2PModel, new_config
+from e2p.formatting import Segments
 from e2p.projector import Projector
 
 CPU = torch.device("cpu")

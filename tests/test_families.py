@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from e2p.backbone import Backbone, freeze
-from e2p.model import DeepInjectionError, E2PModel, Segments, new_config, plain_prompt, token_keys_values
+from e2p.model import DeepInjectionError, E2PModel, new_config, token_keys_values
+from e2p.formatting import Segments, plain_prompt
 from e2p.projector import Projector
 
 from conftest import make_tokenizer
@@ -121,7 +122,7 @@ def test_a_backbone_without_a_chat_template_gets_the_plain_format():
     bb = make_family("llama", chat_template=False)
     m = E2PModel(bb, None, autocast=False)
     messages = [{"role": "user", "content": "hi"}]
-    assert m._render([{"role": "system", "content": "be kind"}] + messages, True) == "System: be kind\n\nUser: hi\n\nAssistant:"
+    assert m.formatter.render([{"role": "system", "content": "be kind"}] + messages, True) == "System: be kind\n\nUser: hi\n\nAssistant:"
     seg = m.format(messages, reply="hello")
     assert seg.target[-1] == bb.tokenizer.eos_token_id  # the reply ends with EOS, so generation learns to stop
     assert plain_prompt(messages, True, bos="<s>") == "<s>User: hi\n\nAssistant:"

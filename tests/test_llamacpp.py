@@ -220,3 +220,33 @@ def test_the_server_batches_llamacpp_rows_like_torch_rows(tmp_path, llama_model,
         assert sum(a == e for a, e in zip(answers, expected)) >= 5, (answers, expected)
     finally:
         server.stop()
+
+
+NO_TORCH_WEIGHTS = r"""
+import gc, json, sys
+from pathlib import Path
+import numpy as np, torch
+import e2p
+from transformers import PreTrainedModel
+
+model = e2p.load("persona-input-k1", engine="llama-cpp", max_batch_size=3, max_new_tokens=12)
+users = np.load(next(Path(e2p.__file__).parent.glob("demo_data/*/users.npz")))["embedding"]  # real MiniLM users
+replies = model.generate("What do you do on weekends?", users=[users[0], users[1], None], max_new_tokens=12)
+gc.collect()
+tensors = sum(o.numel() for o in gc.get_objects() if isinstance(o, torch.Tensor))
+models = [type(o).__name__ for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
+print(json.dumps({"replies": replies, "tensor_values": tensors, "models": models, "memory": model.model.memory(),
+                  "projector": model.projector.num_parameters()}))
+"""
+
+
+def test_the_llamacpp_engine_generates_with_no_torch_backbone_weights_loaded(real_backbone):
+    """A process of its own (the test session holds the torch backbone): `e2p.load(..., engine="llama-cpp")` reads
+    the backbone's tokenizer and sizes only; the torch tensors alive after generating are the projector's."""
+    out = subprocess.run([sys.executable, "-c", NO_TORCH_WEIGHTS], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+    assert all(r.strip() for r in got["replies"]) and len(set(got["replies"])) > 1
+    assert got["models"] == []  # no transformers model object at all
+    assert got["tensor_values"] < 2 * got["projector"] + 100_000  # SmolLM2's 135M weights would be ~1,000x more
+    assert got["memory"]["gguf_bytes"] > 50_000_000 and got["memory"]["rss_bytes"] < 1_500_000_000

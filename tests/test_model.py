@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from e2p import Projector
-from e2p.model import E2PModel, PromptTooLongError, new_config
+from e2p.model import E2PModel, new_config
+from e2p.formatting import PromptTooLongError
 
 CONVS = [
     ([{"role": "user", "content": "hi how are you ?"}], "i am fine ! i like dogs ."),
@@ -91,7 +92,7 @@ def test_prefix_equal_to_token_embedding_matches_token_id(tiny):
     row = m.format(CONVS[0][0], reply=CONVS[0][1])
     with_prefix = m.loss([row], reduction="none")[0]
     plain = E2PModel(tiny, None, config=p.config, autocast=False)
-    from e2p.model import Segments
+    from e2p.formatting import Segments
 
     as_token = plain.loss([Segments(pre=[], post=[word] + row.post, target=row.target)], reduction="none")[0]
     assert torch.allclose(with_prefix, as_token, atol=1e-5)
@@ -101,7 +102,7 @@ def test_prefix_equal_to_token_embedding_matches_token_id(tiny):
 def test_after_sink_prefix_acts_like_a_token_behind_the_first_one(tiny, injection):
     """"after_sink": [first prompt token][prefix][prompt]. A prefix equal to a real token's embedding (input) or to
     that token's keys/values at position 1 (deep) must score exactly like the token given by id there."""
-    from e2p.model import Segments
+    from e2p.formatting import Segments
 
     cfg = new_config(tiny, embedding_dim=0, num_prefix_tokens=1, output_norm=False, injection=injection,
                      prefix_position="after_sink")

@@ -133,7 +133,7 @@ def test_chat_and_completion_with_stored_user(served, client, http):
     assert plain.choices[0].message.content == expected(model, PROMPT, None)
     assert plain.choices[0].message.content != out.choices[0].message.content
     comp = client.completions.create(model=MODEL, prompt="i like", max_tokens=6, temperature=0, user="alice")
-    from e2p.model import Segments
+    from e2p.formatting import Segments
 
     ids = model.tokenizer("i like", add_special_tokens=False)["input_ids"]
     toks = model.generate_tokens([Segments([], ids)], [torch.tensor(vec(1))], max_new_tokens=6)[0]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from e2p.errors import DataError
-from e2p.model import Segments
+from e2p.formatting import Segments
 from e2p.serve import ServeConfig, create_app
 from e2p.serve.batching import Batcher, GenerationError, GenRequest
 from e2p.store import CorruptEmbeddingError, EmbeddingStore, StoreError, import_embeddings

@@ -113,7 +113,7 @@ def test_completions_keep_the_leading_space_streamed_and_echoed(served):
     server, app, model, http = served
     body = {"model": MODEL, "prompt": "i like", "max_tokens": 6, "temperature": 0}
     ids = model.tokenizer("i like", add_special_tokens=False)["input_ids"]
-    from e2p.model import Segments
+    from e2p.formatting import Segments
 
     tokens = model.generate_tokens([Segments([], ids)], [None], max_new_tokens=6)[0]
     whole = model.tokenizer.decode(ids + tokens, skip_special_tokens=True)  # "i like dogs ..."
@@ -287,7 +287,8 @@ def test_completions_place_the_prefix_as_format_does(tmp_path, position):
     `after_sink` input prefix, a copy of the first token takes position 0 and the prefix sits behind it."""
     from conftest import make_backbone
     from e2p import Projector
-    from e2p.model import E2PModel, Segments, new_config
+    from e2p.model import E2PModel, new_config
+    from e2p.formatting import Segments
 
     backbone = make_backbone()
     projector = Projector(new_config(backbone, embedding_dim=8, num_prefix_tokens=2, prefix_position=position)).eval()

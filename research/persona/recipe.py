@@ -23,7 +23,8 @@ import torch
 from e2p.data.persona import PersonaExample, without_people_of
 from e2p.encoders import encoder_for
 from e2p.calibration import calibrate_person_scale
-from e2p.model import E2PModel, Segments, new_config, per_row_sum
+from e2p.model import E2PModel, new_config, per_row_sum
+from e2p.formatting import Segments
 from e2p.projector import Projector, embedding_center
 from e2p.recipe import RecipeConfig, init_shared, sample_examples, train_stage
 from e2p.scoring import Item

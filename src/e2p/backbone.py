@@ -84,6 +84,13 @@ class Backbone:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         return (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
 
+    def info(self) -> BackboneInfo:
+        """Name, tokenizer and sizes (what an engine running the weights elsewhere needs)."""
+        gen = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        info = BackboneInfo.from_config(self.name, self.tokenizer, self.model.config, gen)
+        info.model = self.model
+        return info
+
     @torch.no_grad()
     def token_embedding_norm(self) -> float:
         """Mean norm of what the embedding layer outputs (Gemma scales its rows by sqrt(hidden) there)."""
@@ -92,6 +99,29 @@ class Backbone:
         ids = torch.arange(n, device=layer.weight.device)
         norms = [layer(ids[i:i + 16384]).float().norm(dim=-1) for i in range(0, n, 16384)]
         return float(torch.cat(norms).mean())
+
+
+@dataclass
+class BackboneInfo:
+    """What an engine that runs the weights elsewhere (llama.cpp) needs of a backbone: its name, tokenizer and sizes,
+    read from its config and tokenizer files with no weights loaded (`load_backbone_info`, `Backbone.info()`)."""
+
+    name: str
+    tokenizer: object
+    hidden_size: int
+    num_layers: int
+    kv_dim: int
+    softcap: float | None = None  # the final logit soft-capping (Gemma 2/3)
+    generation_eos: object = None  # the generation config's eos_token_id (one id or a list)
+    model: object = None  # no torch model: a shared LoRA adapter cannot be checked or run
+
+    @classmethod
+    def from_config(cls, name: str, tokenizer, cfg, generation_eos=None) -> "BackboneInfo":
+        heads = getattr(cfg, "num_attention_heads", None)
+        head_dim = (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads) if heads else 0
+        kv_dim = (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim if heads else 0
+        return cls(name, tokenizer, cfg.hidden_size, cfg.num_hidden_layers, kv_dim,
+                   getattr(cfg, "final_logit_softcapping", None), generation_eos)
 
 
 def _named_gguf_path(name: str) -> Path:
@@ -151,14 +181,7 @@ def load_backbone(name_or_path: str | None = None, device: str | torch.device | 
     weights = resolve_dtype(dtype, where).weights  # the same for training and inference
     name = name_or_path or DEFAULT_BACKBONE
     if name in NAMED_BACKBONES:
-        cached = cache_dir() / name
-        if not (cached / "config.json").is_file():
-            model, tokenizer = _load_gguf(_named_gguf_path(name))
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            if cached.exists():  # a half-written cache from an interrupted run
-                import shutil
-                shutil.rmtree(cached)
-            _save_converted(model, tokenizer, cached)
+        cached = _converted(name)
         model = AutoModelForCausalLM.from_pretrained(cached, dtype=weights)
         tokenizer = AutoTokenizer.from_pretrained(cached)
     else:
@@ -175,6 +198,49 @@ def load_backbone(name_or_path: str | None = None, device: str | torch.device | 
     model = model.to(device=where, dtype=weights)
     spec = dtype if isinstance(dtype, str) or dtype is None else str(dtype).replace("torch.", "")
     return freeze(Backbone(model=model, tokenizer=tokenizer, name=name, dtype_spec=spec or "auto"))
+
+
+def _converted(name: str) -> Path:
+    """The cache folder of a named backbone, converted from its GGUF on first use."""
+    cached = cache_dir() / name
+    if not (cached / "config.json").is_file():
+        model, tokenizer = _load_gguf(_named_gguf_path(name))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        if cached.exists():  # a half-written cache from an interrupted run
+            import shutil
+            shutil.rmtree(cached)
+        _save_converted(model, tokenizer, cached)
+        del model
+    return cached
+
+
+def load_backbone_info(name_or_path: str | None = None) -> BackboneInfo:
+    """A backbone's name, tokenizer and sizes without its weights (what the llama-cpp engine formats with): a named
+    backbone (converted into the cache once, like `load_backbone`), a model directory or a .gguf file."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    name = name_or_path or DEFAULT_BACKBONE
+    kwargs: dict = {}
+    if name in NAMED_BACKBONES:
+        folder = _converted(name)
+    else:
+        path = Path(name)
+        if path.suffix == ".gguf" and path.is_file():
+            folder, kwargs = path.parent, {"gguf_file": path.name}
+        elif path.is_dir() and (path / "config.json").is_file():
+            folder = path
+        else:
+            raise ConfigError(f"backbone {name!r} is neither a named backbone ({', '.join(NAMED_BACKBONES)}), a model "
+                              "directory with config.json, nor a .gguf file")
+        name = path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        eos = GenerationConfig.from_pretrained(folder, **kwargs).eos_token_id
+    except (OSError, ValueError):
+        eos = None
+    return BackboneInfo.from_config(name, tokenizer, AutoConfig.from_pretrained(folder, **kwargs), eos)
 
 
 def freeze(backbone: Backbone) -> Backbone:

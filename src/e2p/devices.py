@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -123,3 +124,12 @@ def add_device_arguments(parser) -> None:
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="auto: bf16 on a recent GPU; on a CPU float32 to generate and serve (a greedy answer never "
                              "depends on its batch), bf16 autocast to train where the CPU has native bf16")
+
+
+def rss_bytes() -> int | None:
+    """This process's resident memory (Linux), for /healthz, the engines' memory report and the soak benchmark."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

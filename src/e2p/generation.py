@@ -1,5 +1,5 @@
 """The one decode loop: a running batch whose rows each have their own user, sampling settings, random stream
-and stopping, and which rows may join and leave between steps. `E2PModel.generate` runs it to the end; the
+and stopping, and which rows may join and leave between steps. an engine's `generate` (e2p.engines.base) runs it to the end; the
 server's batcher only admits rows, streams their text and answers them when they finish."""
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ class Generation:
     gives every row one token and returns the rows that finished. A row the model cannot take (prefill error,
     non-finite logits, a sampling error) finishes alone with `finish_reason="error"`; its neighbours go on."""
 
-    def __init__(self, model):  # an e2p.model.E2PModel (its start_decoding, next_logits, pick, advance, eos_ids)
+    def __init__(self, model):  # an e2p.engines.base.Engine (its start_decoding, next_logits, pick, advance, eos_ids)
         self.model = model
         self.rows: list[DecodeRow] = []
         self.dec: Decoding | None = None

@@ -93,7 +93,7 @@ def load(name_or_dir: str | Path | None = None, engine: str = "torch", backbone:
     """A shipped projector's name (persona-deep-k1, persona-input-k1), a folder `e2p train` wrote, or None (the plain
     backbone), on the torch or llama-cpp engine. An engine that cannot run the projector refuses it before any
     weights load."""
-    from .backbone import load_backbone
+    from .backbone import load_backbone, load_backbone_info
     from .config import E2PConfig, resolve_projector
     from .engines import check_engine, make_model
     from .projector import Projector
@@ -101,7 +101,8 @@ def load(name_or_dir: str | Path | None = None, engine: str = "torch", backbone:
     folder = resolve_projector(name_or_dir) if name_or_dir is not None else None
     if folder is not None:
         check_engine(engine, E2PConfig.load(folder))
-    loaded = load_backbone(backbone, device=device, dtype=dtype)
+    # llama.cpp runs the GGUF's own weights: of the torch backbone only the tokenizer and sizes are read
+    loaded = load_backbone_info(backbone) if engine == "llama-cpp" else load_backbone(backbone, device=device, dtype=dtype)
     projector = Projector.from_pretrained(folder, loaded).eval() if folder is not None else None
     model = make_model(loaded, projector, engine=engine, gguf=gguf, n_seq_max=max_batch_size,
                        max_prompt_tokens=max_prompt_tokens, reply_tokens=max_new_tokens)

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -14,46 +12,16 @@ from torch.nn import functional as F
 from .backbone import Backbone
 from .devices import autocast as autocast_context, cpu_has_native_bf16
 from .config import E2PConfig
-from .errors import E2PError
 from .caches import (DeepInjectionError, _cache_kwarg, _output_cache, _token_keys_values,  # noqa: F401 (re-exported)
                      check_deep_injection, token_keys_values)
-from .generation import DecodeRow, Decoding, Generation
+from .engines.base import DecodingEngine
+from .formatting import PromptFormat, Segments, eos_ids
+from .generation import Decoding
 from .projector import Projector, check_backbone
 
 log = logging.getLogger(__name__)
 
-Messages = list[dict]
-
-
-class PromptTooLongError(E2PError, ValueError):
-    """The prompt does not fit even after dropping older turns."""
-
-
-@dataclass
-class Segments:
-    """One tokenized row: `pre` + [prefix] + `post` + `target` (loss only on target)."""
-
-    pre: list[int]
-    post: list[int]
-    target: list[int] = field(default_factory=list)
-
-
 bf16_supported = cpu_has_native_bf16  # the name benchmarks and older scripts import
-
-PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
-
-
-def plain_prompt(messages: Messages, add_generation_prompt: bool, bos: str = "", eos: str = "") -> str:
-    """The prompt format of a backbone without a chat template (a base model): the tokenizer's BOS, then each turn
-    as "Role: content" separated by blank lines, an assistant turn ending with EOS, and "Assistant:" to reply."""
-    parts = []
-    for m in messages:
-        role = PLAIN_ROLES.get(m["role"], str(m["role"]).capitalize())
-        parts.append(f"{role}: {m['content']}" + (eos if m["role"] == "assistant" else ""))
-    text = bos + "\n\n".join(parts)
-    if add_generation_prompt:
-        text += ("\n\n" if parts else "") + "Assistant:"
-    return text
 
 
 def new_config(backbone: Backbone, **overrides) -> E2PConfig:
@@ -69,7 +37,7 @@ def new_config(backbone: Backbone, **overrides) -> E2PConfig:
     return E2PConfig(**values)
 
 
-class E2PModel(nn.Module):
+class E2PModel(nn.Module, DecodingEngine):
     """A frozen backbone plus (optionally) a projector; rows of a batch may belong to different users.
 
     With `projector=None` it is the plain backbone (the `none` / `text` conditions), using the
@@ -107,12 +75,9 @@ class E2PModel(nn.Module):
             autocast = torch.bfloat16
         self.autocast = autocast or None  # the autocast dtype, None: compute in the weights' dtype
         self.softcap = getattr(self.lm.config, "final_logit_softcapping", None)
-        self.plain_format = getattr(self.tokenizer, "chat_template", None) is None
-        self.max_prompt_tokens = max_prompt_tokens
-        eos = {self.tokenizer.eos_token_id}
-        gen_eos = getattr(getattr(self.lm, "generation_config", None), "eos_token_id", None)
-        eos |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
-        self.eos_ids = sorted(i for i in eos if i is not None)
+        self.backbone_name = backbone.name
+        self.formatter = PromptFormat(self.tokenizer, self.config, projector is not None, max_prompt_tokens)
+        self.eos_ids = eos_ids(self.tokenizer, getattr(getattr(self.lm, "generation_config", None), "eos_token_id", None))
 
     @property
     def has_adapter(self) -> bool:
@@ -127,121 +92,6 @@ class E2PModel(nn.Module):
 
         mask = None if rows is None or all(rows) else torch.tensor(rows, dtype=torch.bool, device=self.device)
         return active(self.lm, self.projector.lora, mask)
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return self.projector.config.num_prefix_tokens if self.projector is not None else 0
-
-    def prefix_length(self, has_embedding: bool) -> int:
-        """Soft tokens a row gets (they occupy context positions like text tokens): k with a user embedding or a
-        shared prefix, else 0."""
-        if self.projector is None:
-            return 0
-        return self.num_prefix_tokens if (has_embedding or self.projector.config.is_shared) else 0
-
-    # --- formatting -------------------------------------------------------------------------
-    @functools.cached_property
-    def _bos_text(self) -> str:
-        """The BOS token when the tokenizer puts one in front of text itself (Gemma, Llama): the plain format keeps it."""
-        tok = self.tokenizer
-        with_special = tok("a")["input_ids"]
-        plain = tok("a", add_special_tokens=False)["input_ids"]
-        if tok.bos_token and tok.bos_token_id is not None and with_special[:1] == [tok.bos_token_id] != plain[:1]:
-            return tok.bos_token
-        return ""
-
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _render(self, messages: Messages, add_generation_prompt: bool) -> str:
-        if self.plain_format:
-            return plain_prompt(messages, add_generation_prompt, self._bos_text, self.tokenizer.eos_token or "")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-    def format(self, messages: Messages | str, reply: str | None = None, persona_text: str | None = None,
-               system_prompt: str | None = None, max_target_tokens: int | None = None) -> Segments:
-        """Chat messages (or one user message) -> Segments; `persona_text` goes into the system prompt.
-
-        Older turns are dropped until the prompt fits `max_prompt_tokens`.
-        """
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        messages = list(messages)
-        system = system_prompt if system_prompt is not None else self.config.system_prompt
-        if messages and messages[0].get("role") == "system":
-            system = messages[0]["content"]
-            messages = messages[1:]
-        if persona_text:
-            system = f"{system}\nYour persona: {persona_text}" if system else f"Your persona: {persona_text}"
-        head = [{"role": "system", "content": system}] if system else []
-
-        def render(drop: int) -> tuple[str, list[int]]:
-            prompt = self._render(head + messages[drop:], add_generation_prompt=True)
-            return prompt, self._encode(prompt)
-
-        prompt, ids = render(0)
-        if len(ids) > self.max_prompt_tokens:
-            # the fewest oldest turns to drop, by bisection: O(n log n) in the chat's length, not O(n^2)
-            lo, hi = 1, max(len(messages) - 1, 0)
-            last, last_ids = render(hi)
-            if len(last_ids) > self.max_prompt_tokens:
-                raise PromptTooLongError(
-                    f"prompt is {len(last_ids)} tokens, the limit is {self.max_prompt_tokens}: shorten the message or the persona"
-                )
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if len(render(mid)[1]) <= self.max_prompt_tokens:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            messages = messages[hi:]
-            prompt, ids = render(0)
-        pre: list[int] = []
-        post = ids
-        if self.config.prefix_position == "after_system" and self.config.injection == "input" and head:
-            system_part = self._render(head, add_generation_prompt=False)
-            if prompt.startswith(system_part):
-                pre, post = self._encode(system_part), self._encode(prompt[len(system_part):])
-        elif self.config.prefix_position == "after_sink" and self.config.injection == "input" and self.projector is not None:
-            pre = post[:1]  # a copy of the first token takes position 0 (deep injection puts its keys in the cache)
-        target: list[int] = []
-        if reply is not None:
-            full = self._render(head + messages + [{"role": "assistant", "content": reply}], add_generation_prompt=False)
-            target_text = full[len(prompt):] if full.startswith(prompt) else reply + (self.tokenizer.eos_token or "")
-            eos = self.tokenizer.eos_token
-            if eos and eos in target_text:
-                target_text = target_text[: target_text.index(eos) + len(eos)]
-            target = self._encode(target_text)
-            if max_target_tokens is not None:
-                target = target[:max_target_tokens]
-        return Segments(pre=pre, post=post, target=target)
-
-    # --- prefixes -----------------------------------------------------------------------------
-    def prefixes(self, embeddings, batch_size: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """-> ([B, k, D] prefix vectors or None, [B] bool: which rows have a prefix).
-
-        `embeddings`: a [B, E] tensor, or a list whose None entries mean "no user" (plain backbone row).
-        A shared projector (embedding_dim 0) gives every row its prefix.
-        """
-        dev = self.device
-        if self.projector is None:
-            return None, torch.zeros(batch_size, dtype=torch.bool, device=dev)
-        if self.projector.config.is_shared:
-            return self.projector(batch_size=batch_size), torch.ones(batch_size, dtype=torch.bool, device=dev)
-        if embeddings is None:
-            return None, torch.zeros(batch_size, dtype=torch.bool, device=dev)
-        if isinstance(embeddings, torch.Tensor) or (len(embeddings) and all(e is not None for e in embeddings)):
-            e = embeddings if isinstance(embeddings, torch.Tensor) else torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in embeddings])
-            if len(e) != batch_size:
-                raise ValueError(f"{len(e)} embeddings for a batch of {batch_size}")
-            return self.projector(e), torch.ones(batch_size, dtype=torch.bool, device=dev)
-        has = torch.tensor([e is not None for e in embeddings], dtype=torch.bool, device=dev)
-        out = torch.zeros(batch_size, self.projector.config.num_prefix_tokens, self.projector.config.prefix_dim, device=dev)
-        if has.any():
-            rows = torch.stack([torch.as_tensor(embeddings[i], dtype=torch.float32) for i in range(batch_size) if has[i]])
-            out = out.to(self.projector.shared.dtype)
-            out[has] = self.projector(rows)
-        return out, has
 
     # --- batch building ---------------------------------------------------------------------
     def build(self, rows: Sequence[Segments], embeddings=None) -> dict:
@@ -366,43 +216,6 @@ class E2PModel(nn.Module):
             return nll.mean()
         return per_row_sum(nll, row, len(rows)), per_row_sum(torch.ones_like(row), row, len(rows))
 
-    # --- generation -------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[Messages | str], embeddings=None, max_new_tokens: int = 64,
-                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 persona_texts: Sequence[str | None] | None = None, seed: int | None = None,
-                 batch_size: int | None = None) -> list[str]:
-        """Generate for a batch where every row may be a different user (or none: embedding None); at most
-        `batch_size` rows decode at once (None: all), a waiting row joining as soon as another finishes."""
-        rows = [self.format(p, persona_text=(persona_texts[i] if persona_texts else None)) for i, p in enumerate(prompts)]
-        tokens = self.generate_tokens(rows, embeddings, max_new_tokens, do_sample, temperature, top_p, seed, batch_size)
-        return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
-
-    @torch.no_grad()
-    def generate_tokens(self, rows: Sequence[Segments], embeddings=None, max_new_tokens: int = 64,
-                        do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                        seed: int | None = None, batch_size: int | None = None) -> list[list[int]]:
-        """Token-level batched decoding with a KV cache: the one decode loop (`Generation`) run to the end, at
-        most `batch_size` rows at once (continuous batching: a waiting row joins when another finishes).
-
-        With `seed`, every sampled row draws from its own generator seeded with it, as the server does for a
-        request's `seed`: a row's text is the same alone, in any batch, from the CLI, the API or the server."""
-        settings = [DecodeRow(temperature=temperature if do_sample else 0.0, top_p=top_p, seed=seed,
-                              max_tokens=max_new_tokens) for _ in rows]
-        embeddings = list(embeddings) if embeddings is not None else [None] * len(rows)
-        room, waiting = batch_size or max(len(rows), 1), 0
-        gen = Generation(self)
-        while waiting < len(rows) or gen.rows:
-            take = min(room - len(gen.rows), len(rows) - waiting)
-            if take > 0:
-                gen.add(settings[waiting:waiting + take], rows[waiting:waiting + take], embeddings[waiting:waiting + take])
-                waiting += take
-            gen.step()
-        failed = next((r.error for r in settings if r.error is not None), None)
-        if failed is not None:
-            raise failed
-        return [r.tokens for r in settings]
-
     # --- step-level decoding (rows may join and leave between steps: the server's continuous batching) -----
     # Always without autograd: the projector's parameters require grad, so a step taken with grad enabled keeps
     # every step's activations alive for as long as the batch runs (measured: 4 GB for one personalized request).
@@ -433,20 +246,6 @@ class E2PModel(nn.Module):
                     position_ids=dec.positions, past_key_values=dec.cache, adapter_rows=dec.adapter_rows)
         out = self._hidden(step, use_cache=True)
         dec.cache, dec.last = _output_cache(out), out.last_hidden_state[:, -1]
-
-    @staticmethod
-    def pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen=None) -> torch.Tensor:
-        """Greedy (argmax) or sampled (temperature, nucleus top_p, optional generator) tokens from [B, vocab]."""
-        if not do_sample:
-            return logits.argmax(-1)
-        probs = F.softmax(logits / max(temperature, 1e-5), dim=-1)
-        if top_p < 1.0:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            keep = sorted_p.cumsum(-1) - sorted_p < top_p
-            keep[..., 0] = True  # the likeliest token always stays (a tiny top_p rounds to 0 in float32)
-            sorted_p = sorted_p * keep
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(1)
 
 
 def per_row_sum(values: torch.Tensor, row: torch.Tensor, n_rows: int) -> torch.Tensor:

@@ -10,7 +10,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .model import E2PModel, Segments
+from .engines.base import Engine
+
+from .formatting import Segments
 
 
 @dataclass
@@ -57,7 +59,7 @@ def shuffled(items: Sequence[Item], seed: int = 0) -> list[Item]:
     return [Item(it.row, people[j]) for it, j in zip(items, derangement(people, seed))]
 
 
-def row_losses(model: E2PModel, items: Sequence[Item], table: torch.Tensor | None, batch_size: int = 16,
+def row_losses(model: Engine, items: Sequence[Item], table: torch.Tensor | None, batch_size: int = 16,
                shuffle_people: bool = False, seed: int = 0, progress=None) -> tuple[np.ndarray, np.ndarray]:
     """Per-item summed NLL and target-token counts, in eval mode (optionally with another person's embedding
     per row, drawn by `derangement` with `seed`): the one scoring loop behind validation during training and every
@@ -86,7 +88,7 @@ def row_losses(model: E2PModel, items: Sequence[Item], table: torch.Tensor | Non
     return np.concatenate(nll), np.concatenate(cnt)
 
 
-def evaluate_loss(model: E2PModel, items: Sequence[Item], table: torch.Tensor | None, batch_size: int = 16,
+def evaluate_loss(model: Engine, items: Sequence[Item], table: torch.Tensor | None, batch_size: int = 16,
                   shuffle_people: bool = False, seed: int = 0) -> float:
     """Token-level mean NLL over `items` (optionally with another person's embedding per row)."""
     nll, cnt = row_losses(model, items, table, batch_size, shuffle_people, seed)

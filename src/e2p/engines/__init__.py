@@ -1,6 +1,6 @@
-"""Engines that run the backbone's forward passes: torch (E2PModel itself, the default) or llama.cpp
-(`e2p.engines.llamacpp`, input injection on any GGUF). Both format prompts the same way and serve through the
-same decode loop."""
+"""Engines that run the backbone's forward passes behind one interface (`base.Engine`): torch (e2p.model.E2PModel,
+the default) or llama.cpp (`llamacpp`, input injection on any GGUF, no torch weights). Both format prompts with
+e2p.formatting and serve through the same decode loop."""
 from __future__ import annotations
 
 ENGINES = ("torch", "llama-cpp")
@@ -29,8 +29,9 @@ def check_engine(engine: str, config) -> None:
 
 def make_model(backbone, projector=None, config=None, engine: str = "torch", gguf: str | None = None,
                n_seq_max: int = 16, max_prompt_tokens: int = 1024, reply_tokens: int = 1024):
-    """An E2PModel on the chosen engine (the llama-cpp one loads its GGUF here, with KV room per row for a prompt
-    of `max_prompt_tokens` and a reply of `reply_tokens`)."""
+    """The model on the chosen engine (e2p.engines.base.Engine): torch's E2PModel on a loaded Backbone, or llama.cpp
+    on a Backbone or a weightless BackboneInfo (it loads its GGUF here, with KV room per row for a prompt of
+    `max_prompt_tokens` and a reply of `reply_tokens`)."""
     if engine == "llama-cpp":
         from .llamacpp import LlamaCppModel
 

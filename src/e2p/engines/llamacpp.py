@@ -1,10 +1,10 @@
 """E2P on llama.cpp: the GGUF is the backbone, a projector's k vectors enter through `llama_batch.embd`.
 
-One llama.cpp context holds up to `n_seq_max` sequences in one KV cache (one sequence id per row), so rows of
-different users decode in one batch, join and leave between steps, exactly like the torch path: `LlamaCppModel`
-is an `E2PModel` whose forward passes run in llama.cpp (`llamacpp_backend`), so the one decode loop
-(`e2p.generation.Generation`), `E2PModel.generate`, the evaluation loop and the server's batcher use it unchanged.
-Formatting (chat template, prefix position, prompt limits) is the torch path's own: both engines feed the same ids.
+One llama.cpp context holds up to `n_seq_max` sequences (one per row), so rows of different users decode in one
+batch, join and leave between steps, exactly like the torch path: `LlamaCppModel` is an engine (e2p.engines.base)
+whose forward passes run in llama.cpp (`llamacpp_backend`), so the one decode loop (`e2p.generation.Generation`),
+the evaluation loop and the server's batcher use it unchanged. Formatting is e2p.formatting's, as for torch: both
+engines feed the same ids. No torch weights of the backbone are loaded: only its tokenizer and sizes.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..model import E2PModel, Segments
+from ..formatting import Segments
+from .base import DecodingEngine
 from .llamacpp_backend import LlamaCppBackend, LlamaCppError, LlamaDecoding  # noqa: F401 (re-exported)
 
 
@@ -34,25 +35,55 @@ def check_projector(config) -> None:
                           "they are. Use --engine torch, or a projector trained without --lora-rank")
 
 
-class LlamaCppModel(E2PModel):
-    """An E2PModel whose forward passes run in llama.cpp. The torch backbone only formats (tokenizer, chat template,
-    sizes); the projector runs in torch on the CPU and its k vectors go in through `llama_batch.embd`. Input
-    injection only: a deep projector's keys and values live inside the layers, where llama.cpp takes no input."""
+class LlamaCppModel(DecodingEngine):
+    """An engine whose forward passes run in llama.cpp. No torch backbone weights are loaded: the tokenizer and the
+    backbone's sizes format the prompts (`BackboneInfo`, e2p.backbone.load_backbone_info); the projector runs in
+    torch on the CPU and its k vectors go in through `llama_batch.embd`. Input injection only: a deep projector's
+    keys and values live inside the layers, where llama.cpp takes no input. Scoring runs without autograd."""
+
+    can_train = False
 
     def __init__(self, backbone, projector=None, config=None, gguf: str | Path | None = None, n_seq_max: int = 16,
                  max_prompt_tokens: int = 1024, reply_tokens: int = 1024, backend: LlamaCppBackend | None = None):
-        """Each of the `n_seq_max` rows gets its own KV cells: its prompt (at most `max_prompt_tokens`), its k
-        prefix vectors and up to `reply_tokens` reply (or scored target) tokens."""
+        """`backbone`: a BackboneInfo (or a loaded Backbone, whose weights are then left alone). Each of the
+        `n_seq_max` rows gets its own KV cells: its prompt (at most `max_prompt_tokens`), its k prefix vectors and up
+        to `reply_tokens` reply (or scored target) tokens."""
+        from ..backbone import BackboneInfo
+        from ..config import E2PConfig
+        from ..formatting import PromptFormat, eos_ids
+        from ..projector import check_backbone
+
         check_projector(projector.config if projector is not None else None)
-        super().__init__(backbone, projector, config, autocast=False, max_prompt_tokens=max_prompt_tokens)
+        info = backbone if isinstance(backbone, BackboneInfo) else backbone.info()
+        if projector is not None:
+            check_backbone(projector.config, info)
+            projector.to("cpu")
+        self.info, self.projector, self.device = info, projector, torch.device("cpu")
+        self.config = projector.config if projector is not None else (config or E2PConfig())
+        self.tokenizer, self.backbone_name, self.softcap = info.tokenizer, info.name, info.softcap
+        self.formatter = PromptFormat(self.tokenizer, self.config, projector is not None, max_prompt_tokens)
+        self.eos_ids = eos_ids(self.tokenizer, info.generation_eos)
         from .gguf_convert import resolve_gguf
 
         k = projector.config.num_prefix_tokens if projector is not None else 0
-        self.engine = backend or LlamaCppBackend(resolve_gguf(backbone.name, gguf), n_seq_max=n_seq_max,
+        self.engine = backend or LlamaCppBackend(resolve_gguf(info.name, gguf), n_seq_max=n_seq_max,
                                                  n_ctx_seq=max_prompt_tokens + k + reply_tokens)
-        if self.engine.n_embd != backbone.hidden_size:
+        if self.engine.n_embd != info.hidden_size:
             raise ConfigError(f"{self.engine.path} has hidden size {self.engine.n_embd}, the backbone "
-                              f"{backbone.name} {backbone.hidden_size}: pass the GGUF of the same model")
+                              f"{info.name} {info.hidden_size}: pass the GGUF of the same model")
+
+    def memory(self) -> dict:
+        """What this engine holds: the GGUF's size on disk (mapped by llama.cpp), its KV cells, the projector's
+        parameters in torch, and the process's resident memory."""
+        from ..devices import rss_bytes
+
+        return {"gguf_bytes": self.engine.path.stat().st_size, "kv_cells": self.engine.n_ctx,
+                "projector_parameters": self.projector.num_parameters() if self.projector is not None else 0,
+                "rss_bytes": rss_bytes()}
+
+    def soft_cap(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's final logit soft-capping (Gemma 2/3); unchanged for models without it."""
+        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
 
     @classmethod
     def factory(cls, backend: LlamaCppBackend, max_prompt_tokens: int = 1024):
@@ -66,9 +97,6 @@ class LlamaCppModel(E2PModel):
             return [None] * n
         vecs = prefix.detach().float().cpu().numpy()
         return [vecs[i] if bool(has[i]) else None for i in range(n)]
-
-    def target_logits(self, rows, embeddings=None):
-        raise NotImplementedError("the llama-cpp engine scores without autograd: use loss(..., reduction='none')")
 
     @torch.no_grad()
     def loss(self, rows: Sequence[Segments], embeddings=None, reduction: str = "mean", batch_size: int | None = None):

@@ -28,6 +28,7 @@ import numpy as np
 from ..config import E2PConfig, resolve_projector
 from ..data.contract import Example, UserTable
 from ..errors import ConfigError
+from ..engines.base import Engine
 from ..model import E2PModel
 from ..projector import Projector
 from ..scoring import Item, derangement, row_losses
@@ -64,7 +65,7 @@ def conditions_for(projector_dir: str | Path, with_text: bool) -> list[Condition
     return [c for c in conds if c.projector_dir is None or (c.projector_dir / "config.json").is_file()]
 
 
-def _model(backbone, cond: Condition, plain: E2PConfig, engine=None) -> E2PModel:
+def _model(backbone, cond: Condition, plain: E2PConfig, engine=None) -> Engine:
     """The condition's model on the chosen engine (`engine(backbone, projector, config)`; default: torch)."""
     projector = Projector.from_pretrained(cond.projector_dir, backbone).eval() if cond.projector_dir else None
     return (engine or E2PModel)(backbone, projector, config=None if projector else plain)
@@ -126,7 +127,7 @@ def run_conditions(backbone, conditions: list[Condition], examples: list[Example
     return {"nll": nll, "counts": counts, "generations": generations, "costs": costs}
 
 
-def _costs(model: E2PModel, rows, reads_user: bool) -> dict:
+def _costs(model: Engine, rows, reads_user: bool) -> dict:
     """What a condition costs per request and per user: context tokens (prompt + soft prefix), trained parameters,
     bytes stored per user."""
     from ..projector import adapter_cost

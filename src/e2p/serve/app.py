@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..model import E2PModel
+from ..engines.base import Engine
 from ..store import EmbeddingStore
 from . import health
 from .auth import Caller, authorize, authorize_metrics, bearer_key
@@ -98,8 +98,8 @@ def event_stream(events, headers: dict) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers={"cache-control": "no-cache", **headers})
 
 
-def create_app(model: E2PModel, store: EmbeddingStore, config: ServeConfig | None = None, encoder=None) -> FastAPI:
-    """The app around a loaded E2PModel (with its projector) and an embedding store. The batcher starts with the app.
+def create_app(model: Engine, store: EmbeddingStore, config: ServeConfig | None = None, encoder=None) -> FastAPI:
+    """The app around a loaded engine (torch or llama.cpp, with its projector) and an embedding store. The batcher starts with the app.
 
     `encoder`: the text encoder for `/v1/embeddings` and `{"text": ...}` puts (default: the projector's own,
     loaded on first use)."""

@@ -5,7 +5,7 @@ Design
 * Requests wait in a bounded queue (`max_queue`); a full queue is refused at once (HTTP 429) instead of
   letting latency grow without bound.
 * The worker takes the oldest request, waits up to `wait_ms` for more requests, up to `max_batch` rows,
-  and runs them in the one decode loop (`e2p.generation.Generation`, the same loop as `E2PModel.generate`):
+  and runs them in the one decode loop (`e2p.generation.Generation`, the same loop as an engine's `generate`):
   this module only admits requests, streams their text and answers them when their rows finish.
 * Between steps, rows that are done leave the batch (EOS, their own `max_tokens`, a stop string, a client that
   gave up) and requests that arrived meanwhile are prefilled and join it (`Generation.add`), up to
@@ -36,7 +36,8 @@ from typing import Callable, Sequence
 import torch
 
 from ..generation import DecodeRow, Generation
-from ..model import E2PModel, Segments
+from ..engines.base import Engine
+from ..formatting import Segments
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ class RowText:
 class Batcher:
     """Background worker batching generation requests; see the module doc for the policy."""
 
-    def __init__(self, model: E2PModel, max_batch: int = 8, wait_ms: float = 10.0, max_queue: int = 64,
+    def __init__(self, model: Engine, max_batch: int = 8, wait_ms: float = 10.0, max_queue: int = 64,
                  tokenizer_lock: threading.Lock | None = None, metrics=None):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
@@ -328,7 +329,7 @@ class Batcher:
             if batch is None:
                 return
             involved = list(batch)  # and every request that joins the running batch
-            try:  # E2PModel's decoding steps run without autograd themselves
+            try:  # an engine's decoding steps run without autograd themselves
                 self._process(batch, involved)
             except Exception:  # never let the worker die; every future gets an answer
                 log.exception("batch of %d failed", len(involved))

@@ -50,7 +50,7 @@ def projector_card(serving: OpenAIServing, tenant: str, admin: bool, text_encode
     if projector is None:
         note = "no projector: every column is the plain backbone, whatever the user"
     return ProjectorCard(
-        model=config.model_name, backbone=model.backbone.name,
+        model=config.model_name, backbone=model.backbone_name,
         engine="llama-cpp" if type(model).__name__ == "LlamaCppModel" else "torch",
         personalized=serving.embedding_dim is not None,
         injection=pconfig.injection if pconfig else None,

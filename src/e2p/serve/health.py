@@ -2,19 +2,9 @@
 progress) and `/v1/models` (the one model this server serves)."""
 from __future__ import annotations
 
-import os
-
+from ..devices import rss_bytes
 from .protocol import Health, ModelCard, ModelList, dump
 from .serving import OpenAIServing
-
-
-def rss_bytes() -> int | None:
-    """This process's resident memory (Linux), for /healthz and the soak benchmark."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def health(serving: OpenAIServing) -> tuple[dict, int]:

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from starlette.concurrency import run_in_threadpool
 
-from ..model import PromptTooLongError, Segments
+from ..formatting import PromptTooLongError, Segments
 from ..store import DEFAULT_TENANT
 from .protocol import ChatCompletionRequest, CompletionRequest, ContentPartError
 from .serving import APIError, OpenAIServing
@@ -122,20 +122,9 @@ class Prompts:
                        param="messages", code="invalid_value")
 
     def _format_raw(self, prompt: str) -> Segments:
-        """A raw prompt (no template) with the prefix where training put it, as E2PModel.format places it: after a
-        copy of the first token for an `after_sink` input prefix (position 0 stays a real token, the attention
-        sink), else before the prompt (a raw prompt has no system part for `after_system`; a deep `after_sink`
-        prefix takes the first token's keys in the cache). The BOS token leads where the tokenizer puts one in
-        front of text itself (Gemma, Llama), as in every prompt the projector was trained on."""
-        model = self.model
+        """A raw prompt (no template) with the prefix where training put it (e2p.formatting.PromptFormat.format_raw)."""
         with self.tokenizer_lock:
-            ids = list(model.tokenizer(model._bos_text + prompt, add_special_tokens=False)["input_ids"])
-        if len(ids) > model.max_prompt_tokens:
-            raise PromptTooLongError(f"prompt is {len(ids)} tokens, the limit is {model.max_prompt_tokens}: shorten it")
-        config = model.config
-        if config.prefix_position == "after_sink" and config.injection == "input" and model.projector is not None:
-            return Segments(pre=ids[:1], post=ids)
-        return Segments(pre=[], post=ids)
+            return self.model.format_raw(prompt)
 
     async def segments_of(self, fn: Callable[[Any], Segments], arg, param: str) -> Segments:
         try:

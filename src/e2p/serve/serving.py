@@ -17,7 +17,7 @@ import torch
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import EmbeddingError
-from ..model import E2PModel
+from ..engines.base import Engine
 from ..store import DEFAULT_TENANT, CorruptEmbeddingError, EmbeddingStore, StoreError
 from ..vectors import as_vector, check_user_id
 from .batching import Batcher
@@ -85,7 +85,7 @@ class OpenAIServing:
     """What every endpoint family shares, in small steps that raise `APIError`: the config, model, store, batcher
     (started and stopped by the app's lifespan) and metrics, and the user's embedding."""
 
-    def __init__(self, model: E2PModel, store: EmbeddingStore, config: ServeConfig | None = None):
+    def __init__(self, model: Engine, store: EmbeddingStore, config: ServeConfig | None = None):
         self.config = config = config or ServeConfig()
         self.model, self.store = model, store
         self.metrics = Metrics()
@@ -100,7 +100,7 @@ class OpenAIServing:
         self.created = int(time.time())
 
     def check_model(self, name: str) -> None:
-        if name not in (self.config.model_name, self.model.backbone.name):
+        if name not in (self.config.model_name, self.model.backbone_name):
             raise APIError(404, f"model {name!r} does not exist: this server serves {self.config.model_name!r} "
                                 "(GET /v1/models)", param="model", code="model_not_found")
 
