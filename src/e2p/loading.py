@@ -95,7 +95,7 @@ def load(name_or_dir: str | Path | None = None, engine: str = "torch", backbone:
     weights load."""
     from .backbone import load_backbone, load_backbone_info
     from .config import E2PConfig, resolve_projector
-    from .engines import check_engine, make_model
+    from .engines import check_engine
     from .projector import Projector
 
     folder = resolve_projector(name_or_dir) if name_or_dir is not None else None
@@ -107,3 +107,18 @@ def load(name_or_dir: str | Path | None = None, engine: str = "torch", backbone:
     model = make_model(loaded, projector, engine=engine, gguf=gguf, n_seq_max=max_batch_size,
                        max_prompt_tokens=max_prompt_tokens, reply_tokens=max_new_tokens)
     return PersonalizedModel(model, folder, encoder)
+
+
+def make_model(backbone, projector=None, config=None, engine: str = "torch", gguf: str | None = None,
+               n_seq_max: int = 16, max_prompt_tokens: int = 1024, reply_tokens: int = 1024):
+    """The model on the chosen engine (e2p.engines.base.Engine): torch's E2PModel on a loaded Backbone, or llama.cpp
+    on a Backbone or a weightless BackboneInfo (it loads its GGUF here, with KV room per row for a prompt of
+    `max_prompt_tokens` and a reply of `reply_tokens`)."""
+    if engine == "llama-cpp":
+        from .engines.llamacpp import LlamaCppModel
+
+        return LlamaCppModel(backbone, projector, config, gguf=gguf, n_seq_max=n_seq_max,
+                             max_prompt_tokens=max_prompt_tokens, reply_tokens=reply_tokens)
+    from .model import E2PModel
+
+    return E2PModel(backbone, projector, config, max_prompt_tokens=max_prompt_tokens)

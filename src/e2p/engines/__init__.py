@@ -27,21 +27,6 @@ def check_engine(engine: str, config) -> None:
         check_projector(config)
 
 
-def make_model(backbone, projector=None, config=None, engine: str = "torch", gguf: str | None = None,
-               n_seq_max: int = 16, max_prompt_tokens: int = 1024, reply_tokens: int = 1024):
-    """The model on the chosen engine (e2p.engines.base.Engine): torch's E2PModel on a loaded Backbone, or llama.cpp
-    on a Backbone or a weightless BackboneInfo (it loads its GGUF here, with KV room per row for a prompt of
-    `max_prompt_tokens` and a reply of `reply_tokens`)."""
-    if engine == "llama-cpp":
-        from .llamacpp import LlamaCppModel
-
-        return LlamaCppModel(backbone, projector, config, gguf=gguf, n_seq_max=n_seq_max,
-                             max_prompt_tokens=max_prompt_tokens, reply_tokens=reply_tokens)
-    from ..model import E2PModel
-
-    return E2PModel(backbone, projector, config, max_prompt_tokens=max_prompt_tokens)
-
-
 def evaluation_engine(backbone, engine: str = "torch", gguf: str | None = None, n_seq_max: int = 16):
     """The evaluation loop's `engine=` (every condition on one loaded GGUF), or None for torch."""
     if engine != "llama-cpp":
