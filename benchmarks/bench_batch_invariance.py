@@ -23,7 +23,7 @@ MESSAGES = ["What do you do on weekends?", "Tell me about yourself.", "What is y
 def measure(dtype: str, device: str, users: int, new_tokens: int) -> dict:
     from e2p import E2PModel, Projector, load_backbone
     from e2p.data.contract import load_users
-    from e2p.demo import SAMPLE
+    from e2p.evaluate.demo import SAMPLE
 
     backbone = load_backbone(device=device, dtype=dtype)
     model = E2PModel(backbone, Projector.from_pretrained("persona-deep-k1", backbone).eval())

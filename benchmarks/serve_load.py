@@ -46,7 +46,7 @@ def free_port() -> int:
 
 def default_projector(backbone: str | None) -> tuple[str, str]:
     """The shipped projector if there is one, else a random-init one for the backbone (fine for load, not quality)."""
-    from e2p.demo import SHIPPED
+    from e2p.evaluate.demo import SHIPPED
 
     if (SHIPPED / "config.json").is_file():
         return str(SHIPPED), "shipped"

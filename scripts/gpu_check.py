@@ -46,7 +46,7 @@ def greedy(device: str, users: int = 16, new_tokens: int = 24) -> tuple[list, fl
 
     from e2p import E2PModel, Projector, load_backbone
     from e2p.data.contract import load_users
-    from e2p.demo import SAMPLE
+    from e2p.evaluate.demo import SAMPLE
 
     backbone = load_backbone(device=device, dtype="float32")
     model = E2PModel(backbone, Projector.from_pretrained("persona-deep-k1", backbone).eval())
@@ -65,7 +65,7 @@ def serve(device: str, workdir: Path, users: int = 16) -> dict:
 
     from e2p import E2PModel, Projector, load_backbone
     from e2p.data.contract import load_users
-    from e2p.demo import SAMPLE
+    from e2p.evaluate.demo import SAMPLE
 
     table = load_users(SAMPLE / "users.npz")
     ids = table.ids[:users]
@@ -112,7 +112,7 @@ def serve(device: str, workdir: Path, users: int = 16) -> dict:
 def main(argv=None) -> int:
     import torch
 
-    from e2p.demo import SAMPLE
+    from e2p.evaluate.demo import SAMPLE
     from e2p.devices import describe, resolve_device, resolve_dtype
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

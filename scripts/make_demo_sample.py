@@ -14,7 +14,7 @@ from pathlib import Path
 
 from e2p.data.contract import Example, write_examples, write_users
 from e2p.data.persona import LoadReport, load_persona
-from e2p.encoders import TextEncoder
+from e2p.data.encoders import TextEncoder
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "e2p" / "demo_data" / "spc-test-sample"
 NOTICE = """# Synthetic-Persona-Chat test sample

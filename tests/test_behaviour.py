@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from e2p.behaviour import CONFIG_FILE, CoClickEncoder
+from e2p.data.behaviour import CONFIG_FILE, CoClickEncoder
 from e2p.errors import ConfigError, DataError
 
 
@@ -80,7 +80,7 @@ def test_save_load_roundtrip(tmp_path):
 
 @pytest.mark.parametrize("kind", ["als", "item2vec"])
 def test_alternative_encoders_separate_tastes_and_round_trip(kind, tmp_path):
-    from e2p.behaviour import click_encoder
+    from e2p.data.behaviour import click_encoder
 
     h = histories()
     enc = click_encoder(kind, dim=4).fit(h)
@@ -102,7 +102,7 @@ def test_alternative_encoders_separate_tastes_and_round_trip(kind, tmp_path):
 def test_als_fold_in_is_implicits_exact_user_solve():
     from implicit.cpu.als import AlternatingLeastSquares
 
-    from e2p.behaviour import ALSEncoder
+    from e2p.data.behaviour import ALSEncoder
 
     h = histories()
     enc = ALSEncoder(dim=4).fit(h)
@@ -114,7 +114,7 @@ def test_als_fold_in_is_implicits_exact_user_solve():
 
 
 def test_loading_one_kind_as_another_is_refused(tmp_path):
-    from e2p.behaviour import ALSEncoder, Item2VecEncoder, click_encoder
+    from e2p.data.behaviour import ALSEncoder, Item2VecEncoder, click_encoder
 
     Item2VecEncoder(dim=3).fit(histories()).save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="Item2VecEncoder"):

@@ -82,3 +82,27 @@ def test_every_argument_has_help_text():
 
     walk(build_parser(), "e2p")
     assert not missing, f"arguments without help: {missing}"
+
+
+def test_train_lists_product_flags_only_and_takes_research_knobs_from_a_recipe_file(tmp_path, capsys):
+    from e2p.cli import _scaled_recipe
+
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    listed = [a for a in train._actions if a.help != "==SUPPRESS=="]
+    assert len(listed) <= 24
+    shown = train.format_help()
+    for knob in ("--hidden-dims", "--text-steps", "--person-map", "--prefix-position", "--embedding-slots"):
+        assert knob not in shown
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"hidden_dims": [], "prefix_position": "after_sink", "seed": 7}))
+    args = parser.parse_args(["train", "--users", "u", "--examples", "e", "--out", "o", "--recipe", str(recipe),
+                              "--batch-size", "8"])
+    cfg = _scaled_recipe(args)
+    assert (cfg.hidden_dims, cfg.prefix_position, cfg.seed, cfg.batch_size) == ([], "after_sink", 7, 8)
+    old = parser.parse_args(["train", "--users", "u", "--examples", "e", "--out", "o", "--hidden-dims", "linear"])
+    assert _scaled_recipe(old).hidden_dims == [] and "moves into the recipe file" in capsys.readouterr().err
+    assert _scaled_recipe(parser.parse_args(["train", "--data", "d", "--out", "o"])).hidden_dims == [1024]
+    (tmp_path / "bad.json").write_text(json.dumps({"hiden_dims": []}))
+    assert main(["train", "--users", "u", "--examples", "e", "--out", "o", "--recipe", str(tmp_path / "bad.json")]) == 2
+    assert "unknown field(s) hiden_dims" in capsys.readouterr().err

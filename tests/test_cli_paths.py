@@ -17,7 +17,7 @@ from test_studies import FakeEncoder, write_persona
 
 @pytest.fixture(autouse=True)
 def fake_encoder(monkeypatch):
-    monkeypatch.setattr("e2p.encoders.TextEncoder", lambda *a, **k: FakeEncoder())
+    monkeypatch.setattr("e2p.data.encoders.TextEncoder", lambda *a, **k: FakeEncoder())
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +41,11 @@ def _common(tmp):
 @pytest.fixture(scope="module")
 def trained(files):
     """`e2p train` on persona files and on the same data as contract files, recording what the one path received."""
-    import e2p.distributed
-    import e2p.recipe
+    import e2p.training.distributed
+    import e2p.training.recipe
 
     calls, seen = [], []
-    real_init, real_train = e2p.distributed.init_distributed, e2p.recipe.train_on_examples
+    real_init, real_train = e2p.training.distributed.init_distributed, e2p.training.recipe.train_on_examples
 
     def init():
         calls.append("init")
@@ -56,9 +56,9 @@ def trained(files):
         return real_train(backbone, users, examples, *a, **k)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr("e2p.encoders.TextEncoder", lambda *a, **k: FakeEncoder())
-    mp.setattr(e2p.distributed, "init_distributed", init)
-    mp.setattr(e2p.recipe, "train_on_examples", train)
+    mp.setattr("e2p.data.encoders.TextEncoder", lambda *a, **k: FakeEncoder())
+    mp.setattr(e2p.training.distributed, "init_distributed", init)
+    mp.setattr(e2p.training.recipe, "train_on_examples", train)
     args = ["train", *_common(files), "--steps", "4", "--batch-size", "2", "--val-examples", "2", "--val-users", "4",
             "--hidden-dims", "16"]
     try:

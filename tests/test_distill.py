@@ -7,7 +7,7 @@ import torch
 
 from e2p import Projector
 from e2p.model import E2PModel, new_config
-from e2p.train import TrainConfig, train_projector
+from e2p.training.loop import TrainConfig, train_projector
 from research.persona.recipe import TeacherItem, distill_objective
 from research.persona.recipe import distill_sums as _distill_sums
 
@@ -64,7 +64,7 @@ def test_the_product_knows_nothing_of_distillation():
     """Distillation is research: the product's config, items and loop carry no teacher."""
     import inspect
 
-    from e2p.scoring import Item
+    from e2p.evaluate.scoring import Item
 
     assert "distill_weight" not in {f.name for f in dataclasses.fields(TrainConfig)}
     assert {f.name for f in dataclasses.fields(Item)} == {"row", "person"}
@@ -73,7 +73,7 @@ def test_the_product_knows_nothing_of_distillation():
 
 def test_the_default_objective_is_the_products_loss(tiny, tmp_path):
     """`objective=None` trains exactly as `objective=nll_objective`, and a custom objective is what the loop minimises."""
-    from e2p.train import nll_objective
+    from e2p.training.loop import nll_objective
 
     _, student, items, table = _setup(tiny)
     start = {k: v.clone() for k, v in student.projector.state_dict().items()}

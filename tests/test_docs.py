@@ -49,7 +49,8 @@ def documented_lines(starts: tuple[str, ...]) -> list[tuple[str, str]]:
 
 
 def help_of(words: list[str]) -> tuple[list[str], str]:
-    """The deepest subcommand named by `words` and its help text."""
+    """The deepest subcommand named by `words` and its help text, plus the flags it still takes without listing them
+    (research knobs moved into `--recipe FILE`: they keep working, with a warning, for one release)."""
     import argparse
 
     from e2p.cli import build_parser
@@ -60,7 +61,8 @@ def help_of(words: list[str]) -> tuple[list[str], str]:
         if sub is None or word not in sub.choices:
             break
         parser, path = sub.choices[word], path + [word]
-    return path, parser.format_help()
+    hidden = [o for a in parser._actions if a.help == argparse.SUPPRESS for o in a.option_strings]
+    return path, parser.format_help() + "\n" + " ".join(hidden)
 
 
 @pytest.mark.parametrize("where, line", documented_lines(("e2p", ".venv/bin/e2p")))

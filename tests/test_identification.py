@@ -15,7 +15,7 @@ LOWER = ["new study links coffee to longer life.", "school board delays vote on 
 
 @pytest.fixture(scope="module")
 def minilm():
-    from e2p.encoders import TextEncoder
+    from e2p.data.encoders import TextEncoder
 
     return TextEncoder()
 

@@ -91,7 +91,7 @@ KEYS = {"acme-admin": ("acme", "admin"), "acme-user-key-01": ("acme", "user"), "
 def live(tmp_path_factory):
     """A server whose projector reads a text + style profile (384 + 12), with its rule as profile.json; tenants acme
     (remember allowed) and beta (not)."""
-    from e2p.encoders import TextEncoder
+    from e2p.data.encoders import TextEncoder
 
     tmp = tmp_path_factory.mktemp("live")
     backbone = make_backbone()

@@ -156,7 +156,7 @@ def test_the_edge_lines_run_without_torch():
 
 def test_the_edge_chat_string_is_the_torch_path_prompt(real_backbone):
     """The edge block writes SmolLM2's template by hand: it must be the very prompt E2PModel formats."""
-    from e2p.edge import NumpyProjector
+    from e2p.engines.numpy_projector import NumpyProjector
 
     projector = NumpyProjector.from_pretrained("persona-input-k1")
     system = projector.config["system_prompt"]
@@ -171,7 +171,7 @@ def test_numpy_projector_equals_the_torch_projector(tmp_path, hidden):
     """docs/edge.md's formula in numpy gives the torch projector's prefixes (an MLP and a linear map)."""
     from conftest import make_backbone
 
-    from e2p.edge import NumpyProjector
+    from e2p.engines.numpy_projector import NumpyProjector
 
     tiny = make_backbone()
     torch.manual_seed(1)

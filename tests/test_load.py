@@ -15,7 +15,7 @@ from test_live_profile import style_rule
 
 
 def test_text_vector_and_no_user_rows_in_one_call(tmp_path):
-    from e2p.encoders import TextEncoder
+    from e2p.data.encoders import TextEncoder
 
     backbone, rule = make_backbone(), style_rule()
     torch.manual_seed(0)

@@ -80,8 +80,8 @@ def test_greedy_generation_with_the_adapter_is_the_loss_paths_argmax_alone_or_in
 
 
 def test_training_moves_only_the_projector_and_its_adapter(tiny, tmp_path):
-    from e2p.recipe import RecipeConfig, example_items
-    from e2p.train import TrainConfig, train_projector
+    from e2p.training.recipe import RecipeConfig, example_items
+    from e2p.training.loop import TrainConfig, train_projector
 
     users, examples = _contract()
     before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
@@ -137,10 +137,10 @@ def test_save_and_load_give_identical_logits_and_refuse_another_backbone(tiny, t
 
 
 def test_engines_that_cannot_apply_the_adapter_refuse_it_by_name(tiny, tmp_path):
-    from e2p.edge import NumpyProjector
+    from e2p.engines.numpy_projector import NumpyProjector
     from e2p.engines import check_engine
     from e2p.engines.llamacpp import LlamaCppModel
-    from e2p.vllm import VLLMExporter
+    from e2p.engines.vllm import VLLMExporter
 
     p = _projector(tiny)
     with pytest.raises(ConfigError, match="llama-cpp engine cannot run this projector.*LoRA.*--engine torch"):
@@ -180,14 +180,14 @@ def test_the_peft_format_round_trips_through_peft_itself(tiny, tmp_path):
 
 
 def _lora_recipe(**kw):
-    from e2p.recipe import RecipeConfig
+    from e2p.training.recipe import RecipeConfig
 
     return RecipeConfig(**{**dict(injection="deep", hidden_dims=[8], shared_steps=2, e2p_steps=3, batch_size=2,
                                   val_examples=2, eval_every=2, person_scales=[0.5, 1.0], lora_rank=2, lora_lr=1e-2), **kw})
 
 
 def test_the_recipe_trains_the_adapter_and_its_controls_alike(tiny, tmp_path):
-    from e2p.recipe import train_on_examples
+    from e2p.training.recipe import train_on_examples
 
     users, examples = _contract(n_users=10)
     report = train_on_examples(tiny, users, examples, tmp_path, _lora_recipe(text_steps=1), val_users=4, progress=False)
@@ -220,7 +220,7 @@ def test_the_recipe_trains_the_adapter_and_its_controls_alike(tiny, tmp_path):
 
 
 def test_shared_from_reuses_only_a_shared_prefix_with_the_same_adapter(tiny, tmp_path):
-    from e2p.recipe import RecipeConfig, train_on_examples
+    from e2p.training.recipe import RecipeConfig, train_on_examples
 
     users, examples = _contract(n_users=10)
     cfg = _lora_recipe(e2p_steps=1, person_scales=[1.0])
@@ -241,8 +241,8 @@ def test_shared_from_reuses_only_a_shared_prefix_with_the_same_adapter(tiny, tmp
 
 
 def test_the_adapter_is_refused_with_dp_and_prototypes(tiny, tmp_path):
-    from e2p.privacy import PrivacyError
-    from e2p.recipe import train_on_examples
+    from e2p.training.privacy import PrivacyError
+    from e2p.training.recipe import train_on_examples
 
     users, examples = _contract(n_users=10)
     with pytest.raises(PrivacyError, match="--lora-rank"):
@@ -264,8 +264,8 @@ def test_the_cli_maps_lora_flags_and_counts_the_controls_in_steps():
 
 
 def test_an_interrupted_lora_stage_resumes_to_the_same_projector(tiny, tmp_path):
-    from e2p.recipe import RecipeConfig, example_items
-    from e2p.train import TrainConfig, train_projector
+    from e2p.training.recipe import RecipeConfig, example_items
+    from e2p.training.loop import TrainConfig, train_projector
 
     users, examples = _contract()
     cfg = TrainConfig(steps=4, batch_size=4, eval_every=2, warmup_steps=1, lora_lr=1e-2)

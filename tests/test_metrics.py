@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from e2p.errors import EmbeddingError
-from e2p.metrics import bleu, persona_consistency, rouge
+from e2p.evaluate.text_metrics import bleu, persona_consistency, rouge
 
 
 def test_rouge_identical_and_disjoint():

@@ -184,7 +184,7 @@ def test_oversize_prompt_is_refused(tiny):
 def test_the_one_decode_loop_rows_join_leave_and_fail_alone(tiny):
     """`Generation`: seeded sampled and greedy rows, joined between steps, give the tokens they give alone
     through `generate_tokens`; a row the model cannot take (wrong embedding size) fails by itself."""
-    from e2p.generation import DecodeRow, Generation
+    from e2p.engines.generation import DecodeRow, Generation
 
     m = _model(tiny, "deep", "start")
     prompts = [m.format(msgs) for msgs, _ in CONVS]

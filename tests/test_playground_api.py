@@ -14,7 +14,8 @@ from e2p.serve.card import read_verdict
 from e2p.serve.keys import add_key, load_keys
 from e2p.serve.playground import STATIC
 from e2p.serve.usermap import as_the_projector_reads, pca_2d
-from e2p.store import EmbeddingStore, _next_string
+from e2p.store import EmbeddingStore
+from e2p.store.sqlite import _next_string
 from test_serve import ADMIN, API, MODEL, Server, tiny_model, vec
 
 REPORT = {"verdict": {"carries_person": True, "text": "YES: the embedding carries the person on users never trained "

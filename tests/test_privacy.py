@@ -9,8 +9,8 @@ import torch
 
 from conftest import WORDS, make_backbone
 from e2p.data.contract import Example, load_examples, load_users, write_examples, write_users
-from e2p.privacy import PrivacyError, auc, auc_interval, check_epsilon_delta, plan, resolve_delta, spent
-from e2p.recipe import RecipeConfig, train_on_examples
+from e2p.training.privacy import PrivacyError, auc, auc_interval, check_epsilon_delta, plan, resolve_delta, spent
+from e2p.training.recipe import RecipeConfig, train_on_examples
 from test_your_data import FAST, WordEncoder, synthetic
 
 
@@ -49,10 +49,10 @@ def test_each_users_gradient_is_clipped_before_it_is_averaged():
     from opacus.optimizers import DPOptimizer
 
     from e2p.model import E2PModel, new_config
-    from e2p.privacy import DPPlan
+    from e2p.training.privacy import DPPlan
     from e2p.projector import Projector
-    from e2p.scoring import Item
-    from e2p.train import _dp_step, nll_objective
+    from e2p.evaluate.scoring import Item
+    from e2p.training.loop import _dp_step, nll_objective
 
     backbone = make_backbone()
     projector = Projector(new_config(backbone, embedding_dim=4, injection="input", hidden_dims=[8]))

@@ -116,7 +116,7 @@ class OneHotEncoder:
 
 
 def test_sentence_slot_encoder_lays_out_one_vector_per_sentence():
-    from e2p.encoders import SentenceSlotEncoder, split_sentences
+    from e2p.data.encoders import SentenceSlotEncoder, split_sentences
 
     assert split_sentences("I am a cat. I like dogs! Really? yes") == ["I am a cat.", "I like dogs!", "Really?", "yes"]
     enc = SentenceSlotEncoder(OneHotEncoder(), 3)

@@ -4,10 +4,10 @@ import torch
 from e2p import Projector
 from e2p.data.persona import PersonaExample
 from e2p.model import E2PModel, new_config
-from e2p.calibration import calibrate_person_scale
+from e2p.training.calibration import calibrate_person_scale
 from research.persona.recipe import PersonaRecipeConfig as RecipeConfig
 from research.persona.recipe import person_table, persona_key, reconstruction_items, split_people
-from e2p.train import Item
+from e2p.training.loop import Item
 
 
 class CountingEncoder:
@@ -88,7 +88,7 @@ class SentenceEncoder:
 
 
 def test_recipe_with_sentence_slots_trains_one_prefix_token_per_sentence(tiny, tmp_path):
-    from e2p.encoders import SentenceSlotEncoder
+    from e2p.data.encoders import SentenceSlotEncoder
     from research.persona.recipe import run_recipe
 
     facts = ["i like dogs.", "i am a nurse.", "i love music.", "i live in ohio.", "i drive a truck.", "i hate rain."]
@@ -123,7 +123,7 @@ def _contract(n_users=6, per_user=3, dim=8):
 
 
 def test_derangement_draws_another_user_for_every_row():
-    from e2p.scoring import derangement
+    from e2p.evaluate.scoring import derangement
 
     people = ["a", "a", "b", "c", "c", "c", "d"]
     for seed in range(20):
@@ -138,8 +138,8 @@ def test_the_shuffled_figure_of_a_training_curve_is_the_shuffled_figure_of_eval(
     import pytest
 
     from e2p.evaluate import Condition, run_conditions
-    from e2p.recipe import RecipeConfig, example_items
-    from e2p.scoring import evaluate_loss
+    from e2p.training.recipe import RecipeConfig, example_items
+    from e2p.evaluate.scoring import evaluate_loss
 
     users, examples = _contract()
     projector = Projector(new_config(tiny, embedding_dim=8, injection="deep", dropout=0.0))
@@ -158,7 +158,7 @@ def test_the_shuffled_figure_of_a_training_curve_is_the_shuffled_figure_of_eval(
 
 
 def test_example_items_carry_the_user_index_and_the_profile_only_with_text(tiny):
-    from e2p.recipe import RecipeConfig, example_items
+    from e2p.training.recipe import RecipeConfig, example_items
 
     users, examples = _contract()
     projector = Projector(new_config(tiny, embedding_dim=8))
@@ -173,7 +173,7 @@ def test_the_training_report_is_built_once_and_written_once(tiny, tmp_path, monk
     import json
     from pathlib import Path
 
-    from e2p.recipe import RecipeConfig, train_on_examples
+    from e2p.training.recipe import RecipeConfig, train_on_examples
 
     users, examples = _contract(n_users=10)
     writes = []

@@ -456,7 +456,7 @@ def test_graceful_shutdown_finishes_in_flight(tmp_path):
 def test_embeddings_endpoint_and_text_puts_use_the_projectors_encoder(tmp_path):
     """`POST /v1/embeddings` (the real openai client, base64 by default) and `PUT ... {"text"}` embed with the
     real all-MiniLM-L6-v2, laid out as the projector reads it (one block per sentence with slots)."""
-    from e2p.encoders import SentenceSlotEncoder, TextEncoder
+    from e2p.data.encoders import SentenceSlotEncoder, TextEncoder
 
     backbone = make_backbone()
     projector = Projector(new_config(backbone, embedding_dim=2 * 384, embedding_slots=2, num_prefix_tokens=2)).eval()

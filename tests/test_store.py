@@ -7,7 +7,7 @@ import pytest
 
 from e2p.cli import main
 from e2p.errors import DataError, EmbeddingError
-from e2p.embedding_files import read_embeddings
+from e2p.store.files import read_embeddings
 from e2p.store import EmbeddingStore, StoreError, import_embeddings
 
 DIM = 8

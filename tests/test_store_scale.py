@@ -12,7 +12,7 @@ import pytest
 
 from e2p.cli import main
 from e2p.errors import DataError
-from e2p.embedding_files import iter_embedding_chunks, read_embeddings
+from e2p.store.files import iter_embedding_chunks, read_embeddings
 from e2p.store import EmbeddingStore, import_embeddings
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "import_scale.py"

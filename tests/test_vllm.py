@@ -10,7 +10,7 @@ import torch
 from e2p import Projector
 from e2p.errors import ConfigError
 from e2p.model import E2PModel, new_config
-from e2p.vllm import VLLMClient, VLLMExporter, decode_tensor, tensor2base64
+from e2p.engines.vllm import VLLMClient, VLLMExporter, decode_tensor, tensor2base64
 
 MESSAGES = [{"role": "user", "content": "hi , how are you ?"}, {"role": "assistant", "content": "i am fine ."},
             {"role": "user", "content": "what do you do for fun ?"}]

@@ -22,9 +22,9 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from conftest import make_backbone  # noqa: E402
 
 from e2p import Projector  # noqa: E402
-from e2p.distributed import init_distributed  # noqa: E402
+from e2p.training.distributed import init_distributed  # noqa: E402
 from e2p.model import E2PModel, new_config  # noqa: E402
-from e2p.train import Item, TrainConfig, train_projector  # noqa: E402
+from e2p.training.loop import Item, TrainConfig, train_projector  # noqa: E402
 
 WRITES: list = []
 

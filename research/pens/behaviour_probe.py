@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from e2p import TextEncoder
-from e2p.behaviour import click_encoder
+from e2p.data.behaviour import click_encoder
 from e2p.data.contract import load_users
 from e2p.data.pens import load_pens, split_headlines
 

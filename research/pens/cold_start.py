@@ -110,7 +110,7 @@ def main() -> None:
 
     from e2p import load_backbone
     from e2p.data.contract import load_examples
-    from e2p.encoders import TextEncoder
+    from e2p.data.encoders import TextEncoder
     from e2p.evaluate import Condition, evaluate_examples
 
     data, proj, out = Path(args.data), Path(args.projector), Path(args.out)

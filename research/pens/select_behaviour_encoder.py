@@ -4,7 +4,7 @@
         --shared runs/pens-behaviour/shared_prefix --out runs/pens-select
 
 For each candidate click encoder (kind, dimension, weighting) the users of `--data` get new vectors, E2P's person
-part is trained with `e2p.recipe.train_on_examples` on top of one shared prefix (trained once for this split: it
+part is trained with `e2p.training.recipe.train_on_examples` on top of one shared prefix (trained once for this split: it
 holds no user information), and every validation user's examples are scored: e2p vs shared_prefix and vs
 shuffled, 95% intervals over users. The winner is the candidate with the largest gain over the *worse* of the
 two controls (a person signal must beat both). Writes selection.json and
@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from e2p import load_backbone
-from e2p.behaviour import click_encoder
+from e2p.data.behaviour import click_encoder
 from e2p.data.contract import load_examples, load_users, split_validation_users, write_users
 from e2p.data.pens import load_pens
 from e2p.evaluate import Condition, compare, run_conditions
-from e2p.recipe import RecipeConfig, train_on_examples
+from e2p.training.recipe import RecipeConfig, train_on_examples
 
 CANDIDATES = {  # name: (kind, encoder settings, projector hidden layers)
     # a linear person map from a low-dimensional embedding cannot memorize 53 training users; the default

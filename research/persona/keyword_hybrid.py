@@ -22,13 +22,13 @@ import torch
 
 from e2p.backbone import load_backbone
 from e2p.data.persona import people_half, persona_split
-from e2p.encoders import TextEncoder
+from e2p.data.encoders import TextEncoder
 from e2p.evaluate import derangement, paired_bootstrap
 from e2p.model import E2PModel
 from e2p.projector import Projector
-from e2p.recipe import sample_examples
+from e2p.training.recipe import sample_examples
 from recipe import PersonaRecipeConfig as RecipeConfig, reply_row, split_people
-from e2p.train import Item, TrainConfig, row_losses, train_projector
+from e2p.training.loop import Item, TrainConfig, row_losses, train_projector
 from persona_ceiling import ContentWords, nearest_words, unit
 
 

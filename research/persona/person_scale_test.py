@@ -14,12 +14,12 @@ from pathlib import Path
 
 from e2p.backbone import load_backbone
 from e2p.data.persona import load_persona, people_half
-from e2p.encoders import encoder_for
+from e2p.data.encoders import encoder_for
 from e2p.evaluate import derangement, paired_bootstrap
 from e2p.model import E2PModel
 from e2p.projector import Projector
 from recipe import PersonaRecipeConfig as RecipeConfig, person_table, reply_row
-from e2p.train import Item, row_losses
+from e2p.training.loop import Item, row_losses
 
 
 def main() -> None:

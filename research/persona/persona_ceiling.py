@@ -30,11 +30,11 @@ from tqdm.auto import tqdm
 
 from e2p.backbone import load_backbone
 from e2p.data.persona import normalize_sentence, people_half, persona_split
-from e2p.encoders import TextEncoder
+from e2p.data.encoders import TextEncoder
 from e2p.evaluate import derangement, paired_bootstrap
 from e2p.model import E2PModel
 from recipe import PersonaRecipeConfig as RecipeConfig, reply_row
-from e2p.train import Item, row_losses
+from e2p.training.loop import Item, row_losses
 
 
 def unit(encoder, texts: list[str]) -> torch.Tensor:

@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 from e2p.data.persona import PersonaExample, without_people_of
-from e2p.encoders import encoder_for
-from e2p.calibration import calibrate_person_scale
+from e2p.data.encoders import encoder_for
+from e2p.training.calibration import calibrate_person_scale
 from e2p.model import E2PModel, new_config, per_row_sum
 from e2p.formatting import Segments
 from e2p.projector import Projector, embedding_center
-from e2p.recipe import RecipeConfig, init_shared, sample_examples, train_stage
-from e2p.scoring import Item
+from e2p.training.recipe import RecipeConfig, init_shared, sample_examples, train_stage
+from e2p.evaluate.scoring import Item
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
 
     def stage(name, projector, steps, lr, with_text, freeze_shared=False, contrastive=0.0, items=None, val_items=None, tbl=table,
               teacher=None):
-        """The product's stage (`e2p.recipe.train_stage`) on this recipe's items; a teacher: distillation."""
+        """The product's stage (`e2p.training.recipe.train_stage`) on this recipe's items; a teacher: distillation."""
         if steps <= 0:
             return None
         model = E2PModel(backbone, projector)
@@ -214,7 +214,7 @@ def distill_sums(model: E2PModel, teacher: E2PModel, rows, teacher_rows, emb):
 
 
 def distill_objective(teacher: E2PModel, weight: float):
-    """The training loop's objective (`e2p.train.train_projector(objective=...)`) for distillation: per row,
+    """The training loop's objective (`e2p.training.loop.train_projector(objective=...)`) for distillation: per row,
     (1 - weight) * NLL + weight * KL(teacher || model) on the target tokens, each `TeacherItem`'s `teacher_row`
     scored by the frozen teacher (far more signal per reply than the one sampled token)."""
     def objective(model: E2PModel, items, embeddings):

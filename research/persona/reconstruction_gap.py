@@ -16,12 +16,12 @@ from pathlib import Path
 
 from e2p.backbone import load_backbone
 from e2p.data.persona import persona_split
-from e2p.encoders import TextEncoder
+from e2p.data.encoders import TextEncoder
 from e2p.model import E2PModel
 from e2p.projector import Projector
-from e2p.recipe import sample_examples
+from e2p.training.recipe import sample_examples
 from recipe import PersonaRecipeConfig as RecipeConfig, reconstruction_items, split_people
-from e2p.train import evaluate_loss
+from e2p.training.loop import evaluate_loss
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import logging
 
 from e2p.backbone import load_backbone
 from e2p.data.persona import persona_split
-from e2p.encoders import TextEncoder
+from e2p.data.encoders import TextEncoder
 from recipe import PersonaRecipeConfig as RecipeConfig, run_recipe
 
 

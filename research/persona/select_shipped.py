@@ -19,7 +19,7 @@ from e2p import E2PConfig, Projector, TextEncoder, load_backbone
 from e2p.config import resolve_projector
 from e2p.data.persona import persona_split
 from e2p.data.persona_contract import persona_contract
-from e2p.encoders import encoder_for
+from e2p.data.encoders import encoder_for
 from e2p.evaluate import Condition, evaluate_examples
 from recipe import split_people
 

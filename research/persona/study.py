@@ -27,7 +27,7 @@ from e2p.config import resolve_projector
 from e2p.data.contract import UserTable
 from e2p.data.persona import LoadReport, load_msc, load_persona, person_id
 from e2p.data.persona_contract import persona_contract
-from e2p.encoders import encoder_for
+from e2p.data.encoders import encoder_for
 from e2p.evaluate import Condition, conditions_for, evaluate_examples
 
 

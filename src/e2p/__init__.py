@@ -9,7 +9,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def __getattr__(name):  # lazy: importing e2p imports neither torch nor transformers (e2p.edge runs without them)
+def __getattr__(name):  # lazy: importing e2p imports neither torch nor transformers (e2p.engines.numpy_projector runs without them)
     if name == "load":
         from .loading import load
         return load
@@ -23,6 +23,6 @@ def __getattr__(name):  # lazy: importing e2p imports neither torch nor transfor
         from .backbone import load_backbone
         return load_backbone
     if name == "TextEncoder":
-        from .encoders import TextEncoder
+        from .data.encoders import TextEncoder
         return TextEncoder
     raise AttributeError(name)

@@ -22,22 +22,43 @@ def _backbone(args):
     return backbone
 
 
-def _scaled_recipe(args, **overrides):
-    from .recipe import RecipeConfig
+# research knobs: they live in `e2p train --recipe FILE` (the recipe.json a run writes); the flags still work, with a
+# warning, for one release. flag dest -> RecipeConfig field
+RESEARCH_FLAGS = {"hidden_dims": "hidden_dims", "dropout": "dropout", "person_map": "person_map",
+                  "embedding_slots": "embedding_slots", "max_train_users": "max_train_users",
+                  "lora_targets": "lora_targets", "lora_lr": "lora_lr", "prefix_position": "prefix_position",
+                  "text_steps": "text_steps", "val_examples": "val_examples"}
+PRODUCT_FLAGS = {"injection": "injection", "prefix_tokens": "num_prefix_tokens", "batch_size": "batch_size",
+                 "seed": "seed", "lora_rank": "lora_rank"}
 
-    slots = getattr(args, "embedding_slots", 1)
-    if slots > 1 and args.prefix_tokens not in (1, slots):
-        raise E2PError(f"--embedding-slots {slots} gives one prefix token per slot: leave --prefix-tokens out")
-    # flags only `e2p train` has: where a command lacks one, RecipeConfig's own default holds (one place for it)
-    train_only = {name: getattr(args, name) for name in ("person_map", "max_train_users", "lora_rank", "lora_lr")
-                  if getattr(args, name, None) is not None}
-    if getattr(args, "lora_targets", None):
-        train_only["lora_targets"] = args.lora_targets.split(",")
-    cfg = RecipeConfig(injection=args.injection, num_prefix_tokens=slots if slots > 1 else args.prefix_tokens,
-                       seed=args.seed, prefix_position=args.prefix_position, batch_size=args.batch_size,
-                       text_steps=args.text_steps, val_examples=args.val_examples,
-                       hidden_dims=_hidden_dims(args.hidden_dims), dropout=args.dropout, embedding_slots=slots,
-                       **train_only, **overrides)
+
+def _scaled_recipe(args, **overrides):
+    """The RecipeConfig a command trains with: `--recipe FILE` (or the defaults), then the research flags given
+    (deprecated), then the product flags given, then `overrides` that are not None; `--steps` scales the stages."""
+    from dataclasses import asdict
+
+    from .training.recipe import RecipeConfig
+
+    values = asdict(RecipeConfig.load(args.recipe)) if getattr(args, "recipe", None) else {}
+    for dest, name in RESEARCH_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        flag = "--" + dest.replace("_", "-")
+        print(f"warning: {flag} moves into the recipe file: put \"{name}\" in a recipe.json and pass --recipe FILE "
+              "(the flag goes in the next release)", file=sys.stderr)
+        values[name] = (_hidden_dims(value) if dest == "hidden_dims" else value.split(",") if dest == "lora_targets"
+                        else value)
+    for dest, name in PRODUCT_FLAGS.items():
+        if getattr(args, dest, None) is not None:
+            values[name] = getattr(args, dest)
+    slots = values.get("embedding_slots", 1)
+    if slots > 1:
+        if getattr(args, "prefix_tokens", None) not in (None, 1, slots):
+            raise E2PError(f"embedding_slots {slots} gives one prefix token per slot: leave --prefix-tokens out")
+        values["num_prefix_tokens"] = slots
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = RecipeConfig(**values)
     if args.steps is not None:  # --steps N: total over the stages that run, keeping the recipe's proportions
         stages = ["e2p_steps"] if getattr(args, "shared_from", None) else ["shared_steps", "e2p_steps"]
         total = sum(getattr(cfg, s) for s in stages) + 2 * cfg.text_steps + (2 * cfg.e2p_steps if cfg.lora_rank else 0)
@@ -101,7 +122,7 @@ def _command_data(args, training: bool, config=None):
         return users, examples if training else limit_examples(examples, args.limit, args.seed), None
     from .data.persona import LoadReport, load_persona, people_half, persona_split
     from .data.persona_contract import persona_contract
-    from .encoders import TextEncoder, encoder_for
+    from .data.encoders import TextEncoder, encoder_for
 
     report = LoadReport()
     path = Path(args.data)
@@ -127,10 +148,10 @@ def _command_data(args, training: bool, config=None):
 def cmd_train(args) -> None:
     """One path for every data set: persona files become the data contract first (`_command_data`), then the
     default recipe trains on it, data-parallel under torchrun / accelerate launch."""
-    from .distributed import init_distributed, is_main_process
-    from .recipe import train_on_examples
+    from .training.distributed import init_distributed, is_main_process
+    from .training.recipe import train_on_examples
 
-    from .privacy import check_epsilon_delta
+    from .training.privacy import check_epsilon_delta
 
     check_epsilon_delta(args.dp_epsilon, args.dp_delta)  # before any data or model loads
     recipe = _scaled_recipe(args, dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, dp_max_grad_norm=args.dp_clip,
@@ -229,7 +250,7 @@ def cmd_data(args) -> None:
 
 def cmd_generate(args) -> None:
     from .config import E2PConfig
-    from .embedding_files import read_vector
+    from .store.files import read_vector
     from .engines import DEFAULT_PROJECTOR, check_engine
     from .loading import load
 
@@ -254,7 +275,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .demo import run_demo
+    from .evaluate.demo import run_demo
 
     run_demo(args)
 
@@ -286,45 +307,31 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "`prompt` + `completion` (see README)")
     t.add_argument("--val-users", type=int, default=None,
                    help="with --users: validation users never trained on (default: 20%%, at least 4)")
-    t.add_argument("--shared-from", default=None,
-                   help="with --users: reuse the shared_prefix/ of an earlier run on the same examples and split "
-                        "(it holds no user information) instead of training it again")
+    t.add_argument("--shared-from", default=None, help=argparse.SUPPRESS)  # research: the Python API's shared_dir
     t.add_argument("--data", default=None, help="persona file or folder (a folder means its training split)")
     t.add_argument("--out", required=True,
                    help="the run folder: the projector (save_pretrained), its controls and report")
     t.add_argument("--steps", type=int, default=None, help="total optimizer steps over all stages (default: the recipe's)")
     t.add_argument("--minutes", type=float, default=None, help="wall-clock budget, split across stages")
-    t.add_argument("--prefix-tokens", type=int, default=1,
-                   help="k, the soft tokens per user (1 measured best)")
-    t.add_argument("--hidden-dims", default="1024",
-                   help="the projector's hidden layers, e.g. 1024 or 512,512; 'linear' for a linear map (less to "
-                        "overfit when there are few training users)")
-    t.add_argument("--dropout", type=float, default=0.1, help="dropout in the projector's hidden layers (0: a "
-                                                                "data-parallel run gives exactly one process's result)")
-    t.add_argument("--person-map", choices=["mlp", "prototypes"], default="mlp",
-                   help="mlp: embedding -> MLP -> person part; prototypes: a mix of training users' own learned "
-                        "prefixes, weighted by embedding similarity (for few training users)")
-    t.add_argument("--embedding-slots", type=int, default=1,
-                   help="N > 1: each embedding is N blocks (e.g. `e2p data pens --profile-slots N`), one prefix "
-                        "token each")
-    t.add_argument("--max-train-users", type=int, default=None,
-                   help="train on at most this many training users (the same validation users): a learning curve")
-    t.add_argument("--lora-rank", type=int, default=0,
+    t.add_argument("--recipe", default=None,
+                   help="a recipe.json (as every run writes one): the research knobs (hidden_dims, dropout, "
+                        "person_map, prefix_position, text_steps, ...); the flags here override it")
+    t.add_argument("--injection", choices=["input", "deep"], default=None,
+                   help="deep (default): a key/value prefix in every layer (torch only); input: k vectors before the "
+                        "prompt (any engine: llama.cpp, vLLM)")
+    t.add_argument("--prefix-tokens", type=int, default=None,
+                   help="k, the soft tokens per user (default 1, measured best)")
+    t.add_argument("--batch-size", type=int, default=None, help="examples per optimizer step (default 16; with "
+                                                                 "--dp-epsilon the expected users per step)")
+    t.add_argument("--lora-rank", type=int, default=None,
                    help="R > 0: also train one shared LoRA adapter of rank R on the backbone with the projector (one "
                         "for every user, saved in the projector; per-user storage stays one embedding), with its "
                         "controls trained alike (torch engine only)")
-    t.add_argument("--lora-targets", default="q_proj,v_proj",
-                   help="with --lora-rank: the backbone's linear layers the adapter changes, by name")
-    t.add_argument("--lora-lr", type=float, default=3e-4, help="with --lora-rank: the adapter's learning rate")
-    t.add_argument("--injection", choices=["input", "deep"], default="deep",
-                   help="input: k vectors before the prompt (any engine); deep: a key/value prefix in every layer (torch only)")
-    t.add_argument("--prefix-position", choices=["start", "after_sink", "after_system"], default="start",
-                   help="start: position 0 (measured best); after_sink: behind the prompt's first token; after_system: input only")
-    t.add_argument("--with-msc", action="store_true", help="also train on the folder's MSC files (grown personas)")
-    t.add_argument("--text-steps", type=int, default=0, help="also train shared_prefix_text and e2p_text for this many steps each")
-    t.add_argument("--batch-size", type=int, default=16,
-                   help="examples per optimizer step")
-    t.add_argument("--val-examples", type=int, default=48, help="replies of held-out people scored at each validation")
+    for flag, kind in (("--hidden-dims", str), ("--dropout", float), ("--person-map", str), ("--embedding-slots", int),
+                       ("--max-train-users", int), ("--lora-targets", str), ("--lora-lr", float),
+                       ("--prefix-position", str), ("--text-steps", int), ("--val-examples", int)):
+        t.add_argument(flag, type=kind, default=None, help=argparse.SUPPRESS)  # research knobs: --recipe FILE
+    t.add_argument("--with-msc", action="store_true", help=argparse.SUPPRESS)  # research: persona drift studies
     t.add_argument("--encoder", default=None,
                    help="with --data: the text encoder for persona embeddings (default all-MiniLM-L6-v2)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from DIR/*/checkpoint")
@@ -335,12 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "docs/privacy.md); --batch-size is then the expected users per step")
     t.add_argument("--dp-delta", type=float, default=None,
                    help="with --dp-epsilon: delta, below 1 / training users (default 1 / (10 x training users))")
-    t.add_argument("--dp-clip", type=float, default=1.0,
-                   help="with --dp-epsilon: each sampled user's gradient is clipped to this norm")
-    t.add_argument("--dp-examples-per-user", type=int, default=4,
+    t.add_argument("--dp-clip", type=float, default=None,
+                   help="with --dp-epsilon: each sampled user's gradient is clipped to this norm (default 1)")
+    t.add_argument("--dp-examples-per-user", type=int, default=None,
                    help="with --dp-epsilon: at most this many of a sampled user's examples make its gradient in a "
-                        "step (fewer: cheaper steps, the same guarantee)")
-    t.set_defaults(func=cmd_train)
+                        "step (default 4; fewer: cheaper steps, the same guarantee)")
+    t.set_defaults(func=cmd_train, seed=None)  # --seed: the recipe file's unless given
 
     e = sub.add_parser("eval", help="score every condition (none, shared_prefix, shuffled, e2p, text) on unseen users "
                                     "(the studies' own parts: research/)")
@@ -420,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--test-fraction", type=float, default=0.0,
                     help="pens without --test-users: hold out this share of SRC's users as test users")
     dt.add_argument("--behaviour", choices=["coclick", "als", "item2vec"], default="coclick",
-                    help="pens: the click encoder of the behavioural profile (see e2p.behaviour)")
+                    help="pens: the click encoder of the behavioural profile (see e2p.data.behaviour)")
     dt.add_argument("--behaviour-dim", type=int, default=64, help="pens: size of the behavioural user embedding")
     dt.add_argument("--profile-slots", type=int, default=0,
                     help="pens: also write users_text_slots.npz, each history as N cluster vectors (e2p train "

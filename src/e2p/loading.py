@@ -35,7 +35,7 @@ class PersonalizedModel:
 
     def embed(self, texts: str | Sequence[str]) -> np.ndarray:
         """[N, embedding_dim] float32: each text as the user embedding this projector reads."""
-        from .encoders import encoder_for
+        from .data.encoders import encoder_for
         from .errors import ConfigError
 
         if self.embedding_dim is None:
@@ -55,7 +55,7 @@ class PersonalizedModel:
         """Texts, vectors and None -> one embedding tensor (or None) per row; texts embedded in one batch."""
         import torch
 
-        from .vectors import as_vector
+        from .store.vectors import as_vector
 
         users = list(users)
         texts = [i for i, u in enumerate(users) if isinstance(u, str)]

@@ -77,7 +77,7 @@ class Projector(nn.Module):
                 f"expected embeddings of size {self.config.embedding_dim} (encoder {self.config.encoder_name or 'unknown'}), "
                 f"got shape {tuple(e.shape)}: embed users with the same encoder the projector was trained with"
                 + (f" (one vector per sentence in {self.config.embedding_slots} slots: "
-                   f"e2p.encoders.SentenceSlotEncoder(encoder, {self.config.embedding_slots}))" if self.config.embedding_slots > 1 else "")
+                   f"e2p.data.encoders.SentenceSlotEncoder(encoder, {self.config.embedding_slots}))" if self.config.embedding_slots > 1 else "")
             )
         if not torch.isfinite(e).all():
             raise EmbeddingError("embeddings contain NaN or inf values: recompute them before use")

@@ -1,7 +1,7 @@
 """The data contract anyone can fill: a table of user embeddings and a file of examples.
 
 Users: any file `e2p users import` reads (Parquet, CSV, JSON lines, NPZ, NPY), through the same reader
-(`e2p.embedding_files.iter_embedding_chunks`) and the same row checks (`e2p.vectors.check_chunk`): one parser
+(`e2p.store.files.iter_embedding_chunks`) and the same row checks (`e2p.store.vectors.check_chunk`): one parser
 for the store and for training.
 
 Examples: JSON lines or Parquet, one row per target, each with a `user` id and either
@@ -24,9 +24,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..embedding_files import iter_embedding_chunks
+from ..store.files import iter_embedding_chunks
 from ..errors import DataError
-from ..vectors import check_chunk
+from ..store.vectors import check_chunk
 
 EXAMPLE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
 ROLES = ("system", "developer", "user", "assistant")

@@ -233,7 +233,7 @@ def read_events(path: str | Path, rule: ProfileRule) -> dict[str, list[tuple[str
     """A JSON-lines file of events, `{"user": ID, "text": TEXT}` or `{"user": ID, "vector": [...]}`, checked whole
     before anything is folded -> {user: [(text, vector), ...] in file order}; DataError naming the line and the fix."""
     from ..errors import EmbeddingError
-    from ..vectors import as_vector, check_user_id
+    from ..store.vectors import as_vector, check_user_id
 
     path = Path(path)
     if not path.is_file():
@@ -278,7 +278,7 @@ def fold_event_file(path: str | Path, store, rule: ProfileRule, tenant: str, enc
     texts = [t for items in events.values() for t, _ in items if t is not None]
     if texts:
         if encoder is None:
-            from ..encoders import TextEncoder
+            from .encoders import TextEncoder
 
             encoder = TextEncoder(rule.encoder if rule.encoder != "all-MiniLM-L6-v2" else None)
         encoded = iter(np.asarray(encoder.encode(texts, show_progress_bar=progress), dtype=np.float32))

@@ -7,7 +7,7 @@ else rewrote are dropped), and the target is the user's own headline. Each user'
 history (their text profile: `profile_text` and a MiniLM profile vector) and targets (the examples).
 
 Written to OUT (`e2p data pens SRC --out OUT`):
-  users.npz          behavioural profile: a click encoder (`e2p.behaviour`: co-click SVD by default, implicit ALS
+  users.npz          behavioural profile: a click encoder (`e2p.data.behaviour`: co-click SVD by default, implicit ALS
                      or item2vec) fitted on the clicks of every user converted (training pool and test users:
                      clicks are behaviour, not targets; no headline ever enters the encoder); each user's vector
                      is folded in from their own clicks alone
@@ -103,10 +103,10 @@ def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path
                         **behaviour_settings) -> dict:
     """Convert PENS users (a .tsv file or folder) into the contract under `out`; see the module doc."""
     try:
-        from ..behaviour import click_encoder
+        from .behaviour import click_encoder
     except ImportError as exc:  # scipy / implicit come with the eval extra
         raise DataError(f"the PENS click encoders need the eval extra ({exc.name} is missing): pip install 'e2p[eval]'") from None
-    from ..encoders import TextEncoder
+    from .encoders import TextEncoder
 
     pool = load_pens(src)
     if test_users is not None:

@@ -17,7 +17,7 @@ from .persona import LoadReport, PersonaExample, load_persona, persona_split
 
 def write_persona_contract(src: str | Path, out: str | Path, history_turns: int = 2, include_msc: bool = False,
                            text_encoder=None) -> dict:
-    from ..encoders import TextEncoder
+    from .encoders import TextEncoder
 
     src, out = Path(src), Path(out)
     report = LoadReport()
@@ -47,7 +47,7 @@ def _example(ex: PersonaExample, history_turns: int) -> Example:
 
 def persona_contract(examples: list[PersonaExample], encoder, history_turns: int = 2) -> tuple[UserTable, list[Example]]:
     """Persona examples in memory -> (users, examples) of the contract: each person's persona text embedded by
-    `encoder` (the projector's own, `e2p.encoders.encoder_for(config)`), each reply an example."""
+    `encoder` (the projector's own, `e2p.data.encoders.encoder_for(config)`), each reply an example."""
     personas: dict[str, str] = {}
     for ex in examples:
         personas.setdefault(ex.person_id, ex.persona_text)

@@ -1,4 +1,4 @@
-"""The engine interface: what the one decode loop (`e2p.generation.Generation`), the server's batcher, `e2p eval`
+"""The engine interface: what the one decode loop (`e2p.engines.generation.Generation`), the server's batcher, `e2p eval`
 and the CLI ask of whatever runs the backbone's forward passes (torch: `e2p.model.E2PModel`; llama.cpp:
 `e2p.engines.llamacpp.LlamaCppModel`). They take an `Engine`, never a concrete class.
 
@@ -15,7 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from ..formatting import Messages, PromptFormat, Segments
-from ..generation import DecodeRow, Generation
+from .generation import DecodeRow, Generation
 
 
 @runtime_checkable

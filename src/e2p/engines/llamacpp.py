@@ -2,7 +2,7 @@
 
 One llama.cpp context holds up to `n_seq_max` sequences (one per row), so rows of different users decode in one
 batch, join and leave between steps, exactly like the torch path: `LlamaCppModel` is an engine (e2p.engines.base)
-whose forward passes run in llama.cpp (`llamacpp_backend`), so the one decode loop (`e2p.generation.Generation`),
+whose forward passes run in llama.cpp (`llamacpp_backend`), so the one decode loop (`e2p.engines.generation.Generation`),
 the evaluation loop and the server's batcher use it unchanged. Formatting is e2p.formatting's, as for torch: both
 engines feed the same ids. No torch weights of the backbone are loaded: only its tokenizer and sizes.
 """
@@ -120,7 +120,7 @@ class LlamaCppModel(DecodingEngine):
         nll_t, count_t = torch.tensor(nll, dtype=torch.float32), torch.tensor(count)
         return nll_t.sum() / count_t.sum() if reduction == "mean" else (nll_t, count_t)
 
-    # --- the decode loop's three calls (e2p.generation.Generation) ----------------------------------
+    # --- the decode loop's three calls (e2p.engines.generation.Generation) ----------------------------------
     @torch.no_grad()
     def start_decoding(self, rows: Sequence[Segments], embeddings=None) -> LlamaDecoding:
         prefixes = self._prefix_vectors(len(rows), embeddings)

@@ -1,6 +1,6 @@
 """llama.cpp through llama-cpp-python's C API, with no torch: a GGUF, one context whose KV cache holds up to
 `n_seq_max` sequences (one per row), token and vector (`llama_batch.embd`) inputs at any position, logits out.
-`e2p.engines.llamacpp.LlamaCppModel` puts it behind the engine interface; docs/edge.md uses it alone with `e2p.edge`."""
+`e2p.engines.llamacpp.LlamaCppModel` puts it behind the engine interface; docs/edge.md uses it alone with `e2p.engines.numpy_projector`."""
 from __future__ import annotations
 
 import ctypes

@@ -5,7 +5,7 @@ comparisons with intervals over users -> one report writer and one plot (`report
 are data adapters in `e2p.data` plus lists of conditions); `compare` holds the paired intervals and
 identification accuracy.
 """
-from ..scoring import derangement  # the one rule for the shuffled control, shared with training curves
+from .scoring import derangement  # the one rule for the shuffled control, shared with training curves
 from .compare import compare, identification_accuracy, paired_bootstrap
 from .loop import Condition, conditions_for, evaluate_examples, run_conditions, verdict
 

@@ -25,7 +25,7 @@ from ..config import E2PConfig, resolve_projector
 from ..data.contract import Example, UserTable
 from ..errors import E2PError
 from ..config import SPLIT_FILE
-from ..privacy import auc, auc_interval, roc_curve
+from ..training.privacy import auc, auc_interval, roc_curve
 from .loop import Condition, _interleave_users, generation_metrics, run_conditions
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def audit_projector(backbone, users: UserTable, examples: list[Example], project
                "identification": {}}
     if candidates > 0:
         if encoder is None:
-            from ..encoders import TextEncoder
+            from ..data.encoders import TextEncoder
 
             encoder = TextEncoder()
         for group, inside in (("unseen", False), ("training", True)):

@@ -31,7 +31,7 @@ from ..errors import ConfigError
 from ..engines.base import Engine
 from ..model import E2PModel
 from ..projector import Projector
-from ..scoring import Item, derangement, row_losses
+from .scoring import Item, derangement, row_losses
 from .compare import compare
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def generation_metrics(generations: dict[str, list[str]], examples: list[Example
     a generation is closer to its own user's reference than to every other evaluated user's, read by text alone
     (`identification`, all-MiniLM-L6-v2 cosine to the profile text or the user's other targets) and by text and
     writing style (`identification_style`, against the user's other targets), each with a 95% interval over users."""
-    from ..metrics import rouge
+    from .text_metrics import rouge
     from .identification import identify
 
     if not generations:
@@ -198,7 +198,7 @@ def evaluate_examples(backbone, users: UserTable, examples: list[Example], proje
     scores = run_conditions(backbone, conditions, examples, users, plain_config=plain, max_target_tokens=max_target_tokens,
                             batch_size=batch_size, generate=generate, seed=seed, progress=progress, engine=engine)
     if encoder is None and generate:
-        from ..encoders import TextEncoder
+        from ..data.encoders import TextEncoder
 
         encoder = TextEncoder()
     n_gen = len(next(iter(scores["generations"].values()), []))

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..engines.base import Engine
-from ..store import EmbeddingStore
+from ..store.sqlite import EmbeddingStore
 from . import health
 from .auth import Caller, authorize, authorize_metrics, bearer_key
 from .chat import ChatServing

@@ -5,7 +5,7 @@ Design
 * Requests wait in a bounded queue (`max_queue`); a full queue is refused at once (HTTP 429) instead of
   letting latency grow without bound.
 * The worker takes the oldest request, waits up to `wait_ms` for more requests, up to `max_batch` rows,
-  and runs them in the one decode loop (`e2p.generation.Generation`, the same loop as an engine's `generate`):
+  and runs them in the one decode loop (`e2p.engines.generation.Generation`, the same loop as an engine's `generate`):
   this module only admits requests, streams their text and answers them when their rows finish.
 * Between steps, rows that are done leave the batch (EOS, their own `max_tokens`, a stop string, a client that
   gave up) and requests that arrived meanwhile are prefilled and join it (`Generation.add`), up to
@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..generation import DecodeRow, Generation
+from ..engines.generation import DecodeRow, Generation
 from ..engines.base import Engine
 from ..formatting import Segments
 

@@ -10,7 +10,7 @@ import threading
 
 import numpy as np
 
-from ..encoders import encoder_for
+from ..data.encoders import encoder_for
 from ..errors import ConfigError
 
 MAX_INPUTS = 256

@@ -11,7 +11,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import Response
 
-from ..store import StoreError
+from ..store.sqlite import StoreError
 from .auth import Caller, authorize, bearer_key
 from .card import projector_card
 from .protocol import MapPoint, ProjectorCard, UserList, UserListing, UserMap

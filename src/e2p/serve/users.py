@@ -15,8 +15,8 @@ import numpy as np
 
 from ..data.live_profile import ProfileSums, serving_rule
 from ..errors import ConfigError, DataError, EmbeddingError
-from ..store import DEFAULT_TENANT, StoreBusyError, StoreError
-from ..vectors import as_vector
+from ..store.sqlite import DEFAULT_TENANT, StoreBusyError, StoreError
+from ..store.vectors import as_vector
 from .embedder import TextEmbeddingError, UserEmbedder
 from .protocol import (EmbeddingData, EmbeddingList, EmbeddingPut, EmbeddingsRequest, EmbeddingUsage,
                        UserEmbeddingDeleted, UserEmbeddingInfo, UserEmbeddingWithVector, UserEvents, UserProfileInfo,

@@ -29,7 +29,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import DataError, EmbeddingError
+from ..errors import DataError, EmbeddingError
 from .vectors import as_vector
 
 DEFAULT_CHUNK_ROWS = 10_000

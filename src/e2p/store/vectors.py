@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import DataError, EmbeddingError
+from ..errors import DataError, EmbeddingError
 
 MAX_USER_ID_LENGTH = 256
 

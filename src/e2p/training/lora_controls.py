@@ -7,7 +7,7 @@ controls get the same adapter training:
                     it and trains the person part and the adapter; the control then *continues* stage 1 for as many steps
                     as e2p took (`shared_prefix/`), so it has had exactly as many adapter updates.
   shuffled_trained  the e2p stage again (same initial weights, steps, data order), trained on a derangement of
-                    training users -> embedding rows (e2p.scoring.derangement), scored with each user's own embedding:
+                    training users -> embedding rows (e2p.evaluate.scoring.derangement), scored with each user's own embedding:
                     the adapter and person part learnt without the person (`shuffled_trained/`; the evaluation's
                     shuffled condition where it exists).
 """
@@ -18,11 +18,11 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .errors import ConfigError, DataError
-from .lora import find_targets, parse_targets
+from ..errors import ConfigError, DataError
+from ..lora import find_targets, parse_targets
 from .privacy import PrivacyError
-from .projector import Projector
-from .scoring import derangement
+from ..projector import Projector
+from ..evaluate.scoring import derangement
 
 START = "start"  # shared_prefix/start/: the shared stage as the e2p stage started from it
 SHUFFLED = "shuffled_trained"
@@ -105,7 +105,7 @@ def train_controls(stage: Callable, new_e2p: Callable[[], Projector], start: Pat
                                   "adapter_updates": None if first is None else first + steps},
                 SHUFFLED: {"folder": SHUFFLED, "stages": [SHUFFLED], "adapter_updates": None if first is None else first + steps,
                            "embeddings": f"training users' examples with another training user's embedding "
-                                         f"(e2p.scoring.derangement, seed {cfg.seed}); scored with users' own"}},
+                                         f"(e2p.evaluate.scoring.derangement, seed {cfg.seed}); scored with users' own"}},
             "e2p_adapter_updates": None if first is None else first + steps}
 
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import EmbeddingError
+from ..errors import EmbeddingError
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:

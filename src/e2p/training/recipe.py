@@ -7,7 +7,7 @@ Stages (each its own projector folder, each resumable):
   3. *_text (opt.)   shared_prefix_text and e2p_text: the same, trained with the profile text in the prompt
                      (the hybrid must be trained as a hybrid).
 With `lora_rank` > 0 both stages also train one shared LoRA adapter of the backbone, and the controls are trained
-alike (e2p.lora_controls: shared_prefix continued for as many steps as e2p took, shuffled_trained).
+alike (e2p.training.lora_controls: shared_prefix continued for as many steps as e2p took, shuffled_trained).
 """
 from __future__ import annotations
 
@@ -15,21 +15,21 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
 from .calibration import calibrate_person_scale, calibrate_prototypes
-from .config import SPLIT_FILE
-from .data.contract import Example, UserTable
+from ..config import SPLIT_FILE
+from ..data.contract import Example, UserTable
 from .distributed import barrier, is_main_process
-from .errors import DataError
-from .model import E2PModel, new_config, token_keys_values
-from .projector import Projector, embedding_center
+from ..errors import DataError
+from ..model import E2PModel, new_config, token_keys_values
+from ..projector import Projector, embedding_center
 from .privacy import DPPlan, PrivacyError, plan, resolve_delta, spent
-from .train import Item, Objective, TrainConfig, train_projector
+from .loop import Item, Objective, TrainConfig, train_projector
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class RecipeConfig:
     contrastive_weight: float = 0.0
     margin: float = 0.1
     freeze_shared: bool = True
-    person_map: str = "mlp"  # "prototypes": a mix of training users' own person parts (e2p.prototypes)
+    person_map: str = "mlp"  # "prototypes": a mix of training users' own person parts (e2p.training.prototypes)
     embedding_slots: int = 1  # > 1: the embedding is that many blocks, one prefix token each (k = slots)
     max_train_users: int | None = None  # train on at most this many of the training users (learning curves)
     text_steps: int = 0  # steps for each of shared_prefix_text and e2p_text (0: skip them)
@@ -61,17 +61,39 @@ class RecipeConfig:
     person_scales: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # calibrated on validation
     eval_every: int = 20
     seed: int = 0
-    dp_epsilon: float | None = None  # DP-SGD per user (e2p.privacy): the target epsilon over the whole run
+    dp_epsilon: float | None = None  # DP-SGD per user (e2p.training.privacy): the target epsilon over the whole run
     dp_delta: float | None = None  # default 1 / (10 x training users); must be below 1 / training users
     dp_max_grad_norm: float = 1.0  # C: each sampled user's gradient is clipped to this norm
     dp_examples_per_user: int = 4  # at most this many of a sampled user's examples make its gradient in a step
-    lora_rank: int = 0  # > 0: one shared LoRA adapter of this rank trained with the projector (e2p.lora_controls)
+    lora_rank: int = 0  # > 0: one shared LoRA adapter of this rank trained with the projector (e2p.training.lora_controls)
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # the backbone's linear layers
     lora_alpha: float | None = None  # default 2 x rank (the update's scale alpha / rank is then 2)
     lora_lr: float = 3e-4  # the adapter's learning rate in every stage (the prefix and person part keep theirs)
 
     def __post_init__(self):
         self.check()
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RecipeConfig":
+        """A recipe file (`recipe.json`, as every run writes it, or by hand with only the fields to change): unknown
+        fields and bad values are refused with the file and the field named."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DataError(f"recipe file {path} does not exist: give a recipe.json a run wrote, or write one with "
+                            "the fields to change (e.g. {\"hidden_dims\": []})") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"recipe file {path} cannot be read as JSON ({exc})") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known) if isinstance(data, dict) else None
+        if unknown is None or unknown:
+            raise DataError(f"recipe file {path}: " + ("must be a JSON object of fields" if unknown is None else
+                            f"unknown field(s) {', '.join(unknown)}") + f"; the fields are {', '.join(sorted(known))}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"recipe file {path}: {exc}") from None
 
     def check(self) -> None:
         """Refuse, by name and before anything loads, the combinations the recipe cannot train."""
@@ -170,7 +192,7 @@ def train_prefix_stages(backbone, examples: Sequence[Example], users: UserTable 
     table = users.tensor() if users is not None else None
     index = users.index if users is not None else None
     train_shared = shared_dir is None or not (Path(shared_dir) / "config.json").is_file()
-    # with a shared adapter the two controls train as many steps as e2p (e2p.lora_controls)
+    # with a shared adapter the two controls train as many steps as e2p (e2p.training.lora_controls)
     total_steps = (cfg.shared_steps if train_shared else 0) + (cfg.e2p_steps * (3 if cfg.lora_rank else 1) if table is not None else 0)
     report: dict = {"train_items": len(examples), "train_people": len({ex.user for ex in examples}), "stages": {},
                     "shared_dir": None, "e2p_dir": None}
@@ -311,8 +333,8 @@ def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: Recip
     from their checkpoints. `encoder_name`: the text encoder the table was made with, if any (saved in config.json
     so `generate` and the server embed new users' text the same way).
     """
-    from .data.contract import split_validation_users
-    from .evaluate.loop import conditions_for, evaluate_examples
+    from ..data.contract import split_validation_users
+    from ..evaluate.loop import conditions_for, evaluate_examples
 
     cfg = cfg or RecipeConfig(injection="deep", num_prefix_tokens=1)
     out_dir = Path(out_dir)
@@ -336,7 +358,7 @@ def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: Recip
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / SPLIT_FILE).write_text(json.dumps({"train": list(train_ids), "selection": sorted(select_ids),
                                                       "verdict": sorted(verdict_ids)}, indent=1))
-        from .data.live_profile import carry_rule
+        from ..data.live_profile import carry_rule
 
         carry_rule(users, out_dir)  # the rule that built the table, so a server folds new events in the same way
     report = train_prefix_stages(backbone, train_ex, users, out_dir, cfg, val_examples=picked, encoder_name=encoder_name,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import resolve_projector
-from .errors import ConfigError, EmbeddingError
+from ..config import resolve_projector
+from ..errors import ConfigError, EmbeddingError
 
 _erf = np.frompyfunc(math.erf, 1, 1)
 

@@ -20,8 +20,8 @@ with zeros) and `delete` ends with a `wal_checkpoint(TRUNCATE)`, so a deleted ve
 store's files (database, -wal, -shm) afterwards (tested on the raw files). The same holds for a user's live-profile
 running sums (table `profiles`, `update_profile`), which are written and deleted with the vector.
 
-Files are read by `e2p.embedding_files` (the one reader the store, the data contract and the CLI share) and
-ids and vectors checked by `e2p.vectors`.
+Files are read by `e2p.store.files` (the one reader the store, the data contract and the CLI share) and
+ids and vectors checked by `e2p.store.vectors`.
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ from typing import Iterable
 
 import numpy as np
 
-from .embedding_files import DEFAULT_CHUNK_ROWS, iter_embedding_chunks
-from .errors import DataError, EmbeddingError, E2PError
+from .files import DEFAULT_CHUNK_ROWS, iter_embedding_chunks
+from ..errors import DataError, EmbeddingError, E2PError
 from .vectors import as_vector, check_chunk, check_user_id
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ DEMO_MESSAGE = "Hi! Tell me a bit about yourself. What do you do for fun?"
 
 
 def find_data(explicit: str | None) -> Path:
-    from .errors import DataError
+    from ..errors import DataError
 
     for candidate in [explicit, os.environ.get("E2P_DATA"), "../shared/data", "shared/data"]:
         if candidate and Path(candidate).exists():
@@ -25,8 +25,8 @@ def demo_data(args, config) -> tuple:
     """The demo's people as the data contract: (users, examples, text encoder or None, what they are).
     Without --data the sample shipped with the package; with --data that folder's test people (never seen in
     training), `--limit` of their replies drawn with `--seed`, embedded by the projector's own encoder."""
-    from .data.contract import load_examples, load_users
-    from .evaluate.loop import limit_examples
+    from ..data.contract import load_examples, load_users
+    from .loop import limit_examples
 
     if not args.data:
         users = load_users(SAMPLE / "users.npz")
@@ -34,9 +34,9 @@ def demo_data(args, config) -> tuple:
         return users, examples, None, (f"{len(users)} people it never saw (Synthetic-Persona-Chat test, CC-BY-4.0: "
                                        f"{SAMPLE / 'NOTICE.md'}); about 2-3 minutes on 2 CPU cores. `e2p demo --data "
                                        "DIR` runs the full table (about 10 minutes).")
-    from .data.persona import load_persona
-    from .data.persona_contract import persona_contract
-    from .encoders import TextEncoder, encoder_for
+    from ..data.persona import load_persona
+    from ..data.persona_contract import persona_contract
+    from ..data.encoders import TextEncoder, encoder_for
 
     data = find_data(args.data)
     test = limit_examples(load_persona(data, "test"), args.limit, args.seed)  # test people: never in a training split
@@ -48,11 +48,11 @@ def demo_data(args, config) -> tuple:
 def run_demo(args) -> None:
     """The projector on people it never saw: three of them answer one message with and without E2P, then every
     condition is scored on their replies. One path for the shipped sample (no data folder needed) and for --data."""
-    from .backbone import load_backbone
-    from .config import E2PConfig, resolve_projector
-    from .evaluate import evaluate_examples
-    from .model import E2PModel
-    from .projector import Projector, parameter_summary
+    from ..backbone import load_backbone
+    from ..config import E2PConfig, resolve_projector
+    from ..evaluate import evaluate_examples
+    from ..model import E2PModel
+    from ..projector import Projector, parameter_summary
 
     projector_dir = resolve_projector(args.projector or SHIPPED)
     users, examples, encoder, source = demo_data(args, E2PConfig.load(projector_dir))

@@ -32,9 +32,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import ConfigError
-from .model import E2PModel
-from .formatting import Messages
+from ..errors import ConfigError
+from ..model import E2PModel
+from ..formatting import Messages
 
 DEEP_ERROR = ("this projector uses deep injection (a key/value prefix in every layer), which vLLM cannot take: "
               "vLLM only accepts input embeddings. Train a projector with `e2p train --injection input` to serve it with vLLM")

@@ -1,7 +1,7 @@
 """Process-group set-up for data-parallel training launched by `torchrun` or `accelerate launch`.
 
 Both launchers start one process per worker and set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
-MASTER_PORT; `train_projector` then splits every global batch across the processes (see e2p.train).
+MASTER_PORT; `train_projector` then splits every global batch across the processes (see e2p.training.loop).
 """
 from __future__ import annotations
 

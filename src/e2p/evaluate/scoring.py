@@ -10,9 +10,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .engines.base import Engine
+from ..engines.base import Engine
 
-from .formatting import Segments
+from ..formatting import Segments
 
 
 @dataclass

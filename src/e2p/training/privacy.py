@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import E2PError
+from ..errors import E2PError
 
 ACCOUNTANT = "rdp"
 

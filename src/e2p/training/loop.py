@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from .checkpoint import load_optimizer, save_optimizer
-from .model import E2PModel
+from ..model import E2PModel
 from .privacy import DPPlan, PrivacyError, sample_users
-from .projector import Projector
-from .scoring import Item, derangement, evaluate_loss, row_losses  # noqa: F401 (Item, row_losses re-exported)
+from ..projector import Projector
+from ..evaluate.scoring import Item, derangement, evaluate_loss, row_losses  # noqa: F401 (Item, row_losses re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class TrainConfig:
     contrastive_weight: float = 0.0  # weight of the margin term (own person vs another person)
     margin: float = 0.1  # nats per token the own embedding must beat another person's by
     freeze_shared: bool = False  # keep the shared (style) prefix fixed, learn only the person part
-    dp: DPPlan | None = None  # DP-SGD per user (e2p.privacy): sampled users, each user's gradient clipped, noise
+    dp: DPPlan | None = None  # DP-SGD per user (e2p.training.privacy): sampled users, each user's gradient clipped, noise
     lora_lr: float | None = None  # the projector's shared LoRA adapter's learning rate (None: `lr`, like the rest)
 
 
@@ -61,7 +61,7 @@ def train_projector(model: E2PModel, items: Sequence[Item], table: torch.Tensor 
     Validation always scores the NLL. With `cfg.contrastive_weight`, the margin compares the objective's own
     per-row sums with the NLL under another user's embedding.
 
-    With `cfg.dp` (a `e2p.privacy.DPPlan`) each step is a DP-SGD step per user instead: `item_users` (each item's
+    With `cfg.dp` (a `e2p.training.privacy.DPPlan`) each step is a DP-SGD step per user instead: `item_users` (each item's
     user) groups the items; users are Poisson-sampled, each sampled user's gradient (its mean per-token loss over at
     most `examples_per_user` of its items) is computed alone, and Opacus's DPOptimizer clips each to
     `max_grad_norm`, adds the calibrated Gaussian noise and averages. The training loss is then not recorded (it is

@@ -16,11 +16,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .data.contract import Example, UserTable
+from ..data.contract import Example, UserTable
 from .distributed import is_main_process
-from .errors import DataError
-from .model import new_config
-from .projector import Projector, unit_rows
+from ..errors import DataError
+from ..model import new_config
+from ..projector import Projector, unit_rows
 
 
 TEMPERATURES = (0.02, 0.05, 0.1, 0.2, 0.5)  # the grid calibration picks from (with the person scales)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 

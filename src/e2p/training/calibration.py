@@ -9,9 +9,9 @@ from typing import Sequence
 
 import torch
 
-from .model import E2PModel
-from .projector import Projector
-from .train import Item, evaluate_loss
+from ..model import E2PModel
+from ..projector import Projector
+from .loop import Item, evaluate_loss
 
 log = logging.getLogger(__name__)
 
