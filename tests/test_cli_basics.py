@@ -85,7 +85,7 @@ def test_every_argument_has_help_text():
 
 
 def test_train_lists_product_flags_only_and_takes_research_knobs_from_a_recipe_file(tmp_path, capsys):
-    from e2p.cli import _scaled_recipe
+    from e2p.training.recipe_config import recipe_from_args
 
     parser = build_parser()
     train = parser._subparsers._group_actions[0].choices["train"]
@@ -98,11 +98,11 @@ def test_train_lists_product_flags_only_and_takes_research_knobs_from_a_recipe_f
     recipe.write_text(json.dumps({"hidden_dims": [], "prefix_position": "after_sink", "seed": 7}))
     args = parser.parse_args(["train", "--users", "u", "--examples", "e", "--out", "o", "--recipe", str(recipe),
                               "--batch-size", "8"])
-    cfg = _scaled_recipe(args)
+    cfg = recipe_from_args(args)
     assert (cfg.hidden_dims, cfg.prefix_position, cfg.seed, cfg.batch_size) == ([], "after_sink", 7, 8)
     old = parser.parse_args(["train", "--users", "u", "--examples", "e", "--out", "o", "--hidden-dims", "linear"])
-    assert _scaled_recipe(old).hidden_dims == [] and "moves into the recipe file" in capsys.readouterr().err
-    assert _scaled_recipe(parser.parse_args(["train", "--data", "d", "--out", "o"])).hidden_dims == [1024]
+    assert recipe_from_args(old).hidden_dims == [] and "moves into the recipe file" in capsys.readouterr().err
+    assert recipe_from_args(parser.parse_args(["train", "--data", "d", "--out", "o"])).hidden_dims == [1024]
     (tmp_path / "bad.json").write_text(json.dumps({"hiden_dims": []}))
     assert main(["train", "--users", "u", "--examples", "e", "--out", "o", "--recipe", str(tmp_path / "bad.json")]) == 2
     assert "unknown field(s) hiden_dims" in capsys.readouterr().err

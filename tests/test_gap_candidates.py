@@ -51,7 +51,8 @@ def test_a_prototype_projector_round_trips_and_refuses_bad_configs(tiny, tmp_pat
 
 def test_train_with_prototypes_learns_own_parts_and_calibrates_the_temperature(tiny, tmp_path):
     from e2p.projector import Projector
-    from e2p.training.recipe import RecipeConfig, train_on_examples
+    from e2p.training.recipe_config import RecipeConfig
+    from e2p.training.recipe import train_on_examples
 
     users, examples = _contract(n_users=10, per_user=4)
     cfg = RecipeConfig(injection="input", hidden_dims=[8], shared_steps=2, e2p_steps=3, batch_size=2, val_examples=2,
@@ -71,7 +72,8 @@ def test_train_with_prototypes_learns_own_parts_and_calibrates_the_temperature(t
 def test_prototypes_refuse_text_stages_and_dp(tiny, tmp_path):
     from e2p.errors import DataError
     from e2p.training.privacy import PrivacyError
-    from e2p.training.recipe import RecipeConfig, train_on_examples
+    from e2p.training.recipe_config import RecipeConfig
+    from e2p.training.recipe import train_on_examples
 
     users, examples = _contract(n_users=10, per_user=2)
     with pytest.raises(DataError, match="text-steps"):
@@ -85,7 +87,8 @@ def test_prototypes_refuse_text_stages_and_dp(tiny, tmp_path):
 
 
 def test_max_train_users_keeps_the_validation_users(tiny, tmp_path):
-    from e2p.training.recipe import RecipeConfig, train_on_examples
+    from e2p.training.recipe_config import RecipeConfig
+    from e2p.training.recipe import train_on_examples
 
     users, examples = _contract(n_users=12, per_user=2)
     cfg = RecipeConfig(injection="input", hidden_dims=[8], shared_steps=1, e2p_steps=1, batch_size=2, val_examples=2,
@@ -115,7 +118,8 @@ def test_history_slots_are_cluster_means_largest_first():
 def test_embedding_slots_train_one_token_per_slot(tiny, tmp_path):
     from e2p.data.contract import UserTable
     from e2p.projector import Projector
-    from e2p.training.recipe import RecipeConfig, train_on_examples
+    from e2p.training.recipe_config import RecipeConfig
+    from e2p.training.recipe import train_on_examples
 
     users, examples = _contract(n_users=10, per_user=2, dim=8)
     users = UserTable(users.ids, np.concatenate([users.vectors, users.vectors[::-1]], axis=1))
@@ -157,7 +161,8 @@ def test_style_features_see_capitalisation_and_length_that_an_uncased_encoder_ca
 
 
 def test_the_verdict_names_the_candidate_and_why(tiny, tmp_path):
-    from e2p.training.recipe import RecipeConfig, train_on_examples
+    from e2p.training.recipe_config import RecipeConfig
+    from e2p.training.recipe import train_on_examples
 
     users, examples = _contract(n_users=10, per_user=2)
     cfg = RecipeConfig(injection="input", hidden_dims=[8], shared_steps=1, e2p_steps=1, batch_size=2, val_examples=2,

@@ -80,7 +80,8 @@ def test_greedy_generation_with_the_adapter_is_the_loss_paths_argmax_alone_or_in
 
 
 def test_training_moves_only_the_projector_and_its_adapter(tiny, tmp_path):
-    from e2p.training.recipe import RecipeConfig, example_items
+    from e2p.training.recipe_config import RecipeConfig
+    from e2p.training.recipe import example_items
     from e2p.training.loop import TrainConfig, train_projector
 
     users, examples = _contract()
@@ -180,7 +181,7 @@ def test_the_peft_format_round_trips_through_peft_itself(tiny, tmp_path):
 
 
 def _lora_recipe(**kw):
-    from e2p.training.recipe import RecipeConfig
+    from e2p.training.recipe_config import RecipeConfig
 
     return RecipeConfig(**{**dict(injection="deep", hidden_dims=[8], shared_steps=2, e2p_steps=3, batch_size=2,
                                   val_examples=2, eval_every=2, person_scales=[0.5, 1.0], lora_rank=2, lora_lr=1e-2), **kw})
@@ -220,7 +221,8 @@ def test_the_recipe_trains_the_adapter_and_its_controls_alike(tiny, tmp_path):
 
 
 def test_shared_from_reuses_only_a_shared_prefix_with_the_same_adapter(tiny, tmp_path):
-    from e2p.training.recipe import RecipeConfig, train_on_examples
+    from e2p.training.recipe_config import RecipeConfig
+    from e2p.training.recipe import train_on_examples
 
     users, examples = _contract(n_users=10)
     cfg = _lora_recipe(e2p_steps=1, person_scales=[1.0])
@@ -253,18 +255,20 @@ def test_the_adapter_is_refused_with_dp_and_prototypes(tiny, tmp_path):
 
 
 def test_the_cli_maps_lora_flags_and_counts_the_controls_in_steps():
-    from e2p.cli import _scaled_recipe, build_parser
+    from e2p.cli import build_parser
+    from e2p.training.recipe_config import recipe_from_args
 
     args = build_parser().parse_args(["train", "--data", "x", "--out", "y", "--lora-rank", "8", "--lora-targets",
                                       "q_proj,k_proj", "--steps", "38"])
-    cfg = _scaled_recipe(args)
+    cfg = recipe_from_args(args)
     assert (cfg.lora_rank, cfg.lora_targets, cfg.lora_lr) == (8, ["q_proj", "k_proj"], 3e-4)
     assert cfg.shared_steps + 3 * cfg.e2p_steps == 38  # e2p and its two controls trained alike
-    assert _scaled_recipe(build_parser().parse_args(["train", "--data", "x", "--out", "y"])).lora_rank == 0
+    assert recipe_from_args(build_parser().parse_args(["train", "--data", "x", "--out", "y"])).lora_rank == 0
 
 
 def test_an_interrupted_lora_stage_resumes_to_the_same_projector(tiny, tmp_path):
-    from e2p.training.recipe import RecipeConfig, example_items
+    from e2p.training.recipe_config import RecipeConfig
+    from e2p.training.recipe import example_items
     from e2p.training.loop import TrainConfig, train_projector
 
     users, examples = _contract()

@@ -9,8 +9,10 @@ import torch
 
 from conftest import WORDS, make_backbone
 from e2p.data.contract import Example, load_examples, load_users, write_examples, write_users
-from e2p.training.privacy import PrivacyError, auc, auc_interval, check_epsilon_delta, plan, resolve_delta, spent
-from e2p.training.recipe import RecipeConfig, train_on_examples
+from e2p.evaluate.compare import auc, auc_interval
+from e2p.training.privacy import PrivacyError, check_epsilon_delta, plan, resolve_delta, spent
+from e2p.training.recipe_config import RecipeConfig
+from e2p.training.recipe import train_on_examples
 from test_your_data import FAST, WordEncoder, synthetic
 
 

@@ -138,7 +138,8 @@ def test_the_shuffled_figure_of_a_training_curve_is_the_shuffled_figure_of_eval(
     import pytest
 
     from e2p.evaluate import Condition, run_conditions
-    from e2p.training.recipe import RecipeConfig, example_items
+    from e2p.training.recipe_config import RecipeConfig
+    from e2p.training.recipe import example_items
     from e2p.evaluate.scoring import evaluate_loss
 
     users, examples = _contract()
@@ -158,7 +159,8 @@ def test_the_shuffled_figure_of_a_training_curve_is_the_shuffled_figure_of_eval(
 
 
 def test_example_items_carry_the_user_index_and_the_profile_only_with_text(tiny):
-    from e2p.training.recipe import RecipeConfig, example_items
+    from e2p.training.recipe_config import RecipeConfig
+    from e2p.training.recipe import example_items
 
     users, examples = _contract()
     projector = Projector(new_config(tiny, embedding_dim=8))
@@ -173,7 +175,9 @@ def test_the_training_report_is_built_once_and_written_once(tiny, tmp_path, monk
     import json
     from pathlib import Path
 
-    from e2p.training.recipe import RecipeConfig, train_on_examples
+    from e2p.training.recipe_config import RecipeConfig
+
+    from e2p.training.recipe import train_on_examples
 
     users, examples = _contract(n_users=10)
     writes = []

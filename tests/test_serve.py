@@ -170,7 +170,7 @@ def test_streaming_matches_non_streaming(served, client, http):
 def test_row_text_sends_only_settled_text():
     """Deltas never include what a later token could change: trailing spaces (chat replies), a half-decoded
     character or the start of a stop string; they always add up to the final (trimmed, cut) text."""
-    from e2p.serve.batching import RowText
+    from e2p.serve.detokenize import RowText
 
     pieces = [" Hel", "lo", " wor", "ld", " ", "", "é", " ST", "AR", " ST", "OP", " more"]  # "" : half a character
     row, tokens = RowText(pieces.__getitem__, ["STOP"], trim=True), []

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from e2p.serve import ServeConfig, create_app
-from e2p.serve.batching import Detokenizer, RowText
+from e2p.serve.detokenize import Detokenizer, RowText
 from e2p.store import EmbeddingStore
 from test_serve import ADMIN, API, MODEL, PROMPT, Server, assert_error, tiny_model, vec
 

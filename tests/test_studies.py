@@ -117,7 +117,8 @@ def test_pens_study_on_the_one_loop(tiny, tmp_path):
     from e2p.data.contract import load_examples, load_users
     from research.pens.train_lora import train_lora
     from e2p.model import E2PModel
-    from e2p.training.recipe import RecipeConfig, train_on_examples
+    from e2p.training.recipe_config import RecipeConfig
+    from e2p.training.recipe import train_on_examples
     from research.pens.study import run_pens_study
 
     src = write_pens(tmp_path / "pens.tsv")

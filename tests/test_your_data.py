@@ -11,7 +11,8 @@ from conftest import make_backbone
 from e2p.data.contract import Example, load_examples, load_users, write_examples, write_users
 from e2p.errors import DataError
 from e2p.evaluate import evaluate_examples
-from e2p.training.recipe import RecipeConfig, train_on_examples
+from e2p.training.recipe_config import RecipeConfig
+from e2p.training.recipe import train_on_examples
 
 LIKES = ["dogs", "cats", "music", "guitar"]
 

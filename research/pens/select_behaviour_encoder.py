@@ -24,7 +24,8 @@ from e2p.data.behaviour import click_encoder
 from e2p.data.contract import load_examples, load_users, split_validation_users, write_users
 from e2p.data.pens import load_pens
 from e2p.evaluate import Condition, compare, run_conditions
-from e2p.training.recipe import RecipeConfig, train_on_examples
+from e2p.training.recipe_config import RecipeConfig
+from e2p.training.recipe import train_on_examples
 
 CANDIDATES = {  # name: (kind, encoder settings, projector hidden layers)
     # a linear person map from a low-dimensional embedding cannot memorize 53 training users; the default

@@ -26,7 +26,8 @@ from e2p.training.calibration import calibrate_person_scale
 from e2p.model import E2PModel, new_config, per_row_sum
 from e2p.formatting import Segments
 from e2p.projector import Projector, embedding_center
-from e2p.training.recipe import RecipeConfig, init_shared, sample_examples, train_stage
+from e2p.training.recipe_config import RecipeConfig
+from e2p.training.recipe import init_shared, sample_examples, train_stage
 from e2p.evaluate.scoring import Item
 
 log = logging.getLogger(__name__)

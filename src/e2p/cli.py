@@ -7,7 +7,9 @@ import os
 import sys
 from pathlib import Path
 
+from .data.command_data import command_data, contract_files
 from .errors import E2PError
+from .training.recipe_config import recipe_from_args
 
 
 def _backbone(args):
@@ -22,129 +24,6 @@ def _backbone(args):
     return backbone
 
 
-# research knobs: they live in `e2p train --recipe FILE` (the recipe.json a run writes); the flags still work, with a
-# warning, for one release. flag dest -> RecipeConfig field
-RESEARCH_FLAGS = {"hidden_dims": "hidden_dims", "dropout": "dropout", "person_map": "person_map",
-                  "embedding_slots": "embedding_slots", "max_train_users": "max_train_users",
-                  "lora_targets": "lora_targets", "lora_lr": "lora_lr", "prefix_position": "prefix_position",
-                  "text_steps": "text_steps", "val_examples": "val_examples"}
-PRODUCT_FLAGS = {"injection": "injection", "prefix_tokens": "num_prefix_tokens", "batch_size": "batch_size",
-                 "seed": "seed", "lora_rank": "lora_rank"}
-
-
-def _scaled_recipe(args, **overrides):
-    """The RecipeConfig a command trains with: `--recipe FILE` (or the defaults), then the research flags given
-    (deprecated), then the product flags given, then `overrides` that are not None; `--steps` scales the stages."""
-    from dataclasses import asdict
-
-    from .training.recipe import RecipeConfig
-
-    values = asdict(RecipeConfig.load(args.recipe)) if getattr(args, "recipe", None) else {}
-    for dest, name in RESEARCH_FLAGS.items():
-        value = getattr(args, dest, None)
-        if value is None:
-            continue
-        flag = "--" + dest.replace("_", "-")
-        print(f"warning: {flag} moves into the recipe file: put \"{name}\" in a recipe.json and pass --recipe FILE "
-              "(the flag goes in the next release)", file=sys.stderr)
-        values[name] = (_hidden_dims(value) if dest == "hidden_dims" else value.split(",") if dest == "lora_targets"
-                        else value)
-    for dest, name in PRODUCT_FLAGS.items():
-        if getattr(args, dest, None) is not None:
-            values[name] = getattr(args, dest)
-    slots = values.get("embedding_slots", 1)
-    if slots > 1:
-        if getattr(args, "prefix_tokens", None) not in (None, 1, slots):
-            raise E2PError(f"embedding_slots {slots} gives one prefix token per slot: leave --prefix-tokens out")
-        values["num_prefix_tokens"] = slots
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = RecipeConfig(**values)
-    if args.steps is not None:  # --steps N: total over the stages that run, keeping the recipe's proportions
-        stages = ["e2p_steps"] if getattr(args, "shared_from", None) else ["shared_steps", "e2p_steps"]
-        total = sum(getattr(cfg, s) for s in stages) + 2 * cfg.text_steps + (2 * cfg.e2p_steps if cfg.lora_rank else 0)
-        scale = args.steps / max(total, 1)
-        for s in stages + ["text_steps"]:
-            value = getattr(cfg, s)
-            setattr(cfg, s, max(1, round(value * scale)) if value else 0)
-        cfg.eval_every = max(1, min(cfg.eval_every, cfg.e2p_steps // 2 or 1))
-    return cfg
-
-
-def _hidden_dims(text: str) -> list[int]:
-    """'1024' -> [1024]; '512,512' -> [512, 512]; '' or 'linear' -> [] (a linear person map)."""
-    if text.strip().lower() in ("", "linear", "none"):
-        return []
-    try:
-        dims = [int(x) for x in text.split(",")]
-    except ValueError:
-        dims = []
-    if not dims or min(dims) < 1:
-        raise E2PError(f"--hidden-dims {text!r}: give comma-separated positive sizes (e.g. 1024) or 'linear'")
-    return dims
-
-
-def _contract_files(args) -> bool:
-    """Whether the command runs on the data contract (--users and --examples); refuses half of it or both kinds."""
-    given = [x for x in (args.users, args.examples) if x]
-    if len(given) == 1:
-        raise E2PError("give both --users (a table of user embeddings) and --examples (JSON lines or Parquet)")
-    if given and args.data:
-        raise E2PError("give either --data (persona files) or --users with --examples, not both")
-    if not given and not args.data:
-        raise E2PError("give --users FILE --examples FILE (your embeddings and examples), or --data (persona files)")
-    return bool(given)
-
-
-def _load_contract(args):
-    from .data.contract import load_examples, load_users
-
-    users = load_users(args.users)
-    examples = load_examples(args.examples, users)
-    print(f"data: {len(users)} users ({users.dim}-dim embeddings) from {args.users}; {len(examples)} examples of "
-          f"{len({e.user for e in examples})} users from {args.examples}")
-    return users, examples
-
-
-def _command_data(args, training: bool, config=None):
-    """The command's data as the data contract, before the command goes on along its one path: (users table,
-    examples, the text encoder that embedded them or None). --users/--examples as they are; --data persona files
-    converted in memory (each person's persona embedded by the text encoder, each reply an example): a folder
-    means its training split (train, leakage-free, `persona_split`) or its test split (eval), a file all of it.
-    Evaluation keeps at most --limit examples (seeded), drawn before persona data is embedded; `config`: the
-    evaluated projector's (its encoder and formatting)."""
-    from .evaluate.loop import limit_examples
-
-    if _contract_files(args):
-        if getattr(args, "people_half", None) is not None:
-            raise E2PError("--people-half splits persona data (--data) by person id; with --users and --examples, "
-                           "give the examples of the users to evaluate")
-        users, examples = _load_contract(args)
-        return users, examples if training else limit_examples(examples, args.limit, args.seed), None
-    from .data.persona import LoadReport, load_persona, people_half, persona_split
-    from .data.persona_contract import persona_contract
-    from .data.encoders import TextEncoder, encoder_for
-
-    report = LoadReport()
-    path = Path(args.data)
-    if not path.is_dir():
-        persona = load_persona(path, "all", report)
-    elif training:
-        persona = persona_split(path, args.with_msc, report)[0]
-    else:
-        persona = load_persona(path, "test", report)
-    print(f"data: {report}")
-    if not training and args.people_half is not None:  # two disjoint sets of people from one file, by person-id parity
-        persona = people_half(persona, args.people_half)
-        print(f"people half {args.people_half}: {len(persona)} examples of {len({e.person_id for e in persona})} people")
-    encoder = TextEncoder(args.encoder)
-    if training:
-        users, examples = persona_contract(persona, encoder, _scaled_recipe(args).history_turns)
-    else:
-        persona = limit_examples(persona, args.limit, args.seed)
-        users, examples = persona_contract(persona, encoder_for(config, encoder), config.history_turns)
-    return users, examples, encoder
-
-
 def cmd_train(args) -> None:
     """One path for every data set: persona files become the data contract first (`_command_data`), then the
     default recipe trains on it, data-parallel under torchrun / accelerate launch."""
@@ -154,10 +33,10 @@ def cmd_train(args) -> None:
     from .training.privacy import check_epsilon_delta
 
     check_epsilon_delta(args.dp_epsilon, args.dp_delta)  # before any data or model loads
-    recipe = _scaled_recipe(args, dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, dp_max_grad_norm=args.dp_clip,
+    recipe = recipe_from_args(args, dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, dp_max_grad_norm=args.dp_clip,
                             dp_examples_per_user=args.dp_examples_per_user)  # RecipeConfig.check(): before loading too
     init_distributed()  # torchrun / accelerate launch: one process group, batches split, rank 0 writes
-    users, examples, encoder = _command_data(args, training=True)
+    users, examples, encoder = command_data(args, training=True, history_turns=recipe.history_turns)
     backbone = _backbone(args)  # the text encoder, if any, embedded persona data above; files bring their own
     report = train_on_examples(backbone, users, examples, args.out, recipe, val_users=args.val_users,
                                minutes=args.minutes, shared_dir=args.shared_from, resume=args.resume,
@@ -194,14 +73,14 @@ def cmd_eval(args) -> None:
     from .config import E2PConfig, resolve_projector
     from .evaluate import evaluate_examples
 
-    _contract_files(args)  # a data error before a projector error, as before
+    contract_files(args)  # a data error before a projector error, as before
     if args.projector is None:
         raise E2PError("--projector is required: a folder `e2p train` wrote or a shipped name (persona-deep-k1)")
     config = E2PConfig.load(resolve_projector(args.projector))
     from .engines import check_engine
 
     check_engine(args.engine, config)  # before any data or model loads
-    users, examples, encoder = _command_data(args, training=False, config=config)
+    users, examples, encoder = command_data(args, training=False, config=config)
     backbone = _backbone(args)
     evaluate_examples(backbone, users, examples, args.projector, args.out, generate=args.generate,
                       batch_size=args.batch_size, seed=args.seed, encoder=encoder, engine=_eval_engine(args, backbone),

@@ -187,6 +187,12 @@ def load_examples(path: str | Path, users: UserTable | None = None) -> list[Exam
     return examples
 
 
+def limit_examples(examples: list, limit: int | None, seed: int) -> list:
+    """At most `limit` of `examples`, drawn with `seed` (all of them when `limit` is None or not smaller): the
+    rule of `evaluate_examples(limit=...)`, also for commands that draw before persona data is embedded."""
+    return random.Random(seed).sample(examples, limit) if limit and limit < len(examples) else examples
+
+
 def split_validation_users(ids: Sequence[str], n_val: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """(train, validation) user ids: validation users are people never trained on. Deterministic in `seed`."""
     ids = sorted(set(ids))

@@ -33,7 +33,6 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import ConfigError
-from ..model import E2PModel
 from ..formatting import Messages
 
 DEEP_ERROR = ("this projector uses deep injection (a key/value prefix in every layer), which vLLM cannot take: "
@@ -55,7 +54,7 @@ def decode_tensor(data: str) -> torch.Tensor:
 class VLLMExporter:
     """Builds vLLM request bodies for one E2PModel (backbone + input-injection projector, or none)."""
 
-    def __init__(self, model: E2PModel, dtype: torch.dtype | None = None):
+    def __init__(self, model, dtype: torch.dtype | None = None):  # the torch engine (e2p.model.E2PModel)
         if model.projector is not None and model.config.injection != "input":
             raise ConfigError(DEEP_ERROR)
         if model.projector is not None and model.config.lora_rank:

@@ -25,7 +25,7 @@ from ..config import E2PConfig, resolve_projector
 from ..data.contract import Example, UserTable
 from ..errors import E2PError
 from ..config import SPLIT_FILE
-from ..training.privacy import auc, auc_interval, roc_curve
+from .compare import auc, auc_interval, roc_curve
 from .loop import Condition, _interleave_users, generation_metrics, run_conditions
 
 log = logging.getLogger(__name__)

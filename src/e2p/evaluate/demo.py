@@ -5,7 +5,7 @@ import os
 import tempfile
 from pathlib import Path
 
-SHIPPED = Path(__file__).parent / "pretrained" / "persona-deep-k1"
+SHIPPED = Path(__file__).parents[1] / "pretrained" / "persona-deep-k1"
 DEMO_MESSAGE = "Hi! Tell me a bit about yourself. What do you do for fun?"
 
 
@@ -18,7 +18,7 @@ def find_data(explicit: str | None) -> Path:
     raise DataError("no persona data found: pass --data PATH (a folder with Synthetic-Persona-Chat / ConvAI2 files) or set E2P_DATA")
 
 
-SAMPLE = Path(__file__).parent / "demo_data" / "spc-test-sample"
+SAMPLE = Path(__file__).parents[1] / "demo_data" / "spc-test-sample"
 
 
 def demo_data(args, config) -> tuple:
@@ -26,7 +26,7 @@ def demo_data(args, config) -> tuple:
     Without --data the sample shipped with the package; with --data that folder's test people (never seen in
     training), `--limit` of their replies drawn with `--seed`, embedded by the projector's own encoder."""
     from ..data.contract import load_examples, load_users
-    from .loop import limit_examples
+    from ..data.contract import limit_examples
 
     if not args.data:
         users = load_users(SAMPLE / "users.npz")

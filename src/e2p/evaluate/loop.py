@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import E2PConfig, resolve_projector
-from ..data.contract import Example, UserTable
+from ..data.contract import Example, UserTable, limit_examples
 from ..errors import ConfigError
 from ..engines.base import Engine
 from ..model import E2PModel
@@ -220,12 +220,6 @@ def evaluate_examples(backbone, users: UserTable, examples: list[Example], proje
     if out_dir is not None:
         write_report(results, Path(out_dir))
     return results
-
-
-def limit_examples(examples: list, limit: int | None, seed: int) -> list:
-    """At most `limit` of `examples`, drawn with `seed` (all of them when `limit` is None or not smaller): the
-    rule of `evaluate_examples(limit=...)`, also for commands that draw before persona data is embedded."""
-    return random.Random(seed).sample(examples, limit) if limit and limit < len(examples) else examples
 
 
 def _interleave_users(examples: list[Example], seed: int) -> list[Example]:

@@ -17,13 +17,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..engines.base import Engine
-from ..store.sqlite import EmbeddingStore
+from ..store import EmbeddingStore
 from . import health
 from .auth import Caller, authorize, authorize_metrics, bearer_key
 from .chat import ChatServing
 from .playground import add_playground
 from .prompts import Prompts
-from .protocol import ChatCompletionRequest, CompletionRequest, EmbeddingPut, EmbeddingsRequest, UserEvents
+from .protocol import ChatCompletionRequest, CompletionRequest
+from .protocol_users import EmbeddingPut, EmbeddingsRequest, UserEvents
 from .serving import APIError, OpenAIServing, ServeConfig
 from .users import UserServing
 

@@ -9,7 +9,7 @@ import hmac
 from dataclasses import dataclass
 from typing import Mapping
 
-from ..store.sqlite import DEFAULT_TENANT
+from ..store import DEFAULT_TENANT
 from .keys import find_key
 from .serving import APIError, ServeConfig
 

@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from .protocol import CallerInfo, Interval, ProjectorCard, TrainingVerdict
+from .protocol_users import CallerInfo, Interval, ProjectorCard, TrainingVerdict
 from .serving import OpenAIServing
 
 log = logging.getLogger("e2p.serve")

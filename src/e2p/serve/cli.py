@@ -26,7 +26,7 @@ def cmd_serve(args) -> None:
     import uvicorn
 
     from ..config import resolve_projector
-    from ..store.sqlite import EmbeddingStore
+    from ..store import EmbeddingStore
     from .app import create_app
     from ..loading import load
     from .logs import configure_json_logging
@@ -78,7 +78,7 @@ def cmd_serve(args) -> None:
 
 
 def cmd_users_import(args) -> None:
-    from ..store.sqlite import EmbeddingStore, import_embeddings
+    from ..store import EmbeddingStore, import_embeddings
 
     dim = args.dim
     if args.projector:
@@ -100,7 +100,7 @@ def _tenant(args) -> str:
 
 
 def cmd_users_list(args) -> None:
-    from ..store.sqlite import CorruptEmbeddingError, EmbeddingStore
+    from ..store import CorruptEmbeddingError, EmbeddingStore
 
     tenant = _tenant(args)
     store = EmbeddingStore(args.store)
@@ -116,7 +116,7 @@ def cmd_users_list(args) -> None:
 
 
 def cmd_users_delete(args) -> None:
-    from ..store.sqlite import EmbeddingStore
+    from ..store import EmbeddingStore
     from ..store.vectors import check_user_id
 
     tenant = _tenant(args)
@@ -143,7 +143,7 @@ def cmd_users_update(args) -> None:
     """A batch refresh: every event of a file folded into its user's live profile, by the rule a server uses."""
     from ..config import E2PConfig, resolve_projector
     from ..data.live_profile import ProfileRule, fold_event_file, serving_rule
-    from ..store.sqlite import EmbeddingStore
+    from ..store import EmbeddingStore
 
     tenant = _tenant(args)
     if args.rule:

@@ -11,10 +11,10 @@ import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import Response
 
-from ..store.sqlite import StoreError
+from ..store import StoreError
 from .auth import Caller, authorize, bearer_key
 from .card import projector_card
-from .protocol import MapPoint, ProjectorCard, UserList, UserListing, UserMap
+from .protocol_users import MapPoint, ProjectorCard, UserList, UserListing, UserMap
 from .serving import APIError, OpenAIServing
 from .usermap import as_the_projector_reads, pca_2d
 from .users import UserServing

@@ -11,7 +11,7 @@ import torch
 from starlette.concurrency import run_in_threadpool
 
 from ..formatting import PromptTooLongError, Segments
-from ..store.sqlite import DEFAULT_TENANT
+from ..store import DEFAULT_TENANT
 from .protocol import ChatCompletionRequest, CompletionRequest, ContentPartError
 from .serving import APIError, OpenAIServing
 

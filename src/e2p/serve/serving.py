@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import EmbeddingError
 from ..engines.base import Engine
-from ..store.sqlite import DEFAULT_TENANT, CorruptEmbeddingError, EmbeddingStore, StoreError
+from ..store import DEFAULT_TENANT, CorruptEmbeddingError, EmbeddingStore, StoreError
 from ..store.vectors import as_vector, check_user_id
 from .batching import Batcher
 from .metrics import Metrics

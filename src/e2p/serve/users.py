@@ -15,12 +15,12 @@ import numpy as np
 
 from ..data.live_profile import ProfileSums, serving_rule
 from ..errors import ConfigError, DataError, EmbeddingError
-from ..store.sqlite import DEFAULT_TENANT, StoreBusyError, StoreError
+from ..store import DEFAULT_TENANT, StoreBusyError, StoreError
 from ..store.vectors import as_vector
 from .embedder import TextEmbeddingError, UserEmbedder
-from .protocol import (EmbeddingData, EmbeddingList, EmbeddingPut, EmbeddingsRequest, EmbeddingUsage,
-                       UserEmbeddingDeleted, UserEmbeddingInfo, UserEmbeddingWithVector, UserEvents, UserProfileInfo,
-                       dump)
+from .protocol import dump
+from .protocol_users import (EmbeddingData, EmbeddingList, EmbeddingPut, EmbeddingsRequest, EmbeddingUsage,
+                             UserEmbeddingDeleted, UserEmbeddingInfo, UserEmbeddingWithVector, UserEvents, UserProfileInfo)
 from .serving import APIError, OpenAIServing
 
 log = logging.getLogger("e2p.serve")

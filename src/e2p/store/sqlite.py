@@ -36,13 +36,12 @@ from typing import Iterable
 
 import numpy as np
 
-from .files import DEFAULT_CHUNK_ROWS, iter_embedding_chunks
+from .importing import stage_chunk
 from ..errors import DataError, EmbeddingError, E2PError
-from .vectors import as_vector, check_chunk, check_user_id
+from .vectors import DEFAULT_TENANT, as_vector, check_chunk, check_user_id
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TENANT = "default"  # the tenant of the single-key flags, of `e2p users` without --tenant, of old stores
 
 
 class StoreError(E2PError, ValueError):
@@ -358,7 +357,7 @@ class EmbeddingStore:
                     if not len(users):
                         continue
                     matrix, dim = check_chunk(users, vectors, total, dim)
-                    _stage(db, users, matrix, total)
+                    stage_chunk(db, users, matrix, total)
                     total += len(users)
                 db.execute("COMMIT")
                 if total:
@@ -386,45 +385,6 @@ class EmbeddingStore:
         with self._lock, self._read_lock:
             self._db.close()
             self._reader.close()
-
-
-def _stage(db: sqlite3.Connection, users: list[str], matrix: np.ndarray, start: int) -> None:
-    """Add a checked chunk to the staging table; DataError on a user id seen before in the file."""
-    if len(set(users)) != len(users):
-        seen: set[str] = set()
-        for i, u in enumerate(users):
-            if u in seen:
-                raise DataError(f"row {start + i}: user id {u!r} appears more than once: keep one row per user")
-            seen.add(u)
-    size = matrix.shape[1]
-    db.execute("SAVEPOINT chunk")
-    try:
-        db.executemany("INSERT INTO temp.staged (user, vector, dim) VALUES (?, ?, ?)",
-                       ((u, matrix[i].tobytes(), size) for i, u in enumerate(users)))
-    except sqlite3.IntegrityError:
-        db.execute("ROLLBACK TO chunk")
-        for i, u in enumerate(users):
-            if db.execute("SELECT 1 FROM temp.staged WHERE user=?", (u,)).fetchone():
-                raise DataError(f"row {start + i}: user id {u!r} appears more than once: keep one row per user") from None
-        raise
-    finally:
-        db.execute("RELEASE chunk")
-
-
-def import_embeddings(path: str | Path, store: EmbeddingStore, ids_file: str | Path | None = None,
-                      chunk_rows: int = DEFAULT_CHUNK_ROWS, user_column: str = "user",
-                      embedding_column: str = "embedding", tenant: str = DEFAULT_TENANT) -> int:
-    """Stream `path` into `store` (as `tenant`'s users) in one transaction (nothing is written if any row is bad);
-    memory ~ one chunk."""
-    chunks = iter_embedding_chunks(path, ids_file, chunk_rows, user_column, embedding_column)
-    try:
-        n = store.import_chunks(chunks, tenant)
-    except DataError as exc:
-        msg = str(exc)
-        raise DataError(msg if str(path) in msg else f"{path}: {msg}") from exc
-    if not n:
-        raise DataError(f"{path} holds no embeddings")
-    return n
 
 
 def _next_string(prefix: str) -> str | None:

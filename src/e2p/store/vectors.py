@@ -8,6 +8,7 @@ import numpy as np
 from ..errors import DataError, EmbeddingError
 
 MAX_USER_ID_LENGTH = 256
+DEFAULT_TENANT = "default"  # the tenant of the single-key flags, of `e2p users` without --tenant, of old stores
 
 
 def check_user_id(user: str) -> str:

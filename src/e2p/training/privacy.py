@@ -101,36 +101,3 @@ def sample_users(n_users: int, q: float, seed: int, step: int) -> np.ndarray:
 
 
 # --- membership inference ---------------------------------------------------------------------------------------
-def auc(member_scores, nonmember_scores) -> float:
-    """P(a member's score > a non-member's), ties counting half (the Mann-Whitney AUC): 0.5 is chance."""
-    m = np.asarray(member_scores, float)
-    n = np.asarray(nonmember_scores, float)
-    if not len(m) or not len(n):
-        return float("nan")
-    allv = np.concatenate([m, n])
-    order = allv.argsort(kind="mergesort")
-    ranks = np.empty(len(allv))
-    ranks[order] = np.arange(1, len(allv) + 1)
-    for v in np.unique(allv):  # average ranks of ties
-        tie = allv == v
-        ranks[tie] = ranks[tie].mean()
-    return float((ranks[: len(m)].sum() - len(m) * (len(m) + 1) / 2) / (len(m) * len(n)))
-
-
-def auc_interval(member_scores, nonmember_scores, n: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of the AUC, resampling members and non-members (users) with replacement."""
-    rng = np.random.default_rng(seed)
-    m, u = np.asarray(member_scores, float), np.asarray(nonmember_scores, float)
-    if not len(m) or not len(u):
-        return float("nan"), float("nan")
-    draws = [auc(m[rng.integers(0, len(m), len(m))], u[rng.integers(0, len(u), len(u))]) for _ in range(n)]
-    return float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
-
-
-def roc_curve(member_scores, nonmember_scores) -> tuple[np.ndarray, np.ndarray]:
-    """(false positive rate, true positive rate) over every threshold, members the positives."""
-    m, u = np.asarray(member_scores, float), np.asarray(nonmember_scores, float)
-    thresholds = np.unique(np.concatenate([m, u, [np.inf]]))[::-1]
-    tpr = np.array([(m >= t).mean() for t in thresholds])
-    fpr = np.array([(u >= t).mean() for t in thresholds])
-    return fpr, tpr

@@ -15,7 +15,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -25,6 +25,7 @@ from .calibration import calibrate_person_scale, calibrate_prototypes
 from ..config import SPLIT_FILE
 from ..data.contract import Example, UserTable
 from .distributed import barrier, is_main_process
+from .recipe_config import RecipeConfig
 from ..errors import DataError
 from ..model import E2PModel, new_config, token_keys_values
 from ..projector import Projector, embedding_center
@@ -32,88 +33,6 @@ from .privacy import DPPlan, PrivacyError, plan, resolve_delta, spent
 from .loop import Item, Objective, TrainConfig, train_projector
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class RecipeConfig:
-    """What a user of `e2p train` sets. (The persona experiments' own knobs are in research/persona/recipe.py.)"""
-
-    injection: str = "deep"
-    num_prefix_tokens: int = 1
-    prefix_position: str = "start"
-    hidden_dims: list[int] = field(default_factory=lambda: [1024])  # []: a linear person map
-    dropout: float = 0.1
-    center_embeddings: bool = True
-    history_turns: int = 2
-    max_target_tokens: int = 32
-    batch_size: int = 16
-    shared_steps: int = 80
-    shared_lr: float = 3e-3
-    e2p_steps: int = 100
-    e2p_lr: float = 1e-3
-    contrastive_weight: float = 0.0
-    margin: float = 0.1
-    freeze_shared: bool = True
-    person_map: str = "mlp"  # "prototypes": a mix of training users' own person parts (e2p.training.prototypes)
-    embedding_slots: int = 1  # > 1: the embedding is that many blocks, one prefix token each (k = slots)
-    max_train_users: int | None = None  # train on at most this many of the training users (learning curves)
-    text_steps: int = 0  # steps for each of shared_prefix_text and e2p_text (0: skip them)
-    val_examples: int = 48
-    person_scales: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # calibrated on validation
-    eval_every: int = 20
-    seed: int = 0
-    dp_epsilon: float | None = None  # DP-SGD per user (e2p.training.privacy): the target epsilon over the whole run
-    dp_delta: float | None = None  # default 1 / (10 x training users); must be below 1 / training users
-    dp_max_grad_norm: float = 1.0  # C: each sampled user's gradient is clipped to this norm
-    dp_examples_per_user: int = 4  # at most this many of a sampled user's examples make its gradient in a step
-    lora_rank: int = 0  # > 0: one shared LoRA adapter of this rank trained with the projector (e2p.training.lora_controls)
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # the backbone's linear layers
-    lora_alpha: float | None = None  # default 2 x rank (the update's scale alpha / rank is then 2)
-    lora_lr: float = 3e-4  # the adapter's learning rate in every stage (the prefix and person part keep theirs)
-
-    def __post_init__(self):
-        self.check()
-
-    @classmethod
-    def load(cls, path: str | Path) -> "RecipeConfig":
-        """A recipe file (`recipe.json`, as every run writes it, or by hand with only the fields to change): unknown
-        fields and bad values are refused with the file and the field named."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError(f"recipe file {path} does not exist: give a recipe.json a run wrote, or write one with "
-                            "the fields to change (e.g. {\"hidden_dims\": []})") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(f"recipe file {path} cannot be read as JSON ({exc})") from None
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known) if isinstance(data, dict) else None
-        if unknown is None or unknown:
-            raise DataError(f"recipe file {path}: " + ("must be a JSON object of fields" if unknown is None else
-                            f"unknown field(s) {', '.join(unknown)}") + f"; the fields are {', '.join(sorted(known))}")
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as exc:
-            raise DataError(f"recipe file {path}: {exc}") from None
-
-    def check(self) -> None:
-        """Refuse, by name and before anything loads, the combinations the recipe cannot train."""
-        if self.person_map not in ("mlp", "prototypes"):
-            raise DataError(f"person_map must be 'mlp' or 'prototypes', got {self.person_map!r}")
-        if self.person_map == "prototypes" and self.text_steps > 0:
-            raise DataError("--text-steps trains an MLP person part with the text; prototype mixing has none: leave "
-                            "--text-steps out with --person-map prototypes")
-        if self.dp_epsilon is not None and self.person_map == "prototypes":
-            raise PrivacyError("prototype mixing keeps each training user's own person part in the projector, which "
-                               "DP-SGD cannot cover: train the default person map under --dp-epsilon")
-        if self.dp_examples_per_user < 1:
-            raise PrivacyError(f"--dp-examples-per-user {self.dp_examples_per_user}: give 1 or more (default 4)")
-        if self.dp_epsilon is not None and (self.contrastive_weight > 0 or self.text_steps > 0):
-            raise PrivacyError("--dp-epsilon covers the shared_prefix and e2p stages only: train without "
-                               "--text-steps and with contrastive_weight 0")
-        from .lora_controls import check_recipe
-
-        check_recipe(self)  # what a shared adapter cannot be trained with
-
 
 def sample_examples(examples: list, n: int, seed: int) -> list:
     if len(examples) <= n:
