@@ -7,7 +7,7 @@ The shipped projector (persona-deep-k1) and the 16 first people of the demo samp
 embeddings). Each prompt is generated once for all 16 users in one batch and once per user alone; a row
 agrees when its greedy tokens are identical. In float32 every row must agree (the tests check it too);
 in bf16 a row's matmuls see different shapes in different batches, so rounding, and with it a near-tie
-between two tokens, can change. Writes benchmarks/batch_invariance.json.
+between two tokens, can change. Writes benchmarks/results/batch_invariance.json.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--users", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=24)
-    ap.add_argument("--out", default=str(Path(__file__).with_name("batch_invariance.json")))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "batch_invariance.json"))
     args = ap.parse_args(argv)
     results = [measure(d, args.device, args.users, args.new_tokens) for d in args.dtypes.split(",")]
     for r in results:

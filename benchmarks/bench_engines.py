@@ -1,6 +1,6 @@
 """Engines side by side on one GGUF: plain llama.cpp, e2p on llama.cpp, e2p on torch; one at a time and 16 batched.
 
-    python benchmarks/run_all.py --only engines          # writes the ratios into benchmarks/results.json
+    python benchmarks/run_all.py --only engines          # writes the ratios into benchmarks/results/results.json
 
 plain llama.cpp is what a user runs without e2p: llama-cpp-python's `Llama.generate` on the bundled SmolLM2 GGUF,
 greedy, the same prompt token ids. e2p on llama.cpp: `LlamaCppModel` with an input-injection projector, the

@@ -1,7 +1,7 @@
 """Scaling curves: training step time and time per generated token vs batch size and sequence length.
 
 Rows are built from random token ids of exact lengths (prompt + reply), so lengths are controlled;
-input-injection projector, k = 1. Plot: benchmarks/scaling.png (or next to --out).
+input-injection projector, k = 1. Plot: benchmarks/results/scaling.png (or next to --out).
 """
 from __future__ import annotations
 

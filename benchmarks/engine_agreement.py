@@ -5,7 +5,7 @@
 
 The float32 GGUF is the bundled Q4_1 GGUF de-quantized (e2p.engines.gguf_convert), the very weights the torch path
 runs, so a difference can only come from floating point (another summation order in llama.cpp's kernels). A random
-input projector (seeded, person part large enough that users differ). Writes benchmarks/engine_agreement.json.
+input projector (seeded, person part large enough that users differ). Writes benchmarks/results/engine_agreement.json.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--gguf", default="f32", help="f32 (the torch path's own weights), q8_0, q4_0, or a file")
-    ap.add_argument("--out", default=str(Path(__file__).with_name("engine_agreement.json")))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine_agreement.json"))
     args = ap.parse_args(argv)
     bb = load_backbone()
     f32 = resolve_gguf(bb.name, args.gguf)

@@ -1,7 +1,7 @@
 """Bulk-import scale check: write an N x E Parquet file of synthetic users (in chunks), import it into a
 fresh SQLite store with `e2p.store.import_embeddings`, and report peak RSS and rows/s.
 
-    python benchmarks/import_scale.py                         # 1,000,000 x 64, JSON to benchmarks/import_scale.json
+    python benchmarks/import_scale.py                         # 1,000,000 x 64, JSON to benchmarks/results/import_scale.json
     python benchmarks/import_scale.py --rows 50000 --dim 384 --out /tmp/x.json --workdir /tmp/imp
 
 The import runs in a fresh child process, so the writer's memory does not hide it. Peak RSS is
@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--chunk-rows", type=int, default=10_000, help="import chunk (and writer chunk)")
     ap.add_argument("--list-type", choices=["list", "large", "fixed"], default="list")
     ap.add_argument("--workdir", default=None, help="where the Parquet file and store go (default: a temp dir, removed)")
-    ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "import_scale.json"))
     ap.add_argument("--child-import", nargs=2, metavar=("PARQUET", "DB"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child_import:

@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes and repeat counts")
     ap.add_argument("--tiny", action="store_true", help="tiny random model: smoke-tests the scripts, figures mean nothing")
-    ap.add_argument("--out", default=None, help="JSON (default benchmarks/results.json; results_tiny.json with --tiny)")
+    ap.add_argument("--out", default=None, help="JSON (default benchmarks/results/results.json; results_tiny.json with --tiny)")
     ap.add_argument("--png", default=None, help="scaling plot (default: scaling.png next to --out)")
     ap.add_argument("--only", nargs="*", choices=["generation", "train_step", "cost", "scaling", "engines"], default=None,
                     help="some benchmarks only (default: all but engines, which needs llama-cpp-python)")
@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
     add_device_arguments(ap)
     args = ap.parse_args(argv)
     here = Path(__file__).resolve().parent
-    out = Path(args.out) if args.out else here / ("results_tiny.json" if args.tiny else "results.json")
+    out = Path(args.out) if args.out else here / "results" / ("results_tiny.json" if args.tiny else "results.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     png = Path(args.png) if args.png else out.with_name("scaling_tiny.png" if args.tiny else "scaling.png")
 

@@ -150,7 +150,7 @@ def main() -> None:
     add_server_arguments(p)
     p.add_argument("--max-stop-strings", type=int, default=16, help="as the server's default")
     p.add_argument("--max-stop-chars", type=int, default=256, help="as the server's default")
-    p.add_argument("--out", default="benchmarks/serve_neighbours.json")
+    p.add_argument("--out", default="benchmarks/results/serve_neighbours.json")
     args = p.parse_args()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     proc, url, projector_kind = launch(args)

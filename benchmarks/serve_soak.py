@@ -402,8 +402,8 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=10.0, help="length of each of the 3 phases")
     add_server_arguments(p)
     p.add_argument("--after-requests", type=int, default=4, help="normal requests that must answer 200 afterwards")
-    p.add_argument("--out", default="benchmarks/serve_soak.json")
-    p.add_argument("--plot", default="benchmarks/serve_soak.png")
+    p.add_argument("--out", default="benchmarks/results/serve_soak.json")
+    p.add_argument("--plot", default="benchmarks/results/serve_soak.png")
     args = p.parse_args()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 

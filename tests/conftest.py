@@ -1,11 +1,17 @@
-"""Tiny randomly initialised Llama backbones and a word-level tokenizer with a chat template, built in code."""
+"""Shared test helpers: tiny randomly initialised Llama backbones and a word-level tokenizer with a chat template,
+built in code; and for the server's tests a tiny model behind a real uvicorn on a loopback port."""
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
+import uvicorn
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
@@ -64,3 +70,72 @@ def shared_data():
     if not (DATA / "synthetic_persona_chat").is_dir():
         pytest.skip(f"real data not found at {DATA} (set E2P_DATA)")
     return DATA
+
+
+# --- the server's tests: a tiny model behind uvicorn on a loopback port (test_serve and the serve test files) ------
+from e2p import Projector  # noqa: E402
+from e2p.model import E2PModel, new_config  # noqa: E402
+
+API, ADMIN, MODEL = "test-key", "admin-key", "tiny-e2p"
+PROMPT = "hi how are you ?"
+
+
+def tiny_model() -> E2PModel:
+    """The conftest backbone with livelier random layers, so different users really get different greedy text."""
+    backbone = make_backbone()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in backbone.model.model.layers.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    projector = Projector(new_config(backbone, embedding_dim=8, num_prefix_tokens=2))
+    torch.nn.init.normal_(projector.mlp[-1].weight, std=0.5)
+    projector.eval()
+    return E2PModel(backbone, projector, max_prompt_tokens=48)  # the machine's default precision, as `e2p serve` runs
+
+
+class Server:
+    """uvicorn in a background thread on a free loopback port."""
+
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
+                                                    timeout_graceful_shutdown=30))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def vec(seed: int) -> list[float]:
+    return torch.randn(8, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None, param: str | None = None):
+    assert response.status_code == status, response.text
+    err = response.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if code is not None:
+        assert err["code"] == code
+    if param is not None:
+        assert err["param"] == param
+
+
+def slowed(model: E2PModel, seconds: float) -> E2PModel:
+    """Each generation step takes `seconds` longer, so that streaming can be told from buffering."""
+    real = model.advance
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    model.advance = slow
+    return model

@@ -17,7 +17,7 @@ from e2p.model import E2PModel, new_config
 from e2p.serve import ServeConfig, create_app
 from e2p.serve.keys import add_key, load_keys, set_tenant, tenant_settings
 from e2p.store import EmbeddingStore
-from test_serve import Server, assert_error
+from conftest import Server, assert_error
 
 HEADLINES = ["Stocks Rally As Fed Holds Rates", "why the new iPhone matters: a review", "NASA's 'Artemis' launch delayed!",
              "5 things to know about the election, explained.", "Local team wins - again", "Is coffee good for you?",

@@ -194,7 +194,7 @@ def test_the_server_batches_llamacpp_rows_like_torch_rows(tmp_path, llama_model,
     import concurrent.futures
 
     import httpx
-    from test_serve import Server
+    from conftest import Server
 
     from e2p.serve import ServeConfig, create_app
     from e2p.store import EmbeddingStore

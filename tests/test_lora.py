@@ -300,7 +300,7 @@ def test_the_server_serves_a_projector_with_an_adapter(tmp_path):
 
     from e2p.serve import ServeConfig, create_app
     from e2p.store import EmbeddingStore
-    from test_serve import Server
+    from conftest import Server
 
     backbone = make_backbone()
     model = E2PModel(backbone, _projector(backbone), max_prompt_tokens=48)

@@ -16,7 +16,7 @@ from e2p.serve.playground import STATIC
 from e2p.serve.usermap import as_the_projector_reads, pca_2d
 from e2p.store import EmbeddingStore
 from e2p.store.sqlite import _next_string
-from test_serve import ADMIN, API, MODEL, Server, tiny_model, vec
+from conftest import ADMIN, API, MODEL, Server, tiny_model, vec
 
 REPORT = {"verdict": {"carries_person": True, "text": "YES: the embedding carries the person on users never trained "
                                                       "on: perplexity e2p vs shared_prefix -1.49% [-2.49, -0.44]"},

@@ -24,7 +24,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from e2p.serve import ServeConfig, create_app
 from e2p.store import EmbeddingStore
 from test_playground_api import REPORT
-from test_serve import ADMIN, API, MODEL, Server, tiny_model, vec
+from conftest import ADMIN, API, MODEL, Server, tiny_model, vec
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")

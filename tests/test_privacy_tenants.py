@@ -20,7 +20,7 @@ from e2p.serve.keys import KeyFileError, add_key, load_keys
 from e2p.serve.logs import JsonFormatter
 from e2p.store import EmbeddingStore
 from test_privacy_store import files_holding
-from test_serve import MODEL, PROMPT, Server, assert_error, tiny_model
+from conftest import MODEL, PROMPT, Server, assert_error, tiny_model
 
 KEYS = {("acme", "user"): "sk-acme-user-0123456789", ("acme", "admin"): "sk-acme-admin-0123456789",
         ("globex", "user"): "sk-globex-user-0123456789", ("globex", "admin"): "sk-globex-admin-0123456789"}

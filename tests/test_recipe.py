@@ -7,7 +7,7 @@ from e2p.model import E2PModel, new_config
 from e2p.training.calibration import calibrate_person_scale
 from research.persona.recipe import PersonaRecipeConfig as RecipeConfig
 from research.persona.recipe import person_table, persona_key, reconstruction_items, split_people
-from e2p.training.loop import Item
+from e2p.evaluate.scoring import Item
 
 
 class CountingEncoder:

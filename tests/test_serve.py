@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
@@ -10,55 +9,13 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
-from conftest import make_backbone
+from conftest import ADMIN, API, MODEL, PROMPT, Server, assert_error, make_backbone, slowed, tiny_model, vec
 from e2p import Projector
 from e2p.model import E2PModel, new_config
 from e2p.serve import ServeConfig, create_app
 from e2p.store import EmbeddingStore
 
-API, ADMIN, MODEL = "test-key", "admin-key", "tiny-e2p"
-PROMPT = "hi how are you ?"
-
-
-def tiny_model() -> E2PModel:
-    """The conftest backbone with livelier random layers, so different users really get different greedy text."""
-    backbone = make_backbone()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in backbone.model.model.layers.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.1)
-    projector = Projector(new_config(backbone, embedding_dim=8, num_prefix_tokens=2))
-    torch.nn.init.normal_(projector.mlp[-1].weight, std=0.5)
-    projector.eval()
-    return E2PModel(backbone, projector, max_prompt_tokens=48)  # the machine's default precision, as `e2p serve` runs
-
-
-class Server:
-    """uvicorn in a background thread on a free loopback port."""
-
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
-                                                    timeout_graceful_shutdown=30))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
-def vec(seed: int) -> list[float]:
-    return torch.randn(8, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 @pytest.fixture(scope="module")
@@ -99,16 +56,6 @@ def chat(client, user=None, extra_body=None, **kw):
     kw = {"temperature": 0, "max_tokens": 8, **kw, **({"user": user} if user else {})}
     return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPT}],
                                           extra_body=extra_body, **kw)
-
-
-def assert_error(response: httpx.Response, status: int, code: str | None = None, param: str | None = None):
-    assert response.status_code == status, response.text
-    err = response.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    if code is not None:
-        assert err["code"] == code
-    if param is not None:
-        assert err["param"] == param
 
 
 # --- OpenAI surface ------------------------------------------------------------------------------
@@ -188,18 +135,6 @@ def test_row_text_sends_only_settled_text():
     assert plain.sent == "Hello world" and plain.finish(list(range(5))) == ("Hello world", "")
     exact = RowText(pieces.__getitem__, [])  # /v1/completions: the text exactly, leading and trailing spaces too
     assert exact.add([0]) == " Hel" and exact.finish(list(range(5))) == (" Hello world ", "lo world ")
-
-
-def slowed(model: E2PModel, seconds: float) -> E2PModel:
-    """Each generation step takes `seconds` longer, so that streaming can be told from buffering."""
-    real = model.advance
-
-    def slow(*args, **kwargs):
-        time.sleep(seconds)
-        return real(*args, **kwargs)
-
-    model.advance = slow
-    return model
 
 
 def test_stream_arrives_while_generating_and_stops_early(tmp_path):

@@ -17,7 +17,7 @@ from e2p.formatting import Segments
 from e2p.serve import ServeConfig, create_app
 from e2p.serve.batching import Batcher, GenerationError, GenRequest
 from e2p.store import CorruptEmbeddingError, EmbeddingStore, StoreError, import_embeddings
-from test_serve import ADMIN, API, MODEL, PROMPT, Server, assert_error, slowed, tiny_model, vec
+from conftest import ADMIN, API, MODEL, PROMPT, Server, assert_error, slowed, tiny_model, vec
 
 AUTH = {"authorization": f"Bearer {API}"}
 ADMIN_AUTH = {"authorization": f"Bearer {ADMIN}"}

@@ -12,7 +12,7 @@ from schemathesis.checks import not_a_server_error  # noqa: E402
 
 from e2p.serve import ServeConfig, create_app  # noqa: E402
 from e2p.store import EmbeddingStore  # noqa: E402
-from test_serve import ADMIN, API, MODEL, Server, tiny_model, vec  # noqa: E402
+from conftest import ADMIN, API, MODEL, Server, tiny_model, vec  # noqa: E402
 
 
 class HashEncoder:

@@ -24,7 +24,8 @@ from conftest import make_backbone  # noqa: E402
 from e2p import Projector  # noqa: E402
 from e2p.training.distributed import init_distributed  # noqa: E402
 from e2p.model import E2PModel, new_config  # noqa: E402
-from e2p.training.loop import Item, TrainConfig, train_projector  # noqa: E402
+from e2p.training.loop import TrainConfig, train_projector  # noqa: E402
+from e2p.evaluate.scoring import Item
 
 WRITES: list = []
 

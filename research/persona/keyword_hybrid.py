@@ -28,7 +28,8 @@ from e2p.model import E2PModel
 from e2p.projector import Projector
 from e2p.training.recipe import sample_examples
 from recipe import PersonaRecipeConfig as RecipeConfig, reply_row, split_people
-from e2p.training.loop import Item, TrainConfig, row_losses, train_projector
+from e2p.training.loop import TrainConfig, train_projector
+from e2p.evaluate.scoring import Item, row_losses
 from persona_ceiling import ContentWords, nearest_words, unit
 
 

@@ -19,7 +19,7 @@ from e2p.evaluate import derangement, paired_bootstrap
 from e2p.model import E2PModel
 from e2p.projector import Projector
 from recipe import PersonaRecipeConfig as RecipeConfig, person_table, reply_row
-from e2p.training.loop import Item, row_losses
+from e2p.evaluate.scoring import Item, row_losses
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ from e2p.data.encoders import TextEncoder
 from e2p.evaluate import derangement, paired_bootstrap
 from e2p.model import E2PModel
 from recipe import PersonaRecipeConfig as RecipeConfig, reply_row
-from e2p.training.loop import Item, row_losses
+from e2p.evaluate.scoring import Item, row_losses
 
 
 def unit(encoder, texts: list[str]) -> torch.Tensor:

@@ -21,7 +21,7 @@ from e2p.model import E2PModel
 from e2p.projector import Projector
 from e2p.training.recipe import sample_examples
 from recipe import PersonaRecipeConfig as RecipeConfig, reconstruction_items, split_people
-from e2p.training.loop import evaluate_loss
+from e2p.evaluate.scoring import evaluate_loss
 
 
 def main() -> None:

@@ -177,8 +177,7 @@ def split_headlines(user: PensUser, history_fraction: float = 0.5, seed: int = 0
     A seeded permutation of the user's pairs is cut in two: the first ``round(n * history_fraction)`` form the
     history pool, the rest the targets. The targets never depend on `half`. ``half=None`` returns the whole
     history pool; ``half=0`` / ``half=1`` return the first / second half of it (for embedding drift: the
-    embedding recomputed from the other half of the history, evaluated on the same targets; see
-    :func:`other_half`). Both parts are non-empty (and both halves, when asked for).
+    embedding recomputed from the other half of the history, evaluated on the same targets). Both parts are non-empty (and both halves, when asked for).
     """
     if not 0.0 < history_fraction < 1.0:
         raise DataError(f"history_fraction must be in (0, 1), got {history_fraction}")
@@ -197,15 +196,6 @@ def split_headlines(user: PensUser, history_fraction: float = 0.5, seed: int = 0
         mid = (len(hist) + 1) // 2
         hist = hist[:mid] if half == 0 else hist[mid:]
     return tuple(hist), targets
-
-
-def other_half(user: PensUser, history_fraction: float = 0.5, seed: int = 0, half: int = 0
-               ) -> tuple[tuple[Pair, ...], tuple[Pair, ...]]:
-    """The drift counterpart of ``split_headlines(user, history_fraction, seed, half)``: history from the *other*
-    half of the history pool (disjoint from it), with the very same targets."""
-    if half not in (0, 1):
-        raise DataError(f"half must be 0 or 1, got {half!r}")
-    return split_headlines(user, history_fraction, seed, half=1 - half)
 
 
 def headlines(pairs: Sequence[Pair]) -> list[str]:

@@ -41,12 +41,6 @@ def compare(per_condition: dict[str, np.ndarray], counts: np.ndarray, users: lis
     return out
 
 
-def identification_accuracy(similarity: np.ndarray, own: np.ndarray) -> float:
-    """Share of generations closer to their own user's reference than to every other evaluated user's.
-    `similarity` [N generations, U users], `own` [N] each generation's user column. Chance level is 1 / U."""
-    return float(np.mean(similarity.argmax(1) == own)) if len(own) else float("nan")
-
-
 # --- membership inference (e2p audit): how well scores tell members from non-members ---------------------------
 def auc(member_scores, nonmember_scores) -> float:
     """P(a member's score > a non-member's), ties counting half (the Mann-Whitney AUC): 0.5 is chance."""

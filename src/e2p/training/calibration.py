@@ -11,7 +11,7 @@ import torch
 
 from ..model import E2PModel
 from ..projector import Projector
-from .loop import Item, evaluate_loss
+from ..evaluate.scoring import Item, evaluate_loss
 
 log = logging.getLogger(__name__)
 

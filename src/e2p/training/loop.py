@@ -16,7 +16,7 @@ from .checkpoint import load_optimizer, save_optimizer
 from ..model import E2PModel
 from .privacy import DPPlan, PrivacyError, sample_users
 from ..projector import Projector
-from ..evaluate.scoring import Item, derangement, evaluate_loss, row_losses  # noqa: F401 (Item, row_losses re-exported)
+from ..evaluate.scoring import Item, derangement, evaluate_loss
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,8 @@ from ..errors import DataError
 from ..model import E2PModel, new_config, token_keys_values
 from ..projector import Projector, embedding_center
 from .privacy import DPPlan, PrivacyError, plan, resolve_delta, spent
-from .loop import Item, Objective, TrainConfig, train_projector
+from .loop import Objective, TrainConfig, train_projector
+from ..evaluate.scoring import Item
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import torch
 from e2p.serve import ServeConfig, create_app
 from e2p.serve.detokenize import Detokenizer, RowText
 from e2p.store import EmbeddingStore
-from test_serve import ADMIN, API, MODEL, PROMPT, Server, assert_error, tiny_model, vec
+from conftest import ADMIN, API, MODEL, PROMPT, Server, assert_error, tiny_model, vec
 
 AUTH = {"authorization": f"Bearer {API}"}
 ADMIN_AUTH = {"authorization": f"Bearer {ADMIN}"}
