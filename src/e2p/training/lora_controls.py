@@ -23,6 +23,7 @@ from ..lora import find_targets, parse_targets
 from .privacy import PrivacyError
 from ..projector import Projector
 from ..evaluate.scoring import derangement
+from .stages import Stage
 
 START = "start"  # shared_prefix/start/: the shared stage as the e2p stage started from it
 SHUFFLED = "shuffled_trained"
@@ -77,19 +78,23 @@ def check_same_adapter(config, base: Mapping, shared_dir) -> None:
                           "to train the shared prefix (and its adapter) again")
 
 
-def train_controls(stage: Callable, new_e2p: Callable[[], Projector], start: Path, out_dir: Path,
-                   examples: Sequence, index: Mapping[str, int], table: torch.Tensor, cfg, report: dict) -> dict:
-    """After the e2p stage: the shared control continued for as many steps as e2p took (into `shared_prefix/`) and the
-    shuffled control trained alike (`shuffled_trained/`). `stage` is train_prefix_stages' stage runner, `new_e2p`
-    makes the e2p stage's initial projector again. -> the report's `adapter` entry."""
-    steps = report["stages"]["e2p"]["steps"]
-    stage("shared_prefix_continued", Projector.from_pretrained(start), out_dir / "shared_prefix", steps,
-          cfg.shared_lr, None, timed=False)
+def control_stages(start: Path, out_dir: Path, examples: Sequence, index: Mapping[str, int], table: torch.Tensor, cfg,
+                   steps: int, new_e2p: Callable[[], Projector]) -> list[Stage]:
+    """After the e2p stage (`steps` long): the shared control continued for as many steps (into `shared_prefix/`, from
+    `start`) and the shuffled control trained alike (`shuffled_trained/`, from the e2p stage's initial projector,
+    `new_e2p`, on a derangement of training users to embedding rows). Neither takes a share of the run's minutes."""
     users = sorted({ex.user for ex in examples})
     swap = derangement(users, cfg.seed)
     deranged = {u: index[users[j]] for u, j in zip(users, swap)}  # each training user trains on another's embedding
-    stage(SHUFFLED, new_e2p(), out_dir / SHUFFLED, steps, cfg.e2p_lr, table, freeze_shared=cfg.freeze_shared,
-          contrastive=cfg.contrastive_weight, train_idx=deranged, timed=False)
+    return [Stage("shared_prefix_continued", lambda: Projector.from_pretrained(start), out_dir / "shared_prefix", steps,
+                  cfg.shared_lr, timed=False),
+            Stage(SHUFFLED, new_e2p, out_dir / SHUFFLED, steps, cfg.e2p_lr, table, freeze_shared=cfg.freeze_shared,
+                  contrastive=cfg.contrastive_weight, train_index=deranged, timed=False)]
+
+
+def adapter_report(out_dir: Path, cfg, report: dict) -> dict:
+    """The report's `adapter` entry once the controls are trained: the adapter's size, its updates, its controls."""
+    steps = report["stages"]["e2p"]["steps"]
     first = report["stages"].get("shared_prefix", {}).get("steps")  # None when reused (--shared-from)
     trained = Projector.from_pretrained(out_dir)
     n = trained.lora.num_parameters()
@@ -107,16 +112,3 @@ def train_controls(stage: Callable, new_e2p: Callable[[], Projector], start: Pat
                            "embeddings": f"training users' examples with another training user's embedding "
                                          f"(e2p.evaluate.scoring.derangement, seed {cfg.seed}); scored with users' own"}},
             "e2p_adapter_updates": None if first is None else first + steps}
-
-
-def calibrate_shuffled(backbone, out_dir: Path, items, table: torch.Tensor, cfg, report: dict, calibrate) -> None:
-    """The shuffled control's person scale, chosen like e2p's on the same validation items (`calibrate`:
-    recipe.calibrate_person_scale), so the two are calibrated alike."""
-    from .distributed import is_main_process
-
-    folder = Path(out_dir) / SHUFFLED
-    projector = Projector.from_pretrained(folder, backbone)
-    report["adapter"]["controls"][SHUFFLED]["person_scale"] = calibrate(backbone, projector, items, table,
-                                                                        cfg.person_scales)
-    if is_main_process():
-        projector.save_pretrained(folder)

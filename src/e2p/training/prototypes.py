@@ -21,6 +21,7 @@ from .distributed import is_main_process
 from ..errors import DataError
 from ..model import new_config
 from ..projector import Projector, unit_rows
+from .stages import Stage
 
 
 TEMPERATURES = (0.02, 0.05, 0.1, 0.2, 0.5)  # the grid calibration picks from (with the person scales)
@@ -44,21 +45,31 @@ def split_own_examples(examples: Sequence[Example], held_fraction: float, seed: 
     return fit, held
 
 
-def train_prototypes(backbone, examples: Sequence[Example], users: UserTable, shared: Projector, out_dir: Path,
-                     base: dict, cfg, stage, mean: torch.Tensor | None) -> Projector:
-    """Learn each training user's own person part (a one-hot user id through an MLP on top of the frozen shared
-    prefix), then save the prototype projector to `out_dir`: keys are the training users' centred unit embeddings,
-    values their person parts. `stage` trains one stage of the recipe (train_prefix_stages)."""
+def prototype_stage(backbone, examples: Sequence[Example], users: UserTable, shared: Projector, out_dir: Path,
+                    base: dict, cfg) -> tuple[Stage, UserTable]:
+    """The stage that learns each training user's own person part: a one-hot user id through an MLP on top of the frozen
+    shared prefix, on each user's own examples (a tenth held out to pick the checkpoint). -> (stage, the one-hot table)."""
     ids = sorted({ex.user for ex in examples})
     missing = [u for u in ids if u not in users.index]
     if missing:
         raise DataError(f"{len(missing)} training users have no embedding (e.g. {missing[:3]})")
     onehot = UserTable(ids, np.eye(len(ids), dtype=np.float32), "one-hot training user ids")
     fit, held = split_own_examples(examples, 0.1, cfg.seed)
-    own = Projector(new_config(backbone, embedding_dim=len(ids), embedding_mean=None, **base))
-    own.shared.data.copy_(shared.shared.data)
-    own = stage("prototypes", own, out_dir / "prototypes", cfg.e2p_steps, cfg.e2p_lr, onehot.tensor(),
-                freeze_shared=True, train=fit, val=held, idx=onehot.index)
+
+    def start() -> Projector:
+        own = Projector(new_config(backbone, embedding_dim=len(ids), embedding_mean=None, **base))
+        own.shared.data.copy_(shared.shared.data)
+        return own
+
+    return Stage("prototypes", start, out_dir / "prototypes", cfg.e2p_steps, cfg.e2p_lr, onehot.tensor(),
+                 freeze_shared=True, train=fit, val=held, index=onehot.index), onehot
+
+
+def save_prototypes(backbone, own: Projector, onehot: UserTable, users: UserTable, shared: Projector, out_dir: Path,
+                    base: dict, mean: torch.Tensor | None) -> Projector:
+    """The prototype projector saved to `out_dir`: keys are the training users' centred unit embeddings, values their
+    own person parts (the trained `own`)."""
+    ids = onehot.ids
     own.eval()
     with torch.no_grad():
         values = (own(onehot.tensor()) - own.shared.unsqueeze(0)).reshape(len(ids), -1)

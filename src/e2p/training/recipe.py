@@ -15,7 +15,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -31,6 +31,7 @@ from ..model import E2PModel, new_config, token_keys_values
 from ..projector import Projector, embedding_center
 from .privacy import DPPlan, PrivacyError, plan, resolve_delta, spent
 from .loop import Objective, TrainConfig, train_projector
+from .stages import Stage, planned_steps
 from ..evaluate.scoring import Item
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,8 @@ def train_prefix_stages(backbone, examples: Sequence[Example], users: UserTable 
     table = users.tensor() if users is not None else None
     index = users.index if users is not None else None
     train_shared = shared_dir is None or not (Path(shared_dir) / "config.json").is_file()
-    # with a shared adapter the two controls train as many steps as e2p (e2p.training.lora_controls)
-    total_steps = (cfg.shared_steps if train_shared else 0) + (cfg.e2p_steps * (3 if cfg.lora_rank else 1) if table is not None else 0)
+    # the stages before the text ones, counted once (e2p.training.stages.planned_steps): --minutes and DP share them
+    total_steps = sum(planned_steps(cfg, train_shared, table is not None, text=False).values())
     report: dict = {"train_items": len(examples), "train_people": len({ex.user for ex in examples}), "stages": {},
                     "shared_dir": None, "e2p_dir": None}
     cfg.check()  # again: a config changed after it was made
@@ -129,19 +130,7 @@ def train_prefix_stages(backbone, examples: Sequence[Example], users: UserTable 
         log.info("DP-SGD per user: sigma %.3f, q %.4f, C %s over %d steps", dp.noise_multiplier, dp.sample_rate,
                  dp.max_grad_norm, total_steps)
 
-    def stage(name: str, projector: Projector, folder: Path, steps: int, lr: float, tbl, freeze_shared=False,
-              contrastive=0.0, train=None, val=None, idx=None, train_idx=None, timed=True) -> Projector:
-        """One stage on the run's examples (or on `train` / `val` examples with the table index `idx`; `train_idx`:
-        the training examples' own index); `timed`: its share of `minutes` (a control matching a stage's steps: none)."""
-        budget = None if minutes is None or not timed else minutes * steps / max(total_steps, 1)
-        train = examples if train is None else train
-        trained, report["stages"][name] = train_stage(
-            backbone, name, projector, folder, example_items(backbone, projector, train, train_idx or idx or index, cfg),
-            example_items(backbone, projector, val_examples if val is None else val, idx or index, cfg), tbl, steps,
-            lr, cfg, minutes=budget, progress=progress, freeze_shared=freeze_shared, contrastive=contrastive,
-            resume=resume, dp=dp, item_users=[ex.user for ex in train])
-        return trained
-
+    run = _Run(backbone, cfg, examples, val_examples, index, minutes, total_steps, dp, progress, resume, report)
     overrides = {} if system_prompt is None else {"system_prompt": system_prompt}
     base = dict(injection=cfg.injection, num_prefix_tokens=cfg.num_prefix_tokens, prefix_position=cfg.prefix_position,
                 embedding_slots=cfg.embedding_slots,
@@ -158,7 +147,7 @@ def train_prefix_stages(backbone, examples: Sequence[Example], users: UserTable 
         shared = Projector(new_config(backbone, embedding_dim=0, **base))
         init_shared(backbone, shared)
         if cfg.shared_steps > 0:
-            shared = stage("shared_prefix", shared, start, cfg.shared_steps, cfg.shared_lr, None)
+            shared = run_stage(run, Stage("shared_prefix", lambda s=shared: s, start, cfg.shared_steps, cfg.shared_lr))
         elif main:
             shared.save_pretrained(start)
         report["shared_dir"] = str(folder)
@@ -177,9 +166,10 @@ def train_prefix_stages(backbone, examples: Sequence[Example], users: UserTable 
         mean = embedding_center(table[people], cfg.embedding_slots) if cfg.center_embeddings and people else None
         torch.manual_seed(cfg.seed + 1)
         if cfg.person_map == "prototypes":
-            from .prototypes import train_prototypes
+            from .prototypes import prototype_stage, save_prototypes
 
-            train_prototypes(backbone, examples, users, shared, out_dir, base, cfg, stage, mean)
+            own_stage, onehot = prototype_stage(backbone, examples, users, shared, out_dir, base, cfg)
+            save_prototypes(backbone, run_stage(run, own_stage), onehot, users, shared, out_dir, base, mean)
             barrier()
             report["e2p_dir"] = str(out_dir)
             return _with_privacy(report, dp, delta, cfg, total_steps)
@@ -193,16 +183,53 @@ def train_prefix_stages(backbone, examples: Sequence[Example], users: UserTable 
                 e2p.lora.load_state_dict(shared.lora.state_dict())
             return e2p
 
-        stage("e2p", new_e2p(), out_dir, cfg.e2p_steps, cfg.e2p_lr, table, freeze_shared=cfg.freeze_shared,
-              contrastive=cfg.contrastive_weight)
+        run_stage(run, Stage("e2p", new_e2p, out_dir, cfg.e2p_steps, cfg.e2p_lr, table, freeze_shared=cfg.freeze_shared,
+                             contrastive=cfg.contrastive_weight))
         report["e2p_dir"] = str(out_dir)
         if cfg.lora_rank:
-            from .lora_controls import train_controls
+            from .lora_controls import adapter_report, control_stages
 
-            report["adapter"] = train_controls(stage, new_e2p, start, out_dir, examples, index, table, cfg, report)
+            for control in control_stages(start, out_dir, examples, index, table, cfg, report["stages"]["e2p"]["steps"],
+                                          new_e2p):
+                run_stage(run, control)
+            report["adapter"] = adapter_report(out_dir, cfg, report)
     if start != folder and main and not (folder / "config.json").is_file():
         shared.save_pretrained(folder)  # no e2p stage to match: the control is the shared stage itself
     return _with_privacy(report, dp, delta, cfg, total_steps)
+
+
+@dataclass
+class _Run:
+    """What every stage of one run shares: the backbone, the recipe, the run's examples and table index, its time
+    budget and planned steps, DP-SGD's plan, and the report the stages write their entries into."""
+
+    backbone: object
+    cfg: RecipeConfig
+    examples: Sequence[Example]
+    val_examples: Sequence[Example]
+    index: Mapping[str, int] | None
+    minutes: float | None
+    total_steps: int
+    dp: DPPlan | None
+    progress: bool
+    resume: bool
+    report: dict
+
+
+def run_stage(run: _Run, st: Stage) -> Projector:
+    """Train one stage record on the run's examples (or its own): its initial projector made now, its share of the
+    run's minutes where it is timed; -> the best checkpoint, its report entry in `run.report["stages"]`."""
+    budget = None if run.minutes is None or not st.timed else run.minutes * st.steps / max(run.total_steps, 1)
+    train = run.examples if st.train is None else st.train
+    index = st.index or run.index
+    projector = st.start()
+    trained, run.report["stages"][st.name] = train_stage(
+        run.backbone, st.name, projector, st.folder, example_items(run.backbone, projector, train, st.train_index or index,
+                                                                  run.cfg),
+        example_items(run.backbone, projector, run.val_examples if st.val is None else st.val, index, run.cfg), st.table,
+        st.steps, st.lr, run.cfg, minutes=budget, progress=run.progress, freeze_shared=st.freeze_shared,
+        contrastive=st.contrastive, resume=run.resume, dp=run.dp, item_users=[ex.user for ex in train])
+    return trained
 
 
 def _with_privacy(report: dict, dp: DPPlan | None, delta, cfg: RecipeConfig, total_steps: int) -> dict:
@@ -293,10 +320,14 @@ def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: Recip
                                                           TEMPERATURES)
         else:
             report["person_scale"] = calibrate_person_scale(backbone, e2p, items, users.tensor(), cfg.person_scales)
-        if "adapter" in report:  # the shuffled control trained alike is calibrated alike
-            from .lora_controls import calibrate_shuffled
+        if "adapter" in report:  # the shuffled control trained alike is calibrated alike, on the same items
+            from .lora_controls import SHUFFLED
 
-            calibrate_shuffled(backbone, out_dir, items, users.tensor(), cfg, report, calibrate_person_scale)
+            shuffled = Projector.from_pretrained(out_dir / SHUFFLED, backbone)
+            report["adapter"]["controls"][SHUFFLED]["person_scale"] = calibrate_person_scale(
+                backbone, shuffled, items, users.tensor(), cfg.person_scales)
+            if is_main_process():
+                shuffled.save_pretrained(out_dir / SHUFFLED)
         if is_main_process():  # every rank computed the same scale; one writes it
             e2p.save_pretrained(out_dir)
         barrier()

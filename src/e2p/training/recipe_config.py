@@ -127,9 +127,11 @@ def recipe_from_args(args, **overrides):
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = RecipeConfig(**values)
     if args.steps is not None:  # --steps N: total over the stages that run, keeping the recipe's proportions
-        stages = ["e2p_steps"] if getattr(args, "shared_from", None) else ["shared_steps", "e2p_steps"]
-        total = sum(getattr(cfg, s) for s in stages) + 2 * cfg.text_steps + (2 * cfg.e2p_steps if cfg.lora_rank else 0)
-        scale = args.steps / max(total, 1)
+        from .stages import planned_steps
+
+        train_shared = not getattr(args, "shared_from", None)
+        stages = ["shared_steps", "e2p_steps"] if train_shared else ["e2p_steps"]
+        scale = args.steps / max(sum(planned_steps(cfg, train_shared).values()), 1)
         for s in stages + ["text_steps"]:
             value = getattr(cfg, s)
             setattr(cfg, s, max(1, round(value * scale)) if value else 0)
