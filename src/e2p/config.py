@@ -12,6 +12,23 @@ PRETRAINED_DIR = Path(__file__).parent / "pretrained"  # projectors shipped with
 SPLIT_FILE = "split.json"  # in a run folder: the run's training, selection and verdict user ids (never ship it)
 
 
+def read_json_object(path: str | Path, what: str, missing_hint: str) -> dict:
+    """A JSON object from a file a user gives (a recipe, a profile rule); DataError naming the file and the fix for a
+    missing file, unreadable JSON or JSON that is no object."""
+    from .errors import DataError
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} does not exist: {missing_hint}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{what} {path} cannot be read as JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{what} {path} must be a JSON object")
+    return data
+
+
 def shipped_projectors() -> list[str]:
     return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / "config.json").is_file()) if PRETRAINED_DIR.is_dir() else []
 

@@ -28,6 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..config import read_json_object
 from ..errors import DataError
 from .headline_style import _QUOTES, STYLE_FEATURES
 
@@ -166,14 +167,8 @@ class ProfileRule:
     @classmethod
     def load(cls, path: str | Path) -> "ProfileRule":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError(f"profile rule {path} does not exist: `e2p data` writes one beside each users file "
-                            "(<users>.profile.json)") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(f"profile rule {path} cannot be read ({exc}): write it again with `e2p data`") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
+        data = read_json_object(path, "profile rule", "`e2p data` writes one beside each users file (<users>.profile.json)")
+        if data.get("format") != FORMAT:
             raise DataError(f"{path} is not a profile rule: expected a JSON object with \"format\": \"{FORMAT}\"")
         try:
             return cls(dim=data["dim"], encoder=data.get("encoder", "all-MiniLM-L6-v2"),

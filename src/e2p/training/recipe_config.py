@@ -2,11 +2,11 @@
 the recipe cannot train), and read from a recipe file (`recipe.json`, as every run writes it: `e2p train --recipe`)."""
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from ..config import read_json_object
 from ..errors import DataError
 from .privacy import PrivacyError
 
@@ -55,19 +55,13 @@ class RecipeConfig:
     def load(cls, path: str | Path) -> "RecipeConfig":
         """A recipe file (`recipe.json`, as every run writes it, or by hand with only the fields to change): unknown
         fields and bad values are refused with the file and the field named."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError(f"recipe file {path} does not exist: give a recipe.json a run wrote, or write one with "
-                            "the fields to change (e.g. {\"hidden_dims\": []})") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(f"recipe file {path} cannot be read as JSON ({exc})") from None
+        data = read_json_object(path, "recipe file", "give a recipe.json a run wrote, or write one with the fields to "
+                                                     "change (e.g. {\"hidden_dims\": []})")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known) if isinstance(data, dict) else None
-        if unknown is None or unknown:
-            raise DataError(f"recipe file {path}: " + ("must be a JSON object of fields" if unknown is None else
-                            f"unknown field(s) {', '.join(unknown)}") + f"; the fields are {', '.join(sorted(known))}")
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise DataError(f"recipe file {path}: unknown field(s) {', '.join(unknown)}; the fields are "
+                            f"{', '.join(sorted(known))}")
         try:
             return cls(**data)
         except (TypeError, ValueError) as exc:
