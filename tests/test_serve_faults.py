@@ -129,12 +129,12 @@ def test_long_chats_are_refused_fast_and_turns_drop_in_log_time(batched):
     assert time.monotonic() - started < 2
     model = app.state.model
     renders = []
-    real = model._render
-    model._render = lambda *a, **k: renders.append(1) or real(*a, **k)
+    real = model.formatter.render
+    model.formatter.render = lambda *a, **k: renders.append(1) or real(*a, **k)
     try:
         segments = model.format([{"role": "user", "content": "hi"}] * 1001)  # 48-token limit: most turns drop
     finally:
-        del model._render
+        del model.formatter.render
     assert len(segments.post) <= model.max_prompt_tokens
     assert len(renders) <= 16  # bisection, where dropping one turn at a time rendered ~1000 times
 

@@ -1,6 +1,7 @@
-"""The HTTP layer: the FastAPI app around an `OpenAIServing` and its endpoint families (chat / completions,
-streamed or not, models, embeddings, the embedding store, ops), with its lifespan, error handlers, body limit,
-access log and auth. Each route is a line or two: the work is in the families."""
+"""The HTTP layer: `create_app` puts an `OpenAIServing` and its endpoint families in the app's state and includes
+their routers (each family's module holds its routes: `chat` chat and completions, `users` embeddings, the user
+store and events, `playground` the page and its read-only endpoints, `health` models, liveness and metrics), with
+the lifespan, the error handlers, the body limit and the access log. Routes read their family from `app.state`."""
 from __future__ import annotations
 
 import logging
@@ -9,24 +10,21 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..engines.base import Engine
 from ..store import EmbeddingStore
-from . import health
-from .auth import Caller, authorize, authorize_metrics, bearer_key
-from .chat import ChatServing
-from .playground import add_playground
+from .chat import ChatServing, router as chat_routes
+from .health import router as health_routes
+from .playground import router as playground_routes
 from .prompts import Prompts
-from .protocol import ChatCompletionRequest, CompletionRequest
-from .protocol_users import EmbeddingPut, EmbeddingsRequest, UserEvents
 from .serving import APIError, OpenAIServing, ServeConfig
-from .users import UserServing
+from .users import UserServing, router as user_routes
 
 log = logging.getLogger("e2p.serve")
 access_log = logging.getLogger("e2p.serve.access")
@@ -93,10 +91,6 @@ def request_id_of(sent: str | None) -> str:
 def _param(loc: tuple) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path")]
     return ".".join(parts) or None
-
-
-def event_stream(events, headers: dict) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream", headers={"cache-control": "no-cache", **headers})
 
 
 def create_app(model: Engine, store: EmbeddingStore, config: ServeConfig | None = None, encoder=None) -> FastAPI:
@@ -192,78 +186,8 @@ def create_app(model: Engine, store: EmbeddingStore, config: ServeConfig | None 
             access_log.info("request", extra={"request_id": request_id, "method": request.method, "route": route,
                                               "status": status, "seconds": round(elapsed, 4)})
 
-    # --- auth (dependencies): -> the caller (its tenant, whether an admin); 401 / 403 otherwise ---------------
-    async def inference_key(request: Request) -> Caller:
-        return authorize(config, bearer_key(request.headers))
-
-    async def admin_key(request: Request) -> Caller:
-        return authorize(config, bearer_key(request.headers), admin=True)
-
-    async def metrics_key(request: Request) -> None:
-        authorize_metrics(config, bearer_key(request.headers))
-
-    inference, admin = Depends(inference_key), Depends(admin_key)
-
-    # --- OpenAI endpoints -----------------------------------------------------------------------------
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, request: Request, caller: Caller = inference):
-        prompt = await prompts.chat_prompt(req, caller.tenant, remember=users.remember)
-        if req.stream:
-            return event_stream(await chat.chat_completion_stream(prompt, req), prompt.headers)
-        return JSONResponse(await chat.chat_completion(prompt, req, request), headers=prompt.headers)
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request, caller: Caller = inference):
-        prompt = await prompts.completion_prompt(req, caller.tenant)
-        if req.stream:
-            return event_stream(await chat.completion_stream(prompt, req), prompt.headers)
-        return JSONResponse(await chat.completion(prompt, req, request), headers=prompt.headers)
-
-    @app.get("/v1/models", dependencies=[inference])
-    async def models():
-        return health.model_list(serving)
-
-    @app.get("/v1/models/{name}", dependencies=[inference])
-    async def model_card(name: str):
-        return health.model_card(serving, name)
-
-    @app.post("/v1/embeddings", dependencies=[inference])
-    async def embeddings(req: EmbeddingsRequest):
-        """OpenAI's embeddings endpoint: the vectors to store for users (or send inline as `e2p.embedding`)."""
-        return await users.embeddings(req)
-
-    # --- embedding store: any id the store accepts (`org/alice` too), percent-encoded in the path; always the
-    # caller's own tenant's user, so another tenant's users are neither reachable nor observable --------------
-    @app.put("/v1/users/{user_id:path}/embedding")
-    async def put_embedding(user_id: str, body: EmbeddingPut, caller: Caller = admin):
-        """Store a user's vector, or embed their profile text with the projector's encoder and store that."""
-        return await users.put_embedding(user_id, body, caller.tenant)
-
-    @app.get("/v1/users/{user_id:path}/embedding")
-    async def get_embedding(user_id: str, caller: Caller = inference):
-        return await users.get_embedding(user_id, caller.admin, caller.tenant)
-
-    @app.post("/v1/users/{user_id:path}/events")
-    async def post_events(user_id: str, body: UserEvents, caller: Caller = inference):
-        """Fold what a user did (texts, item vectors) into their live profile; admins may start a new user's."""
-        return await users.post_events(user_id, body, caller.tenant, caller.admin)
-
-    @app.delete("/v1/users/{user_id:path}/embedding")
-    async def delete_embedding(user_id: str, caller: Caller = admin):
-        return await users.delete_embedding(user_id, caller.tenant)
-
-    add_playground(app, serving, users)  # GET /playground, /v1/projector; for admins /v1/users, /v1/users/map
-
-    # --- operations ---------------------------------------------------------------------------------------
-    @app.get("/healthz")
-    async def healthz():
-        """Liveness of the decoding worker: 503 when it died or has made no step for `stall_seconds` while busy."""
-        body, status = health.health(serving)
-        return JSONResponse(body, status_code=status)
-
-    @app.get("/metrics", dependencies=[Depends(metrics_key)])
-    async def prometheus_metrics():
-        data, content_type = metrics.render()
-        return Response(data, media_type=content_type)
+    # --- the endpoint families' routes (each family's module holds its router) ------------------------------------
+    for routes in (chat_routes, user_routes, playground_routes, health_routes):
+        app.include_router(routes)
 
     return app

@@ -11,6 +11,8 @@ from typing import Mapping
 
 from ..store import DEFAULT_TENANT
 from .keys import find_key
+from fastapi import Request
+
 from .serving import APIError, ServeConfig
 
 
@@ -81,3 +83,18 @@ def authorize_metrics(config: ServeConfig, key: str | None) -> None:
         if key is None or not (_same(key, metrics_key) or _is_admin(config, key)):
             raise APIError(401, "metrics need the metrics key: send `Authorization: Bearer METRICS_KEY`",
                            code="invalid_api_key")
+
+
+# --- the routers' dependencies: the request's caller, checked against the app's config --------------------------
+async def inference_caller(request: Request) -> Caller:
+    """Any key of the server (inference): its tenant; 401 otherwise."""
+    return authorize(request.app.state.config, bearer_key(request.headers))
+
+
+async def admin_caller(request: Request) -> Caller:
+    """An admin key of its tenant (writes, deletes, vectors); 401 / 403 otherwise."""
+    return authorize(request.app.state.config, bearer_key(request.headers), admin=True)
+
+
+async def metrics_caller(request: Request) -> None:
+    authorize_metrics(request.app.state.config, bearer_key(request.headers))

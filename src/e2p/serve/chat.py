@@ -8,7 +8,11 @@ import json
 import time
 from typing import AsyncIterator, Callable
 
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request
+
+from .auth import Caller, inference_caller
 
 from .batching import (GenerationError, GenRequest, GenResult, QueueFullError, RequestTimeoutError,
                        ShuttingDownError)
@@ -202,3 +206,29 @@ class TextStream:
     def close(self) -> None:
         if not self.job.future.done():
             self.chat.batcher.discard(self.job)
+
+
+# --- the routes: chat and completions, streamed or not ------------------------------------------------------------
+router = APIRouter()
+
+
+def event_stream(events, headers: dict) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers={"cache-control": "no-cache", **headers})
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, request: Request, caller: Caller = Depends(inference_caller)):
+    state = request.app.state
+    prompt = await state.prompts.chat_prompt(req, caller.tenant, remember=state.users.remember)
+    if req.stream:
+        return event_stream(await state.chat.chat_completion_stream(prompt, req), prompt.headers)
+    return JSONResponse(await state.chat.chat_completion(prompt, req, request), headers=prompt.headers)
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request, caller: Caller = Depends(inference_caller)):
+    state = request.app.state
+    prompt = await state.prompts.completion_prompt(req, caller.tenant)
+    if req.stream:
+        return event_stream(await state.chat.completion_stream(prompt, req), prompt.headers)
+    return JSONResponse(await state.chat.completion(prompt, req, request), headers=prompt.headers)

@@ -12,11 +12,13 @@ import threading
 from typing import Callable
 
 import numpy as np
+from fastapi import APIRouter, Depends, Request
 
 from ..data.live_profile import ProfileSums, serving_rule
 from ..errors import ConfigError, DataError, EmbeddingError
 from ..store import DEFAULT_TENANT, StoreBusyError, StoreError
 from ..store.vectors import as_vector
+from .auth import Caller, admin_caller, inference_caller
 from .embedder import TextEmbeddingError, UserEmbedder
 from .protocol import dump
 from .protocol_users import (EmbeddingData, EmbeddingList, EmbeddingPut, EmbeddingsRequest, EmbeddingUsage,
@@ -220,3 +222,36 @@ class UserServing:
         """At shutdown: the embedding and user-endpoint threads finish what runs and drop what waits."""
         for admission in (self.text_admission, self.user_admission):
             admission.pool.shutdown(wait=False, cancel_futures=True)
+
+
+# --- the routes: text embeddings and the user store; any id the store accepts (`org/alice` too), percent-encoded in
+# the path; always the caller's own tenant's user, so another tenant's users are neither reachable nor observable ----
+router = APIRouter()
+
+
+@router.post("/v1/embeddings", dependencies=[Depends(inference_caller)])
+async def embeddings(req: EmbeddingsRequest, request: Request):
+    """OpenAI's embeddings endpoint: the vectors to store for users (or send inline as `e2p.embedding`)."""
+    return await request.app.state.users.embeddings(req)
+
+
+@router.put("/v1/users/{user_id:path}/embedding")
+async def put_embedding(user_id: str, body: EmbeddingPut, request: Request, caller: Caller = Depends(admin_caller)):
+    """Store a user's vector, or embed their profile text with the projector's encoder and store that."""
+    return await request.app.state.users.put_embedding(user_id, body, caller.tenant)
+
+
+@router.get("/v1/users/{user_id:path}/embedding")
+async def get_embedding(user_id: str, request: Request, caller: Caller = Depends(inference_caller)):
+    return await request.app.state.users.get_embedding(user_id, caller.admin, caller.tenant)
+
+
+@router.post("/v1/users/{user_id:path}/events")
+async def post_events(user_id: str, body: UserEvents, request: Request, caller: Caller = Depends(inference_caller)):
+    """Fold what a user did (texts, item vectors) into their live profile; admins may start a new user's."""
+    return await request.app.state.users.post_events(user_id, body, caller.tenant, caller.admin)
+
+
+@router.delete("/v1/users/{user_id:path}/embedding")
+async def delete_embedding(user_id: str, request: Request, caller: Caller = Depends(admin_caller)):
+    return await request.app.state.users.delete_embedding(user_id, caller.tenant)
