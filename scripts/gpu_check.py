@@ -35,8 +35,10 @@ def e2p(*args: str) -> None:
 
 
 def train(sample: Path, out: Path, device: str, dtype: str) -> float:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "no-dropout.json").write_text(json.dumps({"dropout": 0}))  # a research knob: the recipe file carries it
     e2p("train", "--users", str(sample / "users.npz"), "--examples", str(sample / "examples.jsonl"), "--steps", "30",
-        "--device", device, "--dtype", dtype, "--dropout", "0", "--out", str(out))
+        "--device", device, "--dtype", dtype, "--recipe", str(out / "no-dropout.json"), "--out", str(out))
     report = json.loads((out / "training_report.json").read_text())
     return report["stages"]["e2p"]["best_val"]
 
