@@ -23,7 +23,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import launch, model_id, stop_server, wait_healthy  # noqa: E402
-from serve_soak import add_server_arguments, pct  # noqa: E402
+from serve_soak import pct  # noqa: E402
 
 HEADLINES = ["Stocks rally as the Fed holds rates", "Why the new phone matters: a review", "Storm hits the coast overnight",
              "Five things to know about the election", "Local team wins again", "Is coffee good for you?",
@@ -57,11 +57,15 @@ def one_round(http: httpx.Client, admin: dict, user: dict, model: str, name: str
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_server_arguments(ap)
+    ap.add_argument("--projector", default=None, help="a projector folder (default: the shipped one)")
+    ap.add_argument("--backbone", default=None)
+    ap.add_argument("--users", type=int, default=10, help="users the rounds take turns with (at most 10)")
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--out", default="benchmarks/results/profile_refresh.json")
     args = ap.parse_args()
-    args.users = min(args.users, 10)
+    # what serve_load.launch reads: the server's own defaults, the soak benchmark's keys
+    args.users, args.api_key, args.admin_key = min(args.users, 10), "refresh-key", "refresh-admin"
+    args.max_batch_size, args.batch_wait_ms, args.max_queue, args.request_timeout = 8, 10.0, 64, 120.0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     proc, url, kind = launch(args)
     try:
