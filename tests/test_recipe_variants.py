@@ -160,17 +160,14 @@ def test_style_features_see_capitalisation_and_length_that_an_uncased_encoder_ca
     assert np.allclose(z.mean(0), 0.0, atol=1e-6) and z.dtype == np.float32
 
 
-def test_the_verdict_names_the_candidate_and_why(tiny, tmp_path):
+def test_the_report_says_which_recipe_trained(tiny, tmp_path):
     from e2p.training.recipe_config import RecipeConfig
     from e2p.training.recipe import train_on_examples
 
     users, examples = _contract(n_users=10, per_user=2)
     cfg = RecipeConfig(injection="input", hidden_dims=[8], shared_steps=1, e2p_steps=1, batch_size=2, val_examples=2,
-                       eval_every=1, person_scales=[1.0])
-    verdict = train_on_examples(tiny, users, examples, tmp_path / "d", cfg, val_users=4, progress=False)["verdict"]
-    assert verdict["candidate"]["name"].startswith("default") and "docs/studies.md" in verdict["candidate"]["why"]
-    cfg.person_map = "prototypes"
-    verdict = train_on_examples(tiny, users, examples, tmp_path / "p", cfg, val_users=4, progress=False)["verdict"]
-    assert verdict["candidate"]["name"] == "person map prototypes" and "flags" in verdict["candidate"]["why"]
+                       eval_every=1, person_scales=[1.0], person_map="prototypes")
+    report = train_on_examples(tiny, users, examples, tmp_path / "p", cfg, val_users=4, progress=False)
+    assert report["recipe"]["person_map"] == "prototypes" and "verdict" in report
     saved = json.loads((tmp_path / "p" / "training_report.json").read_text())
-    assert saved["verdict"]["candidate"]["settings"]["person_map"] == "prototypes"
+    assert saved["recipe"]["person_map"] == "prototypes" and saved["recipe"]["hidden_dims"] == [8]

@@ -348,8 +348,6 @@ def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: Recip
                    "split_file": SPLIT_FILE,
                    "verdict": checked["verdict"], "validation": {"comparisons": checked["comparisons"],
                                                                  "perplexity": {k: v["perplexity"] for k, v in checked["conditions"].items()}}})
-    from .candidates import candidate
-
-    report["verdict"] = {**report["verdict"], "candidate": candidate(cfg)}
+    report["recipe"] = asdict(cfg)  # what this run trained (its person map, slots, adapter...), beside the verdict
     (out_dir / "training_report.json").write_text(json.dumps(report, indent=2))
     return report
