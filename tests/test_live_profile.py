@@ -136,6 +136,8 @@ def test_events_build_a_new_users_profile_and_the_next_reply_uses_it(live):
         np.testing.assert_allclose(online, batch, atol=1e-5)
         assert http.post("/v1/chat/completions", json=chat, headers=auth("acme-user-key-01")).headers[
             "x-e2p-embedding-version"] == "2"
+        metrics = http.get("/metrics").text  # the tenant labels the timing histograms; no user id appears
+        assert 'e2p_time_to_first_token_seconds_count{tenant="acme"}' in metrics and 'user="' not in metrics
         # tenants: beta does not see acme's ann
         assert_error(http.post("/v1/users/ann/events", json={"texts": ["x"]}, headers=auth("beta-user-key-001")),
                      404, "user_not_found")

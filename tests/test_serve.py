@@ -68,6 +68,10 @@ def test_models_health_and_metrics(served, client, http):
     for name in ("e2p_requests_total", "e2p_request_latency_seconds_bucket", "e2p_batch_size_bucket", "e2p_queue_depth"):
         assert name in metrics
     assert 'route="/v1/chat/completions"' in metrics
+    # where a request's time goes, per tenant (never per user): queue, time to first token, time per output token
+    for name in ("e2p_queue_seconds", "e2p_time_to_first_token_seconds", "e2p_time_per_output_token_seconds"):
+        count = next(line for line in metrics.splitlines() if line.startswith(name + '_count{tenant="default"}'))
+        assert float(count.split()[-1]) >= 1, name
 
 
 def test_chat_and_completion_with_stored_user(served, client, http):

@@ -75,6 +75,7 @@ class GenRequest:
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # the client left: stop generating this row
+    tenant: str = "default"  # whose request (the metrics' label; never the user)
 
 
 @dataclass
@@ -253,6 +254,8 @@ class Batcher:
     def _new_row(self, r: GenRequest, batch_size: int) -> "_Row":
         detok = Detokenizer(self.model.tokenizer, r.segments.post)  # the reply goes on from the prompt's last tokens
         text = RowText(detok.step, r.stops, trim=r.trim, each_step=r.on_delta is not None, flush=detok.flush)
+        if self.metrics is not None:
+            self.metrics.queue_seconds.labels(r.tenant).observe(time.monotonic() - r.enqueued_at)
         return _Row(temperature=r.temperature, top_p=r.top_p, seed=r.seed, max_tokens=r.max_tokens, request=r,
                     text=text, batcher=self, batch_size=batch_size)
 
@@ -270,6 +273,10 @@ class Batcher:
     def _feed(self, row: "_Row") -> bool:
         """`row` took one new token (streamed if asked); -> whether the row must stop here."""
         r = row.request
+        if row.first_token_at is None:
+            row.first_token_at = time.monotonic()
+            if self.metrics is not None:
+                self.metrics.time_to_first_token.labels(r.tenant).observe(row.first_token_at - r.enqueued_at)
         if self.metrics is not None:
             self.metrics.generated_tokens.inc()
         if row.text.each_step:  # otherwise the tokens are only collected (in row.tokens): no decoding, no tokenizer
@@ -296,6 +303,9 @@ class Batcher:
             elapsed = time.monotonic() - row.started
             if self.metrics is not None:
                 self.metrics.batch_seconds.observe(elapsed)
+                if n > 1 and row.first_token_at is not None:
+                    self.metrics.time_per_output_token.labels(r.tenant).observe(
+                        (time.monotonic() - row.first_token_at) / (n - 1))
             r.future.set_result(GenResult(
                 text=text, finish_reason=finish, completion_tokens=n,
                 prompt_tokens=len(r.segments.pre) + len(r.segments.post) + self.model.prefix_length(r.embedding is not None),
@@ -313,6 +323,7 @@ class _Row(DecodeRow):
     batcher: Batcher | None = None
     batch_size: int = 0
     started: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
 
     def accept(self, token: int) -> bool:
         super().accept(token)

@@ -49,7 +49,8 @@ class ChatServing:
         job = GenRequest(segments=prompt.segments, embedding=prompt.embedding, max_tokens=prompt.max_tokens,
                          temperature=req.temperature, top_p=req.top_p, seed=req.seed, stops=req.stop_list(),
                          trim=isinstance(req, ChatCompletionRequest),
-                         on_delta=on_delta, deadline=time.monotonic() + self.config.request_timeout_s)
+                         on_delta=on_delta, deadline=time.monotonic() + self.config.request_timeout_s,
+                         tenant=prompt.tenant)
         try:
             self.batcher.submit(job)
         except QueueFullError:

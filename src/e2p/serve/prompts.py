@@ -35,6 +35,7 @@ class Prompt:
     headers: dict[str, str]  # where the embedding came from: x-e2p-embedding (and x-e2p-embedding-version)
     max_tokens: int
     echo: str = ""  # text the answer starts with (`echo` on /v1/completions)
+    tenant: str = DEFAULT_TENANT  # whose request: the per-tenant metrics' label
 
 
 class Prompts:
@@ -152,7 +153,7 @@ class Prompts:
         embedding, headers = await self.serving.resolve_embedding(req, tenant)
         headers = {**headers, **remembered}
         segments = await self.segments_of(self._format_chat, messages, "messages")
-        return Prompt(segments, embedding, headers, max_tokens)
+        return Prompt(segments, embedding, headers, max_tokens, tenant=tenant)
 
     async def completion_prompt(self, req: CompletionRequest, tenant: str = DEFAULT_TENANT) -> Prompt:
         """A completion request checked, its user's embedding resolved and its raw prompt tokenized (no template)."""
@@ -170,4 +171,4 @@ class Prompts:
         self.check_size([prompt], "prompt")
         embedding, headers = await self.serving.resolve_embedding(req, tenant)
         segments = await self.segments_of(self._format_raw, prompt, "prompt")
-        return Prompt(segments, embedding, headers, max_tokens, echo=prompt if req.echo else "")
+        return Prompt(segments, embedding, headers, max_tokens, echo=prompt if req.echo else "", tenant=tenant)
