@@ -97,12 +97,18 @@ def tiny_model() -> E2PModel:
 class Server:
     """uvicorn in a background thread on a free loopback port."""
 
-    def __init__(self, app):
+    def __init__(self, app, drain_seconds: float | None = None):
+        """`drain_seconds`: run the server `e2p serve` runs (serve.health.DrainingServer) with that drain."""
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
-                                                    timeout_graceful_shutdown=30))
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=30)
+        if drain_seconds is None:
+            self.server = uvicorn.Server(config)
+        else:
+            from e2p.serve.health import DrainingServer
+
+            self.server = DrainingServer(config, drain_seconds=drain_seconds)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 20

@@ -15,7 +15,7 @@ from e2p.serve.keys import add_key, load_keys
 from e2p.serve.playground import STATIC
 from e2p.serve.usermap import as_the_projector_reads, pca_2d
 from e2p.store import EmbeddingStore
-from e2p.store.sqlite import _next_string
+from e2p.store.vectors import next_string
 from conftest import ADMIN, API, MODEL, Server, tiny_model, vec
 
 REPORT = {"verdict": {"carries_person": True, "text": "YES: the embedding carries the person on users never trained "
@@ -131,8 +131,8 @@ def test_pca_map_matches_numpy_and_is_stable():
 
 
 def test_prefix_search_bounds_in_code_point_order(tmp_path):
-    assert _next_string("ab") == "ac" and _next_string("a\U0010ffff") == "b" and _next_string("\U0010ffff") is None
-    assert _next_string("a\ud7ff") == "a\ue000"
+    assert next_string("ab") == "ac" and next_string("a\U0010ffff") == "b" and next_string("\U0010ffff") is None
+    assert next_string("a\ud7ff") == "a\ue000"
     store = EmbeddingStore(tmp_path / "s.db")
     for user in ["a", "ab", "ab/c", "abz", "ab\U0001f600", "ac", "b", "é", "éa"]:
         store.put(user, [1.0, 0.0])

@@ -74,6 +74,43 @@ def test_models_health_and_metrics(served, client, http):
         assert float(count.split()[-1]) >= 1, name
 
 
+def test_readiness_turns_503_while_draining_and_when_the_store_does_not_answer(tmp_path):
+    """/readyz is what a load balancer asks: 200 when the model is loaded and the store answers; on SIGTERM the server
+    (e2p serve's DrainingServer) answers 503 at once and keeps serving for its drain period, then stops; a store
+    that does not answer makes it 503 while /healthz (liveness) stays 200."""
+    import signal
+
+    store = EmbeddingStore(tmp_path / "users.db")
+    server = Server(create_app(tiny_model(), store, ServeConfig(model_name=MODEL, api_keys=[API], max_tokens_limit=8)),
+                    drain_seconds=1.0)
+    auth = {"authorization": f"Bearer {API}"}
+    chat_body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 2}
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            ready = http.get("/readyz")
+            assert ready.status_code == 200 and ready.json() == {"ready": True, "model_loaded": True, "store": "ok",
+                                                                "draining": False}
+            server.server.handle_exit(signal.SIGTERM, None)
+            draining = http.get("/readyz")
+            assert draining.status_code == 503 and draining.json()["draining"] is True
+            assert http.post("/v1/chat/completions", json=chat_body, headers=auth).status_code == 200  # still serving
+        server.thread.join(20)
+        assert not server.thread.is_alive()  # stopped after the drain
+    finally:
+        server.stop()
+    store = EmbeddingStore(tmp_path / "other.db")
+    server = Server(create_app(tiny_model(), store, ServeConfig(model_name=MODEL, max_tokens_limit=8)))
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            assert http.get("/readyz").status_code == 200
+            store.close()  # the store stops answering (its connections are gone)
+            gone = http.get("/readyz")
+            assert gone.status_code == 503 and gone.json()["store"] == "unavailable" and not gone.json()["draining"]
+            assert http.get("/healthz").status_code == 200  # alive, just not ready
+    finally:
+        server.stop()
+
+
 def test_chat_and_completion_with_stored_user(served, client, http):
     _, model, _ = served
     admin_put(http, "alice", vec(1))

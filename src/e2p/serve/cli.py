@@ -28,6 +28,7 @@ def cmd_serve(args) -> None:
     from ..config import resolve_projector
     from ..store import EmbeddingStore
     from .app import create_app
+    from .health import DrainingServer
     from ..loading import load
     from .logs import configure_json_logging
     from .serving import ServeConfig
@@ -71,9 +72,9 @@ def cmd_serve(args) -> None:
                          projector_dir=str(resolve_projector(args.projector)) if args.projector else None,
                          metrics_key=args.metrics_key or os.environ.get("E2P_METRICS_KEY") or None)
     app = create_app(model, store, config)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
                                            timeout_graceful_shutdown=args.graceful_timeout,
-                                           limit_concurrency=args.max_connections))
+                                           limit_concurrency=args.max_connections), drain_seconds=args.drain_seconds)
     server.run()
 
 
@@ -221,6 +222,9 @@ def add_serve_commands(sub) -> None:
                    help="larger request bodies answer 413")
     s.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a request is answered 504")
     s.add_argument("--graceful-timeout", type=float, default=60.0, help="seconds to finish in-flight requests on shutdown")
+    s.add_argument("--drain-seconds", type=float, default=0.0,
+                   help="on SIGTERM, answer /readyz 503 and keep serving this long before shutting down, so a load "
+                        "balancer stops sending first (e.g. 10 behind one; 0: shut down at once)")
     s.add_argument("--max-connections", type=int, default=None, help="uvicorn limit_concurrency (503 above it)")
     s.add_argument("--allow-unknown-users", action="store_true", help="unknown `user`: answer unpersonalized, not 404")
     s.add_argument("--max-messages", type=int, default=256, help="chat messages per request (400 above it)")

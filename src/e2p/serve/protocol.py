@@ -256,6 +256,15 @@ class Health(BaseModel):
     rss_bytes: int | None
 
 
+class Readiness(BaseModel):
+    """`GET /readyz`: whether a load balancer should send this replica requests (200) or not (503), and why not."""
+
+    ready: bool
+    model_loaded: bool
+    store: Literal["ok", "unavailable"]
+    draining: bool  # SIGTERM received: finishing in-flight work, taking no new traffic after the drain period
+
+
 # --- errors: `{"error": {"message", "type", "param", "code"}}`, as a JSON response or as a stream's error event ---
 class ErrorBody(BaseModel):
     message: str

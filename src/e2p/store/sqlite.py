@@ -38,7 +38,7 @@ import numpy as np
 
 from .importing import stage_chunk
 from ..errors import DataError, EmbeddingError, E2PError
-from .vectors import DEFAULT_TENANT, as_vector, check_chunk, check_user_id
+from .vectors import DEFAULT_TENANT, as_vector, check_chunk, check_user_id, next_string
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +278,10 @@ class EmbeddingStore:
             log.warning("store %s: a reader held the WAL; it is truncated at the next delete or checkpoint", self.path)
         return not busy
 
+    def ping(self) -> None:
+        """A read the store must answer (readiness); StoreError when it cannot."""
+        self._read("SELECT COUNT(*) FROM meta")
+
     def __len__(self) -> int:
         """Users of every tenant."""
         return int(self._read("SELECT COUNT(*) FROM embeddings")[0])
@@ -298,7 +302,7 @@ class EmbeddingStore:
         if prefix:
             sql += " AND user >= ?"
             args.append(prefix)
-            upper = _next_string(prefix)
+            upper = next_string(prefix)
             if upper is not None:
                 sql += " AND user < ?"
                 args.append(upper)
@@ -385,15 +389,3 @@ class EmbeddingStore:
         with self._lock, self._read_lock:
             self._db.close()
             self._reader.close()
-
-
-def _next_string(prefix: str) -> str | None:
-    """The smallest string above every string that starts with `prefix` (SQLite's BINARY order of UTF-8 is code
-    point order): `prefix` with its last character raised by one; None when there is no such bound."""
-    for i in range(len(prefix) - 1, -1, -1):
-        code = ord(prefix[i]) + 1
-        if 0xD800 <= code <= 0xDFFF:
-            code = 0xE000
-        if code <= 0x10FFFF:
-            return prefix[:i] + chr(code)
-    return None

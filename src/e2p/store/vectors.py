@@ -91,3 +91,15 @@ def check_chunk(users: list[str], vectors, start: int, dim: int | None) -> tuple
         dim = v.size if dim is None else dim
         rows.append(v)
     return np.stack(rows), int(dim)
+
+
+def next_string(prefix: str) -> str | None:
+    """The smallest string above every string that starts with `prefix` (SQLite's BINARY order of UTF-8 is code
+    point order): `prefix` with its last character raised by one; None when there is no such bound."""
+    for i in range(len(prefix) - 1, -1, -1):
+        code = ord(prefix[i]) + 1
+        if 0xD800 <= code <= 0xDFFF:
+            code = 0xE000
+        if code <= 0x10FFFF:
+            return prefix[:i] + chr(code)
+    return None
