@@ -243,6 +243,36 @@ def test_requests_join_a_running_batch(tmp_path):
         server.stop()
 
 
+def test_a_tenants_flood_does_not_hold_every_row_from_another_tenant():
+    """Fair admission: with both rows held by tenant A's long requests and more of A's queued, tenant B's short request
+    joins at the next step in a guest row (B has no row running), not after A's rows free, and not after all of A's."""
+    from e2p.serve.batching import Batcher, GenRequest
+
+    model = slowed(tiny_model(), 0.01)
+    model.eos_ids = []  # every row runs its max_tokens: the schedule, not the random text, decides the order
+    segments = model.format(PROMPT)
+    batcher = Batcher(model, max_batch=2, wait_ms=50)
+    flood = [GenRequest(segments, None, max_tokens=30, tenant="a") for _ in range(6)]
+    short = GenRequest(segments, None, max_tokens=2, tenant="b")
+    done_at = {}
+    named = [(f"a{i}", r) for i, r in enumerate(flood)] + [("b", short)]
+    for name, r in named:
+        r.future.add_done_callback(lambda _, name=name: done_at.setdefault(name, time.monotonic()))
+    for r in flood:
+        batcher.submit(r)
+    batcher.start()
+    time.sleep(0.15)  # A's first two requests hold both rows, four more of A's wait
+    batcher.submit(short)  # B arrives behind all of A's
+    try:
+        for _, r in named:
+            r.future.result(timeout=120)
+    finally:
+        batcher.stop()
+    # B joined the full batch at once: done long before A's first two requests, which held both rows
+    assert done_at["b"] < done_at["a0"] and done_at["b"] < done_at["a1"] < done_at["a5"]
+    assert max(batcher.batch_sizes) == 3  # two rows and one guest row, never more
+
+
 def test_live_update_and_inline_embedding(served, client, http):
     _, model, _ = served
     first = admin_put(http, "bob", vec(3))

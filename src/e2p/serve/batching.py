@@ -4,6 +4,9 @@ Design
 ------
 * Requests wait in a bounded queue (`max_queue`); a full queue is refused at once (HTTP 429) instead of
   letting latency grow without bound.
+* Free rows go to tenants in turn: each to the tenant with the fewest rows running, its oldest request first; and a
+  tenant with no row running may join a full batch in one of a few guest rows (`guest_rows_for`), so one tenant's
+  flood of long requests cannot make another tenant's short one wait behind it.
 * The worker takes the oldest request, waits up to `wait_ms` for more requests, up to `max_batch` rows,
   and runs them in the one decode loop (`e2p.engines.generation.Generation`, the same loop as an engine's `generate`):
   this module only admits requests, streams their text and answers them when their rows finish.
@@ -26,6 +29,7 @@ Design
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import threading
@@ -88,15 +92,21 @@ class GenResult:
     queue_seconds: float
 
 
+def guest_rows_for(max_batch: int) -> int:
+    """Rows beyond `max_batch` that tenants with no row running may take (an engine must hold that many more)."""
+    return max(1, max_batch // 4)
+
+
 class Batcher:
     """Background worker batching generation requests; see the module doc for the policy."""
 
     def __init__(self, model: Engine, max_batch: int = 8, wait_ms: float = 10.0, max_queue: int = 64,
-                 tokenizer_lock: threading.Lock | None = None, metrics=None):
+                 tokenizer_lock: threading.Lock | None = None, metrics=None, guest_rows: int | None = None):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
         self.model = model
         self.max_batch = max_batch
+        self.guest_rows = guest_rows_for(max_batch) if guest_rows is None else guest_rows
         self.wait_s = wait_ms / 1000.0
         self.max_queue = max_queue
         self.tokenizer_lock = tokenizer_lock or threading.Lock()
@@ -184,7 +194,7 @@ class Batcher:
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+            batch = self._pop_fair(self.max_batch, [])
             self._busy, self.last_step = True, time.monotonic()
         self._set_depth()
         return batch
@@ -217,12 +227,38 @@ class Batcher:
             live.append(r)
         return live
 
-    def _joiners(self, room: int) -> list[GenRequest]:
-        """Queued requests for the running batch, oldest first, without waiting."""
-        if room <= 0:
-            return []
+    def _pop_fair(self, n: int, running: list[str]) -> list[GenRequest]:
+        """Up to `n` queued requests (the caller holds the lock), each free row to the tenant with the fewest rows
+        running or picked so far, its oldest request first: one tenant's flood cannot hold every row while another
+        tenant waits (first come, first served within a tenant)."""
+        counts = collections.Counter(running)
+        taken: list[GenRequest] = []
+        while len(taken) < n and self._pending:
+            firsts: dict[str, GenRequest] = {}
+            for r in self._pending:  # queue order: each tenant's oldest waiting request
+                firsts.setdefault(r.tenant, r)
+            pick = min(firsts.values(), key=lambda r: (counts[r.tenant], r.enqueued_at))
+            self._pending.remove(pick)
+            counts[pick.tenant] += 1
+            taken.append(pick)
+        return taken
+
+    def _joiners(self, room: int, running: list[str]) -> list[GenRequest]:
+        """Queued requests for the running batch's free rows (fair across tenants, `_pop_fair`), without waiting; and
+        beyond a full batch, up to `guest_rows` rows for tenants that have none running, so that a tenant arriving
+        while another one's long requests fill every row starts at the next step instead of after them."""
         with self._cond:
-            take = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+            take = self._pop_fair(room, running) if room > 0 else []
+            guests = self.max_batch + self.guest_rows - len(running) - len(take)
+            if guests > 0 and self._pending:
+                busy = set(running) | {r.tenant for r in take}
+                firsts: dict[str, GenRequest] = {}
+                for r in self._pending:
+                    if r.tenant not in busy:
+                        firsts.setdefault(r.tenant, r)
+                for r in sorted(firsts.values(), key=lambda r: r.enqueued_at)[:guests]:
+                    self._pending.remove(r)
+                    take.append(r)
         if not take:
             return []
         self._set_depth()
@@ -236,7 +272,7 @@ class Batcher:
             self.last_step = time.monotonic()
             for row in gen.step():
                 self._complete(row)
-            joiners = self._joiners(self.max_batch - len(gen.rows))
+            joiners = self._joiners(self.max_batch - len(gen.rows), [row.request.tenant for row in gen.rows])
             if joiners:
                 involved += joiners
                 self._join(gen, joiners)

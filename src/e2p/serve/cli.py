@@ -54,8 +54,11 @@ def cmd_serve(args) -> None:
                               "use one key per tenant and role")
     if not api_keys and not admin_key and not keys:
         log.warning("no API keys: the server is open to anyone who can reach it")
+    from .batching import guest_rows_for
+
+    rows = args.max_batch_size + guest_rows_for(args.max_batch_size)  # a tenant with no row may join a full batch
     model = load(args.projector, engine=args.engine, backbone=args.backbone, device=args.device, dtype=args.dtype,
-                 gguf=args.gguf, max_batch_size=args.max_batch_size, max_prompt_tokens=args.max_prompt_tokens,
+                 gguf=args.gguf, max_batch_size=rows, max_prompt_tokens=args.max_prompt_tokens,
                  max_new_tokens=args.max_tokens_limit).model
     name = args.model_name or (f"e2p-{os.path.basename(os.path.normpath(args.projector))}" if args.projector else "e2p")
     store = EmbeddingStore(args.store)
