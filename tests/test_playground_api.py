@@ -139,3 +139,14 @@ def test_prefix_search_bounds_in_code_point_order(tmp_path):
     assert [r["user"] for r in store.listing(prefix="ab")] == ["ab", "ab/c", "abz", "ab\U0001f600"]
     assert [r["user"] for r in store.listing(prefix="é")] == ["é", "éa"]
     assert [r["user"] for r in store.listing(prefix="ab", after="ab/c", limit=1)] == ["abz"]
+
+
+def test_the_shipped_projectors_carry_a_measured_card():
+    """The playground's card of a shipped projector shows what was measured (verdict and intervals), not "not measured"."""
+    from e2p.config import resolve_projector
+    from e2p.serve.card import read_verdict
+
+    for name in ("persona-deep-k1", "persona-input-k1"):
+        verdict, note = read_verdict(resolve_projector(name))
+        assert verdict is not None and note.startswith("measured on the Synthetic-Persona-Chat test people"), name
+        assert {"e2p_vs_shared_prefix", "e2p_vs_shuffled"} <= set(verdict.comparisons) and verdict.text, name

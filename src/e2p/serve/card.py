@@ -35,10 +35,11 @@ def read_verdict(projector_dir: Path | None) -> tuple[TrainingVerdict | None, st
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("training report unreadable", extra={"error": str(exc)})
         return None, f"{REPORT} of {Path(projector_dir).name} could not be read ({type(exc).__name__}): not measured"
+    where = f"measured on {report.get('measured_on') or 'validation users never trained on'}"
     if found.carries_person:
-        return found, "measured on validation users never trained on: the embedding carries the person"
-    return found, ("measured on validation users never trained on: the embedding was NOT shown to carry the person, "
-                   "so differences between a user's column and the others are style or chance, not that person")
+        return found, f"{where}: the embedding carries the person"
+    return found, (f"{where}: the embedding was NOT shown to carry the person, so differences between a user's "
+                   "column and the others are style or chance, not that person")
 
 
 def projector_card(serving: OpenAIServing, tenant: str, admin: bool, text_encoder: str | None) -> ProjectorCard:
