@@ -6,7 +6,7 @@
 
 Users are texts (embedded with the projector's own encoder and its live-profile rule, `profile.json`, so a text +
 style projector gets its style block too), vectors (what your store holds), or None (the plain backbone for that
-row). The CLI's `generate`, the server and the demo load through here.
+row). The CLI's `generate` and `e2p serve` load through here.
 """
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ class PersonalizedModel:
         if self._encoder is None:
             self._encoder = encoder_for(self.config)
         vectors = np.asarray(self._encoder.encode(texts), dtype=np.float32)
-        if self.rule is not None and self.rule.embedding_dim != self.rule.dim:  # a profile with more than the mean
-            vectors = np.stack([self.rule.batch(vectors[i:i + 1], [t]) for i, t in enumerate(texts)])
+        if self.rule is not None and self.rule.style:  # a profile with more than the encoder's mean
+            vectors = self.rule.each(vectors, texts)
         if vectors.shape[1] != self.embedding_dim:
             raise ConfigError(f"the encoder gives {vectors.shape[1]} values, the projector reads {self.embedding_dim}: "
                               "embed users with the encoder the projector was trained with, or pass vectors")
@@ -58,14 +58,14 @@ class PersonalizedModel:
         from .store.vectors import as_vector
 
         users = list(users)
-        texts = [i for i, u in enumerate(users) if isinstance(u, str)]
-        embedded = self.embed([users[i] for i in texts]) if texts else None
+        texts = [u for u in users if isinstance(u, str)]
+        embedded = iter(self.embed(texts)) if texts else iter(())
         out = []
-        for i, u in enumerate(users):
+        for u in users:
             if u is None:
                 out.append(None)
             elif isinstance(u, str):
-                out.append(torch.from_numpy(embedded[texts.index(i)]))
+                out.append(torch.from_numpy(next(embedded)))
             else:
                 out.append(torch.from_numpy(as_vector(u.tolist() if hasattr(u, "tolist") else u, self.embedding_dim)))
         return out

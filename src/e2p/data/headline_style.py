@@ -18,23 +18,38 @@ STYLE_FEATURES = ("capitalised_words", "all_caps_words", "words_per_headline", "
 _QUOTES = re.compile(r"[\"'\u2018\u2019\u201c\u201d]")
 
 
+# the sums the features are ratios of (so a live profile can keep them as running sums, e2p.data.live_profile):
+# headlines, words, words starting with a letter, of those capitalised and all caps, characters of words, then one
+# count per headline flag, in STYLE_FEATURES' order from "question" on
+STYLE_COUNTERS = ("headlines", "words", "alpha_words", "capitalised", "all_caps", "word_characters",
+                  "question", "colon", "quote", "digit", "exclamation", "comma", "dash", "final_period")
+
+
+def style_counts(text: str) -> np.ndarray:
+    """[len(STYLE_COUNTERS)] float64: one headline's contribution to the sums."""
+    words = text.split()
+    alpha = [w for w in words if w[:1].isalpha()]
+    flags = ["?" in text, ":" in text, bool(_QUOTES.search(text)), any(c.isdigit() for c in text), "!" in text,
+             "," in text, "-" in text or "\u2013" in text or "\u2014" in text, text.rstrip().endswith(".")]
+    return np.asarray([1, len(words), len(alpha), sum(w[0].isupper() for w in alpha),
+                       sum(len(w) > 1 and w.isupper() for w in alpha), sum(len(w) for w in words), *flags],
+                      dtype=np.float64)
+
+
+def style_from_counts(c: np.ndarray) -> np.ndarray:
+    """The summed counters -> [len(STYLE_FEATURES)] float64: shares and means (zeros for no headline)."""
+    heads, words, alpha = c[0], c[1], c[2]
+    if heads <= 0:
+        return np.zeros(len(STYLE_FEATURES), dtype=np.float64)
+    ratio = lambda a, b: a / b if b > 0 else 0.0
+    return np.asarray([ratio(c[3], alpha), ratio(c[4], alpha), words / heads, ratio(c[5], words),
+                       *(c[6:] / heads)], dtype=np.float64)
+
+
 def style_features(headlines: Sequence[str]) -> np.ndarray:
     """[len(STYLE_FEATURES)] float32: shares and means over the headlines (zeros for none)."""
-    if not headlines:
-        return np.zeros(len(STYLE_FEATURES), dtype=np.float32)
-    words = [w for h in headlines for w in h.split()]
-    alpha = [w for w in words if w[:1].isalpha()]
-    share = lambda test: float(np.mean([bool(test(h)) for h in headlines]))
-    values = [
-        float(np.mean([w[0].isupper() for w in alpha])) if alpha else 0.0,
-        float(np.mean([len(w) > 1 and w.isupper() for w in alpha])) if alpha else 0.0,
-        float(np.mean([len(h.split()) for h in headlines])),
-        float(np.mean([len(w) for w in words])) if words else 0.0,
-        share(lambda h: "?" in h), share(lambda h: ":" in h), share(_QUOTES.search), share(lambda h: any(c.isdigit() for c in h)),
-        share(lambda h: "!" in h), share(lambda h: "," in h), share(lambda h: "-" in h or "\u2013" in h or "\u2014" in h),
-        share(lambda h: h.rstrip().endswith(".")),
-    ]
-    return np.asarray(values, dtype=np.float32)
+    counts = sum((style_counts(h) for h in headlines), np.zeros(len(STYLE_COUNTERS)))
+    return style_from_counts(counts).astype(np.float32)
 
 
 class StyleScaler:

@@ -30,37 +30,10 @@ import numpy as np
 
 from ..config import read_json_object
 from ..errors import DataError
-from .headline_style import _QUOTES, STYLE_FEATURES
+from .headline_style import STYLE_COUNTERS, STYLE_FEATURES, style_counts, style_from_counts
 
 FORMAT = "e2p-profile/1"
 PROFILE_FILE = "profile.json"
-# the style counters kept as sums: headlines, words, words starting with a letter, of those capitalised and all
-# caps, characters of words, then one count per headline flag (as in STYLE_FEATURES' order from "question" on)
-_COUNTERS = ("headlines", "words", "alpha_words", "capitalised", "all_caps", "word_characters",
-             "question", "colon", "quote", "digit", "exclamation", "comma", "dash", "final_period")
-
-
-def _style_counts(text: str) -> np.ndarray:
-    """One text's contribution to the style counters."""
-    words = text.split()
-    alpha = [w for w in words if w[:1].isalpha()]
-    flags = ["?" in text, ":" in text, bool(_QUOTES.search(text)), any(c.isdigit() for c in text), "!" in text,
-             "," in text, "-" in text or "\u2013" in text or "\u2014" in text, text.rstrip().endswith(".")]
-    return np.asarray([1, len(words), len(alpha), sum(w[0].isupper() for w in alpha),
-                       sum(len(w) > 1 and w.isupper() for w in alpha), sum(len(w) for w in words), *flags],
-                      dtype=np.float64)
-
-
-def _style_from_counts(c: np.ndarray) -> np.ndarray:
-    """The counters -> STYLE_FEATURES (as `headline_style.style_features` computes them from the texts)."""
-    heads, words, alpha = c[0], c[1], c[2]
-    if heads <= 0:
-        return np.zeros(len(STYLE_FEATURES), dtype=np.float64)
-    ratio = lambda a, b: a / b if b > 0 else 0.0
-    return np.asarray([ratio(c[3], alpha), ratio(c[4], alpha), words / heads, ratio(c[5], words),
-                       *(c[6:] / heads)], dtype=np.float64)
-
-
 def rule_path(users_file: str | Path) -> Path:
     """Where the rule that built a users table lies: `users_text.npz` -> `users_text.profile.json`."""
     users_file = Path(users_file)
@@ -116,7 +89,7 @@ class ProfileRule:
         return 1.0 if self.half_life_events is None else 0.5 ** (1.0 / self.half_life_events)
 
     def empty(self) -> "ProfileSums":
-        return ProfileSums(np.zeros(self.dim), np.zeros(len(_COUNTERS) if self.style else 0))
+        return ProfileSums(np.zeros(self.dim), np.zeros(len(STYLE_COUNTERS) if self.style else 0))
 
     # --- folding ---------------------------------------------------------------------------------
     def fold(self, sums: "ProfileSums", vectors: np.ndarray, texts: Sequence[str | None]) -> "ProfileSums":
@@ -135,7 +108,7 @@ class ProfileRule:
             out.vector_sum += v
             out.weight += 1.0
             if self.style and text is not None:
-                out.style_counts += _style_counts(text)
+                out.style_counts += style_counts(text)
             out.events += 1
         return out
 
@@ -146,12 +119,20 @@ class ProfileRule:
             mean = mean / max(float(np.linalg.norm(mean)), 1e-12)
         if not self.style:
             return mean.astype(np.float32)
-        style = (_style_from_counts(sums.style_counts) - self._mean) / self._scale / np.sqrt(len(STYLE_FEATURES))
+        style = (style_from_counts(sums.style_counts) - self._mean) / self._scale / np.sqrt(len(STYLE_FEATURES))
         return np.concatenate([mean.astype(np.float32), style.astype(np.float32)])
 
     def batch(self, vectors: np.ndarray, texts: Sequence[str | None]) -> np.ndarray:
         """The embedding of a whole history at once: the same as folding it item by item."""
         return self.vector(self.fold(self.empty(), vectors, texts))
+
+    def each(self, vectors: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+        """[N, embedding_dim]: each text on its own as a profile of one item (a user described by one text)."""
+        return np.stack([self.batch(vectors[i:i + 1], [t]) for i, t in enumerate(texts)])
+
+    def fold_stored(self, blob: bytes | None, vectors: np.ndarray, texts: Sequence[str | None]) -> "ProfileSums":
+        """The sums a store holds (`ProfileSums.to_bytes`, None: no profile yet) with items folded in."""
+        return self.fold(self.empty() if blob is None else ProfileSums.from_bytes(blob, self), vectors, texts)
 
     # --- files -----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -203,7 +184,7 @@ class ProfileSums:
     items folded. Saved as float64 bytes (`to_bytes`), never as text."""
 
     vector_sum: np.ndarray  # float64 [dim]
-    style_counts: np.ndarray  # float64 [len(_COUNTERS)] or [0]
+    style_counts: np.ndarray  # float64 [len(STYLE_COUNTERS)] or [0]
     weight: float = 0.0
     events: int = 0
 
@@ -217,7 +198,7 @@ class ProfileSums:
     @classmethod
     def from_bytes(cls, blob: bytes, rule: ProfileRule) -> "ProfileSums":
         values = np.frombuffer(blob, dtype="<f8")
-        n_style = len(_COUNTERS) if rule.style else 0
+        n_style = len(STYLE_COUNTERS) if rule.style else 0
         if values.size != 2 + rule.dim + n_style or not np.isfinite(values).all():
             raise DataError(f"stored profile sums hold {values.size} values, this rule needs {2 + rule.dim + n_style}: "
                             "the profile was built by another rule; rebuild it with `e2p users update`")
@@ -275,7 +256,7 @@ def fold_event_file(path: str | Path, store, rule: ProfileRule, tenant: str, enc
         if encoder is None:
             from .encoders import TextEncoder
 
-            encoder = TextEncoder(rule.encoder if rule.encoder != "all-MiniLM-L6-v2" else None)
+            encoder = TextEncoder(rule.encoder)
         encoded = iter(np.asarray(encoder.encode(texts, show_progress_bar=progress), dtype=np.float32))
     total = 0
     for user, items in tqdm(events.items(), desc="profiles", disable=not progress, dynamic_ncols=True):
@@ -285,8 +266,7 @@ def fold_event_file(path: str | Path, store, rule: ProfileRule, tenant: str, enc
                             f"encoder ({rule.encoder})")
 
         def update(blob, vectors=vectors, items=items):
-            sums = rule.empty() if blob is None else ProfileSums.from_bytes(blob, rule)
-            sums = rule.fold(sums, vectors, [t for t, _ in items])
+            sums = rule.fold_stored(blob, vectors, [t for t, _ in items])
             return sums.to_bytes(), rule.vector(sums)
 
         store.update_profile(user, update, tenant)

@@ -234,14 +234,18 @@ class Batcher:
         counts = collections.Counter(running)
         taken: list[GenRequest] = []
         while len(taken) < n and self._pending:
-            firsts: dict[str, GenRequest] = {}
-            for r in self._pending:  # queue order: each tenant's oldest waiting request
-                firsts.setdefault(r.tenant, r)
-            pick = min(firsts.values(), key=lambda r: (counts[r.tenant], r.enqueued_at))
+            pick = min(self._oldest_by_tenant(), key=lambda r: (counts[r.tenant], r.enqueued_at))
             self._pending.remove(pick)
             counts[pick.tenant] += 1
             taken.append(pick)
         return taken
+
+    def _oldest_by_tenant(self) -> list[GenRequest]:
+        """Each tenant's oldest waiting request (the caller holds the lock)."""
+        firsts: dict[str, GenRequest] = {}
+        for r in self._pending:  # queue order
+            firsts.setdefault(r.tenant, r)
+        return list(firsts.values())
 
     def _joiners(self, room: int, running: list[str]) -> list[GenRequest]:
         """Queued requests for the running batch's free rows (fair across tenants, `_pop_fair`), without waiting; and
@@ -252,11 +256,8 @@ class Batcher:
             guests = self.max_batch + self.guest_rows - len(running) - len(take)
             if guests > 0 and self._pending:
                 busy = set(running) | {r.tenant for r in take}
-                firsts: dict[str, GenRequest] = {}
-                for r in self._pending:
-                    if r.tenant not in busy:
-                        firsts.setdefault(r.tenant, r)
-                for r in sorted(firsts.values(), key=lambda r: r.enqueued_at)[:guests]:
+                idle = [r for r in self._oldest_by_tenant() if r.tenant not in busy]
+                for r in sorted(idle, key=lambda r: r.enqueued_at)[:guests]:
                     self._pending.remove(r)
                     take.append(r)
         if not take:

@@ -44,7 +44,7 @@ class UserEmbedder:
         thread. Raises TextEmbeddingError for bad input, ConfigError when the encoder cannot be loaded."""
         if self.rule is not None:
             items, tokens = self.encode_items(texts)
-            return np.stack([self.rule.batch(items[i:i + 1], [t]) for i, t in enumerate(texts)]), tokens
+            return self.rule.each(items, texts), tokens
         return self._encode(texts, self.config.embedding_dim)
 
     def encode_items(self, texts: list[str]) -> tuple[np.ndarray, int]:

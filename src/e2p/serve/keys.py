@@ -162,13 +162,9 @@ def add_key(path: str | Path, tenant: str, role: str, key: str) -> KeyEntry:
         raise KeyFileError(f"this key is already in {path} (tenant {existing.tenant!r}, role {existing.role!r}): "
                            f"use a new key, {NEW_KEY_HINT}")
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    if path.exists():
-        kept = json.loads(path.read_text(encoding="utf-8"))["keys"]  # as written, with any fields of their own
-    else:
-        kept = []
-    body = {"format": FORMAT, "keys": kept + [{**entry.to_json(), "added": now}]}
-    if path.exists():
-        body = {**json.loads(path.read_text(encoding="utf-8")), **body}  # other fields (tenants) kept
+    # the file as written: its keys with any fields of their own, and its other fields (tenants) kept
+    body = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"keys": []}
+    body = {**body, "format": FORMAT, "keys": body["keys"] + [{**entry.to_json(), "added": now}]}
     _write_atomically(path, body)
     return entry
 

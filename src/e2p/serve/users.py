@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 
-from ..data.live_profile import ProfileSums, serving_rule
+from ..data.live_profile import serving_rule
 from ..errors import ConfigError, DataError, EmbeddingError
 from ..store import DEFAULT_TENANT, StoreBusyError, StoreError
 from ..store.vectors import as_vector
@@ -64,7 +64,7 @@ class UserServing:
         config = serving.model.projector.config if dim is not None else None
         # the live profile's rule (e2p.data.live_profile): the projector's profile.json, or a plain mean
         self.rule = serving_rule(self.config.projector_dir, config, self.config.profile_rule) if config else None
-        with_style = self.rule if self.rule is not None and self.rule.embedding_dim != self.rule.dim else None
+        with_style = self.rule if self.rule is not None and self.rule.style else None  # more than the encoder's mean
         self.embedder = UserEmbedder(config, encoder, with_style) if dim is not None else None
         # the encoder runs one text at a time anyway (UserEmbedder's lock): one thread, so waiting texts hold none
         self.text_admission = Admission(self.config.max_embed_requests, 1, "text-embedding requests",
@@ -76,8 +76,12 @@ class UserServing:
         if self.embedder is None:
             raise APIError(400, "this server's projector reads no user embedding (none, or a shared prefix): there is "
                                 "nothing to embed", param=param, code="no_user_embedding")
+        return await self._run_encoder(self.embedder.embed, texts, param)
+
+    async def _run_encoder(self, fn, texts: list[str], param: str):
+        """`fn(texts)` on the encoder's thread: bad texts are a 400 naming `param`, an encoder that cannot load a 503."""
         try:
-            return await self.text_admission.run(self.embedder.embed, texts)
+            return await self.text_admission.run(fn, texts)
         except TextEmbeddingError as exc:
             raise APIError(400, str(exc), param=param, code="invalid_value") from None
         except ConfigError as exc:
@@ -129,23 +133,17 @@ class UserServing:
         return self.rule
 
     async def _encode_items(self, texts: list[str], param: str) -> np.ndarray:
+        """The encoder's own vectors of `texts`: what a live profile folds in."""
         if self.embedder is None:
             self._rule(param)
-        try:
-            return (await self.text_admission.run(self.embedder.encode_items, texts))[0]
-        except TextEmbeddingError as exc:
-            raise APIError(400, str(exc), param=param, code="invalid_value") from None
-        except ConfigError as exc:
-            raise APIError(503, f"the text encoder is unavailable: {exc}", type="server_error",
-                           code="encoder_unavailable") from None
+        return (await self._run_encoder(self.embedder.encode_items, texts, param))[0]
 
     async def fold(self, user: str, tenant: str, items: np.ndarray, texts: list, create: bool) -> dict:
         """Items folded into `tenant`'s `user`'s running sums in one store transaction -> UserProfileInfo."""
         rule, folded = self.rule, {}
 
         def update(blob):
-            sums = rule.empty() if blob is None else ProfileSums.from_bytes(blob, rule)
-            folded["sums"] = sums = rule.fold(sums, items, texts)
+            folded["sums"] = sums = rule.fold_stored(blob, items, texts)
             return sums.to_bytes(), rule.vector(sums)
 
         try:
