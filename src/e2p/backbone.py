@@ -77,12 +77,7 @@ class Backbone:
     @property
     def kv_dim(self) -> int:
         """num_key_value_heads x head_dim (0 for an architecture without attention heads, e.g. a state-space model)."""
-        cfg = self.model.config
-        heads = getattr(cfg, "num_attention_heads", None)
-        if not heads:
-            return 0
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        return (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
+        return kv_dim_of(self.model.config)
 
     def info(self) -> BackboneInfo:
         """Name, tokenizer and sizes (what an engine running the weights elsewhere needs)."""
@@ -117,11 +112,17 @@ class BackboneInfo:
 
     @classmethod
     def from_config(cls, name: str, tokenizer, cfg, generation_eos=None) -> "BackboneInfo":
-        heads = getattr(cfg, "num_attention_heads", None)
-        head_dim = (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads) if heads else 0
-        kv_dim = (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim if heads else 0
-        return cls(name, tokenizer, cfg.hidden_size, cfg.num_hidden_layers, kv_dim,
+        return cls(name, tokenizer, cfg.hidden_size, cfg.num_hidden_layers, kv_dim_of(cfg),
                    getattr(cfg, "final_logit_softcapping", None), generation_eos)
+
+
+def kv_dim_of(cfg) -> int:
+    """num_key_value_heads x head_dim of a model config (0 without attention heads, e.g. a state-space model)."""
+    heads = getattr(cfg, "num_attention_heads", None)
+    if not heads:
+        return 0
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
 
 
 def _named_gguf_path(name: str) -> Path:

@@ -237,10 +237,6 @@ class E2PModel(nn.Module, DecodingEngine):
         with self._autocast():
             return self.soft_cap(self.lm.get_output_embeddings()(hidden).float())
 
-    def soft_cap(self, logits: torch.Tensor) -> torch.Tensor:
-        """The model's final logit soft-capping (Gemma 2/3: cap * tanh(x / cap)); unchanged for models without it."""
-        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
-
     # --- loss -----------------------------------------------------------------------------------
     def target_logits(self, rows: Sequence[Segments], embeddings=None):
         """Float logits only where a target token is predicted: ([N, vocab], labels [N], row index [N]).

@@ -45,7 +45,7 @@ class Engine(Protocol):
 
 class DecodingEngine:
     """What every engine shares; the subclass sets `projector`, `config`, `tokenizer`, `device`, `eos_ids`,
-    `backbone_name` and `formatter` (a PromptFormat)."""
+    `backbone_name`, `softcap` (None: none) and `formatter` (a PromptFormat)."""
 
     can_train = True
     formatter: PromptFormat
@@ -142,6 +142,11 @@ class DecodingEngine:
         if failed is not None:
             raise failed
         return [r.tokens for r in settings]
+
+    def soft_cap(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's final logit soft-capping (Gemma 2/3: cap * tanh(x / cap), `self.softcap`); unchanged for models
+        without it."""
+        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
 
     @staticmethod
     def pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen=None) -> torch.Tensor:

@@ -81,10 +81,6 @@ class LlamaCppModel(DecodingEngine):
                 "projector_parameters": self.projector.num_parameters() if self.projector is not None else 0,
                 "rss_bytes": rss_bytes()}
 
-    def soft_cap(self, logits: torch.Tensor) -> torch.Tensor:
-        """The model's final logit soft-capping (Gemma 2/3); unchanged for models without it."""
-        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
-
     @classmethod
     def factory(cls, backend: LlamaCppBackend, max_prompt_tokens: int = 1024):
         """`(backbone, projector, config) -> LlamaCppModel` on one loaded GGUF (the evaluation loop's `engine`)."""
