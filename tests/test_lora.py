@@ -141,7 +141,6 @@ def test_engines_that_cannot_apply_the_adapter_refuse_it_by_name(tiny, tmp_path)
     from e2p.engines.numpy_projector import NumpyProjector
     from e2p.engines import check_engine
     from e2p.engines.llamacpp import LlamaCppModel
-    from e2p.engines.vllm import VLLMExporter
 
     p = _projector(tiny)
     with pytest.raises(ConfigError, match="llama-cpp engine cannot run this projector.*LoRA.*--engine torch"):
@@ -153,8 +152,8 @@ def test_engines_that_cannot_apply_the_adapter_refuse_it_by_name(tiny, tmp_path)
     p.save_pretrained(tmp_path / "p")
     with pytest.raises(ConfigError, match="LoRA"):
         NumpyProjector.from_pretrained(tmp_path / "p")
-    with pytest.raises(ConfigError, match="LoRA"):
-        VLLMExporter(E2PModel(tiny, p))
+    with pytest.raises(ConfigError, match="vllm engine cannot run this projector.*LoRA.*--engine torch"):
+        check_engine("vllm", p.config)
     from e2p.cli import main
 
     assert main(["generate", "--engine", "llama-cpp", "--projector", str(tmp_path / "p"), "--message", "hi",

@@ -53,6 +53,7 @@ class Backbone:
     tokenizer: object
     name: str
     dtype_spec: str = "auto"  # what was asked for (--dtype); `precision()` resolves it per purpose
+    folder: Path | None = None  # its Hugging Face model folder, where it has one (what vLLM loads)
 
     @property
     def device(self) -> torch.device:
@@ -83,7 +84,7 @@ class Backbone:
         """Name, tokenizer and sizes (what an engine running the weights elsewhere needs)."""
         gen = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         info = BackboneInfo.from_config(self.name, self.tokenizer, self.model.config, gen)
-        info.model = self.model
+        info.model, info.folder = self.model, self.folder
         return info
 
     @torch.no_grad()
@@ -109,6 +110,7 @@ class BackboneInfo:
     softcap: float | None = None  # the final logit soft-capping (Gemma 2/3)
     generation_eos: object = None  # the generation config's eos_token_id (one id or a list)
     model: object = None  # no torch model: a shared LoRA adapter cannot be checked or run
+    folder: Path | None = None  # the Hugging Face model folder (config + safetensors) another engine (vLLM) loads
 
     @classmethod
     def from_config(cls, name: str, tokenizer, cfg, generation_eos=None) -> "BackboneInfo":
@@ -181,8 +183,9 @@ def load_backbone(name_or_path: str | None = None, device: str | torch.device | 
     where = resolve_device(device)
     weights = resolve_dtype(dtype, where).weights  # the same for training and inference
     name = name_or_path or DEFAULT_BACKBONE
+    folder = None
     if name in NAMED_BACKBONES:
-        cached = _converted(name)
+        cached = folder = _converted(name)
         model = AutoModelForCausalLM.from_pretrained(cached, dtype=weights)
         tokenizer = AutoTokenizer.from_pretrained(cached)
     else:
@@ -192,13 +195,14 @@ def load_backbone(name_or_path: str | None = None, device: str | torch.device | 
         elif path.is_dir() and (path / "config.json").is_file():
             model = AutoModelForCausalLM.from_pretrained(path, dtype=weights)
             tokenizer = AutoTokenizer.from_pretrained(path)
+            folder = path
         else:
             raise ConfigError(f"backbone {name!r} is neither a named backbone ({', '.join(NAMED_BACKBONES)}), a model "
                               "directory with config.json, nor a .gguf file")
         name = path.name
     model = model.to(device=where, dtype=weights)
     spec = dtype if isinstance(dtype, str) or dtype is None else str(dtype).replace("torch.", "")
-    return freeze(Backbone(model=model, tokenizer=tokenizer, name=name, dtype_spec=spec or "auto"))
+    return freeze(Backbone(model=model, tokenizer=tokenizer, name=name, dtype_spec=spec or "auto", folder=folder))
 
 
 def _converted(name: str) -> Path:
@@ -241,7 +245,34 @@ def load_backbone_info(name_or_path: str | None = None) -> BackboneInfo:
         eos = GenerationConfig.from_pretrained(folder, **kwargs).eos_token_id
     except (OSError, ValueError):
         eos = None
-    return BackboneInfo.from_config(name, tokenizer, AutoConfig.from_pretrained(folder, **kwargs), eos)
+    info = BackboneInfo.from_config(name, tokenizer, AutoConfig.from_pretrained(folder, **kwargs), eos)
+    info.folder = None if kwargs else Path(folder)
+    return info
+
+
+def token_embeddings(folder: str | Path) -> torch.Tensor:
+    """[vocab, hidden] float32: the input token-embedding table of a Hugging Face model folder, read alone from its
+    safetensors (no layers loaded), times the embedding scale the model applies itself (Gemma: sqrt(hidden)), so that
+    rows of it are exactly the inputs_embeds the model's own lookup gives."""
+    import json
+
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    text_cfg = cfg.get("text_config", cfg)
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            key = next((k for k in f.keys() if k.endswith("embed_tokens.weight")), None)
+            if key is not None:
+                table = f.get_tensor(key).float()
+                break
+    else:
+        raise ConfigError(f"{folder} has no embed_tokens.weight in its safetensors: a model folder of a causal LM "
+                          "saved with save_pretrained is needed")
+    if str(text_cfg.get("model_type", "")).startswith("gemma"):
+        table = table * torch.tensor(text_cfg["hidden_size"] ** 0.5, dtype=table.dtype)
+    return table
 
 
 def freeze(backbone: Backbone) -> Backbone:

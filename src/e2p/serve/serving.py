@@ -21,6 +21,7 @@ from ..engines.base import Engine
 from ..store import DEFAULT_TENANT, CorruptEmbeddingError, EmbeddingStore, StoreError
 from ..store.vectors import as_vector, check_user_id
 from .batching import Batcher
+from .engine_batching import EngineLoopBatcher
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, dump
 
@@ -90,8 +91,10 @@ class OpenAIServing:
         self.model, self.store = model, store
         self.metrics = Metrics()
         self.tokenizer_lock = threading.Lock()
-        self.batcher = Batcher(model, max_batch=config.max_batch_size, wait_ms=config.batch_wait_ms,
-                               max_queue=config.max_queue, tokenizer_lock=self.tokenizer_lock, metrics=self.metrics)
+        # an engine with its own decode loop (vLLM) batches rows itself: the server only hands them over
+        batching = EngineLoopBatcher if getattr(model, "own_decode_loop", False) else Batcher
+        self.batcher = batching(model, max_batch=config.max_batch_size, wait_ms=config.batch_wait_ms,
+                                max_queue=config.max_queue, tokenizer_lock=self.tokenizer_lock, metrics=self.metrics)
         projector = model.projector
         self.embedding_dim = (projector.config.embedding_dim
                               if projector is not None and not projector.config.is_shared else None)
