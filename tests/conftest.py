@@ -72,6 +72,51 @@ def shared_data():
     return DATA
 
 
+# --- the store's tests: every backend (SQLite, and PostgreSQL in a throwaway cluster of the session) ------------------
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throwaway PostgreSQL cluster for the session (initdb in a temporary folder, a free port), or a skip saying why."""
+    from pgcluster import Cluster, why_not
+
+    reason = why_not()
+    if reason:
+        pytest.skip(reason)
+    cluster = Cluster()
+    yield cluster
+    cluster.close()
+
+
+def new_database(cluster) -> str:
+    """A fresh database in the cluster: its DSN."""
+    import uuid
+
+    import psycopg
+
+    name = f"t{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return cluster.dsn.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_store(request, tmp_path):
+    """`open_store(dim=None)` -> a store of this test's own on each backend (the same one again on each call), with
+    `.spec` (the --store value) and `.backend`."""
+    from e2p.store import open_store as open_spec
+
+    spec = str(tmp_path / "s.db") if request.param == "sqlite" else new_database(request.getfixturevalue("pg_cluster"))
+    opened = []
+
+    def make(dim=None):
+        opened.append(open_spec(spec, dim=dim))
+        return opened[-1]
+
+    make.spec, make.backend = spec, request.param
+    yield make
+    for store in opened:
+        store.close()
+
+
 # --- the server's tests: a tiny model behind uvicorn on a loopback port (test_serve and the serve test files) ------
 from e2p import Projector  # noqa: E402
 from e2p.model import E2PModel, new_config  # noqa: E402

@@ -17,8 +17,8 @@ def _vecs(n, seed=0):
     return np.random.default_rng(seed).standard_normal((n, DIM)).astype("float32")
 
 
-def test_put_get_version_delete(tmp_path):
-    store = EmbeddingStore(tmp_path / "s.db", dim=DIM)
+def test_put_get_version_delete(open_store):
+    store = open_store(DIM)
     v1, v2 = _vecs(2)
     rec = store.put("alice", v1)
     assert (rec.version, rec.dim) == (1, DIM) and np.array_equal(rec.vector, v1)
@@ -26,12 +26,12 @@ def test_put_get_version_delete(tmp_path):
     assert rec2.version == 2 and rec2.updated_at >= rec.updated_at and np.array_equal(store.get("alice").vector, v2)
     assert store.get("bob") is None and len(store) == 1 and store.users() == ["alice"]
     assert store.delete("alice") and not store.delete("alice") and store.get("alice") is None
-    mode = sqlite3.connect(tmp_path / "s.db").execute("PRAGMA journal_mode").fetchone()[0]
-    assert mode == "wal"
+    if open_store.backend == "sqlite":
+        assert sqlite3.connect(open_store.spec).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_writes_are_checked(tmp_path):
-    store = EmbeddingStore(tmp_path / "s.db", dim=DIM)
+def test_writes_are_checked(open_store):
+    store = open_store(DIM)
     with pytest.raises(EmbeddingError, match="expects 8"):
         store.put("a", [1.0, 2.0])
     with pytest.raises(EmbeddingError, match="NaN"):
@@ -40,21 +40,21 @@ def test_writes_are_checked(tmp_path):
         store.put("", _vecs(1)[0])
     assert len(store) == 0
     with pytest.raises(StoreError, match="holds 8-dim"):
-        EmbeddingStore(tmp_path / "s.db", dim=16)
+        open_store(16)
 
 
-def test_dimension_is_set_by_first_write_and_kept(tmp_path):
-    store = EmbeddingStore(tmp_path / "s.db")
+def test_dimension_is_set_by_first_write_and_kept(open_store):
+    store = open_store()
     assert store.dim is None
     store.put("a", [1.0, 2.0, 3.0])
-    assert EmbeddingStore(tmp_path / "s.db").dim == 3
+    assert open_store().dim == 3
     with pytest.raises(EmbeddingError):
         store.put("b", [1.0, 2.0])
 
 
-def test_thread_safe_concurrent_updates(tmp_path):
-    store = EmbeddingStore(tmp_path / "s.db", dim=DIM)
-    other = EmbeddingStore(tmp_path / "s.db")  # a second connection, as a second process would have
+def test_thread_safe_concurrent_updates(open_store):
+    store = open_store(DIM)
+    other = open_store()  # a second connection, as a second process would have
 
     def work(i):
         for _ in range(20):
@@ -110,8 +110,8 @@ def test_read_every_format(tmp_path):
     assert [u for u, _ in read_embeddings(tmp_path / "plain.npy", tmp_path / "ids.txt")] == ["x", "y", "z"]
 
 
-def test_import_is_all_or_nothing_and_safe(tmp_path):
-    store = EmbeddingStore(tmp_path / "s.db", dim=DIM)
+def test_import_is_all_or_nothing_and_safe(tmp_path, open_store):
+    store = open_store(DIM)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"user": "a", "embedding": [0.0] * DIM}) + "\n" + json.dumps({"user": "b", "embedding": [1.0]}) + "\n")
     with pytest.raises(DataError, match="row 1 .*expects 8"):
@@ -128,13 +128,13 @@ def test_import_is_all_or_nothing_and_safe(tmp_path):
         read_embeddings(tmp_path / "x.txt")
 
 
-def test_cli_users_import(tmp_path, capsys):
+def test_cli_users_import(tmp_path, capsys, open_store):
     users = ["ann", "ben", "cy"]
     files = _write_all_formats(tmp_path, users, _vecs(3))
-    db = tmp_path / "cli.db"
+    db = open_store.spec
     assert main(["users", "import", str(files["list.parquet"]), "--store", str(db), "--dim", str(DIM)]) == 0
     assert "imported 3" in capsys.readouterr().out
     assert main(["users", "import", str(files["e.jsonl"]), "--store", str(db)]) == 0
-    assert EmbeddingStore(db).get("ben").version == 2
+    assert open_store().get("ben").version == 2
     assert main(["users", "import", str(files["e.npz"]), "--store", str(db), "--dim", "4"]) == 2  # wrong dimension
     assert "holds 8-dim" in capsys.readouterr().err

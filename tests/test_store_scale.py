@@ -85,8 +85,8 @@ def test_configurable_columns_and_integer_ids(tmp_path):
     assert [u for u, _ in read_embeddings(jl, user_column="id", embedding_column="v")] == ["u0", "u1", "u2"]
 
 
-def test_all_or_nothing_across_chunks(tmp_path):
-    store = EmbeddingStore(tmp_path / "s.db", dim=DIM)
+def test_all_or_nothing_across_chunks(tmp_path, open_store):
+    store = open_store(DIM)
     store.put("keep", _vecs(1)[0])
     users = [f"u{i}" for i in range(9)]
     vecs = _vecs(9)

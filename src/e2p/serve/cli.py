@@ -26,7 +26,7 @@ def cmd_serve(args) -> None:
     import uvicorn
 
     from ..config import resolve_projector
-    from ..store import EmbeddingStore
+    from ..store import open_store
     from .app import create_app
     from .health import DrainingServer
     from ..loading import load
@@ -68,7 +68,7 @@ def cmd_serve(args) -> None:
 
         model.runner.dtype = torch.bfloat16 if args.vllm_dtype == "bfloat16" else torch.float32
     name = args.model_name or (f"e2p-{os.path.basename(os.path.normpath(args.projector))}" if args.projector else "e2p")
-    store = EmbeddingStore(args.store)
+    store = open_store(args.store)
     config = ServeConfig(model_name=name, api_keys=api_keys, admin_key=admin_key, keys=keys,
                          log_user_ids=args.log_user_ids, max_body_bytes=args.max_body_bytes,
                          max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
@@ -93,14 +93,14 @@ def cmd_serve(args) -> None:
 
 
 def cmd_users_import(args) -> None:
-    from ..store import EmbeddingStore, import_embeddings
+    from ..store import import_embeddings, open_store
 
     dim = args.dim
     if args.projector:
         from ..config import E2PConfig
 
         dim = E2PConfig.load(args.projector).embedding_dim or None
-    store = EmbeddingStore(args.store, dim=dim)
+    store = open_store(args.store, dim=dim)
     tenant = _tenant(args)
     n = import_embeddings(args.file, store, ids_file=args.ids, chunk_rows=args.chunk_rows,
                           user_column=args.user_column, embedding_column=args.embedding_column, tenant=tenant)
@@ -115,10 +115,10 @@ def _tenant(args) -> str:
 
 
 def cmd_users_list(args) -> None:
-    from ..store import CorruptEmbeddingError, EmbeddingStore
+    from ..store import CorruptEmbeddingError, open_store
 
     tenant = _tenant(args)
-    store = EmbeddingStore(args.store)
+    store = open_store(args.store)
     print(f"tenant {tenant}: {store.count(tenant)} users, dimension {store.dim}")
     for user in store.users(limit=args.limit, tenant=tenant):
         try:
@@ -131,23 +131,33 @@ def cmd_users_list(args) -> None:
 
 
 def cmd_users_delete(args) -> None:
-    from ..store import EmbeddingStore
+    from ..store import open_store
     from ..store.vectors import check_user_id
 
     tenant = _tenant(args)
-    store = EmbeddingStore(args.store)
+    store = open_store(args.store)
     missing = []
     for user in args.user:
         check_user_id(user)
         if not store.delete(user, tenant):
             missing.append(user)
+    shared = hasattr(store, "purge")  # PostgreSQL: rows deleted and vacuumed; --purge rewrites the tables
+    if shared and args.purge:
+        store.purge()
     wiped = store.checkpoint()  # each delete checkpointed already; False if a reader held the WAL meanwhile
     for user in args.user:
-        if user not in missing:
-            print(f"deleted {user} (tenant {tenant})" + (f": its vector's bytes are gone from {args.store} and its WAL"
+        if user in missing:
+            continue
+        if shared:
+            print(f"deleted {user} (tenant {tenant}): " + ("the tables were rewritten (VACUUM FULL), so its vector's bytes "
+                  f"are in none of their files" if args.purge else "row deleted and the tables vacuumed; --purge "
+                  "rewrites them so its bytes are in none of their files") + " (PostgreSQL's WAL and backups keep "
+                  "them until they are recycled: docs/privacy.md)")
+        else:
+            print(f"deleted {user} (tenant {tenant})" + (f": its vector's bytes are gone from {store.path} and its WAL"
                                                          if wiped else ""))
     if not wiped:
-        print(f"warning: another process held {args.store}'s WAL open, so it still holds the deleted vectors' bytes "
+        print(f"warning: another process held {store.path}'s WAL open, so it still holds the deleted vectors' bytes "
               "until the next delete: run the same `e2p users delete` again after it ends", file=sys.stderr)
     if missing:
         raise ConfigError(f"no stored embedding for {', '.join(map(repr, missing))} in tenant {tenant} of "
@@ -158,7 +168,7 @@ def cmd_users_update(args) -> None:
     """A batch refresh: every event of a file folded into its user's live profile, by the rule a server uses."""
     from ..config import E2PConfig, resolve_projector
     from ..data.live_profile import ProfileRule, fold_event_file, serving_rule
-    from ..store import EmbeddingStore
+    from ..store import open_store
 
     tenant = _tenant(args)
     if args.rule:
@@ -170,7 +180,7 @@ def cmd_users_update(args) -> None:
         raise ConfigError("give --projector (its profile.json, else the mean of its encoder's vectors) or --rule FILE")
     if rule is None:
         raise ConfigError(f"{args.projector}'s embedding is several sentence slots: no live profile rule makes one")
-    store = EmbeddingStore(args.store, dim=rule.embedding_dim)
+    store = open_store(args.store, dim=rule.embedding_dim)
     users, events = fold_event_file(args.file, store, rule, tenant, progress=not args.quiet)
     print(f"folded {events} events into {users} users' profiles in {args.store} (tenant {tenant})")
 
@@ -217,7 +227,8 @@ def add_serve_commands(sub) -> None:
     s.add_argument("--vllm-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="with --vllm-url: the dtype prompt embeddings travel in (bfloat16 halves the bytes; use the "
                         "dtype vLLM runs in)")
-    s.add_argument("--store", required=True, help="SQLite embedding store (created if missing)")
+    s.add_argument("--store", required=True, help="the user store: a SQLite file (created if missing), or "
+                   "postgresql://USER@HOST:PORT/DB, one database every replica shares (schema created on first use)")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (other than loopback needs keys)")
     s.add_argument("--port", type=int, default=8000,
@@ -272,7 +283,7 @@ def add_serve_commands(sub) -> None:
     i = usub.add_parser("import", help="import embeddings from .parquet / .csv / .jsonl / .npz / .npy")
     i.add_argument("file", help="a .parquet/.csv/.jsonl/.npz/.npy table of users and vectors")
     i.add_argument("--store", required=True,
-                   help="the SQLite store file (created if missing)")
+                   help="the store: a SQLite file (created if missing) or postgresql://USER@HOST:PORT/DB")
     i.add_argument("--projector", default=None, help="check the dimension against this projector's embedding_dim")
     i.add_argument("--dim", type=int, default=None, help="expected embedding dimension")
     i.add_argument("--ids", default=None, help="for a plain [N, E] .npy: a text file with one user id per line")
@@ -283,20 +294,22 @@ def add_serve_commands(sub) -> None:
     i.set_defaults(func=cmd_users_import)
     ls = usub.add_parser("list", help="list stored users")
     ls.add_argument("--store", required=True,
-                    help="the SQLite store file")
+                    help="the store: a SQLite file or postgresql://USER@HOST:PORT/DB")
     ls.add_argument("--limit", type=int, default=50,
                     help="list at most this many users")
     ls.add_argument("--tenant", default="default", help="list this tenant's users (default: default)")
     ls.set_defaults(func=cmd_users_list)
     d = usub.add_parser("delete", help="delete users' embeddings (their bytes too: database and WAL)")
     d.add_argument("user", nargs="+", help="user id(s) to delete")
-    d.add_argument("--store", required=True, help="the SQLite store file")
+    d.add_argument("--store", required=True, help="the store: a SQLite file or postgresql://USER@HOST:PORT/DB")
     d.add_argument("--tenant", default="default", help="the tenant whose users these are (default: default)")
+    d.add_argument("--purge", action="store_true", help="on a postgresql:// store: VACUUM FULL afterwards, so the "
+                                                        "deleted vectors' bytes are in none of the tables' files")
     d.set_defaults(func=cmd_users_delete)
 
     up = usub.add_parser("update", help="fold a file of events (what users did) into their live profiles")
     up.add_argument("file", help="JSON lines: {\"user\": ID, \"text\": TEXT} or {\"user\": ID, \"vector\": [...]}, in order")
-    up.add_argument("--store", required=True, help="the SQLite store file (created if missing)")
+    up.add_argument("--store", required=True, help="the store: a SQLite file (created if missing) or postgresql://USER@HOST:PORT/DB")
     up.add_argument("--projector", default=None, help="the served projector: its profile.json is the rule")
     up.add_argument("--rule", default=None, help="a profile rule file (<users>.profile.json from `e2p data`)")
     up.add_argument("--tenant", default="default", help="the tenant whose users these are (default: default)")

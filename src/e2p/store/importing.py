@@ -10,17 +10,12 @@ import numpy as np
 
 from ..errors import DataError
 from .files import DEFAULT_CHUNK_ROWS, iter_embedding_chunks
-from .vectors import DEFAULT_TENANT
+from .vectors import DEFAULT_TENANT, duplicate_in_chunk
 
 
 def stage_chunk(db: sqlite3.Connection, users: list[str], matrix: np.ndarray, start: int) -> None:
     """Add a checked chunk to the staging table; DataError on a user id seen before in the file."""
-    if len(set(users)) != len(users):
-        seen: set[str] = set()
-        for i, u in enumerate(users):
-            if u in seen:
-                raise DataError(f"row {start + i}: user id {u!r} appears more than once: keep one row per user")
-            seen.add(u)
+    duplicate_in_chunk(users, start)
     size = matrix.shape[1]
     db.execute("SAVEPOINT chunk")
     try:

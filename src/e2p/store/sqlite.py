@@ -82,6 +82,24 @@ class UserEmbedding:
         return {"user": self.user, "dim": self.dim, "version": self.version, "updated_at": self.updated_at}
 
 
+def record_from_row(user, blob, dim, version, updated_at, expected: int | None) -> UserEmbedding:
+    """A stored row -> UserEmbedding, checked (length, the store's dimension `expected`, NaN / inf): a damaged row is a
+    CorruptEmbeddingError for that user only. Both backends read rows through here."""
+    fix = ("store it again (PUT /v1/users/{id}/embedding or `e2p users import`) or delete it "
+           "(DELETE /v1/users/{id}/embedding)")
+    if not isinstance(blob, bytes) or not isinstance(dim, int) or dim <= 0 or len(blob) != 4 * dim:
+        size = len(blob) if isinstance(blob, (bytes, str)) else type(blob).__name__
+        raise CorruptEmbeddingError(f"the stored embedding of user {user!r} is damaged ({size} bytes for "
+                                    f"dimension {dim!r}): {fix}")
+    if expected is not None and dim != expected:
+        raise CorruptEmbeddingError(f"the stored embedding of user {user!r} has {dim} values, the store holds "
+                                    f"{expected}-dim embeddings: {fix}")
+    vector = np.frombuffer(blob, dtype=np.float32).copy()
+    if not np.isfinite(vector).all():
+        raise CorruptEmbeddingError(f"the stored embedding of user {user!r} contains NaN or inf values: {fix}")
+    return UserEmbedding(user=user, vector=vector, dim=dim, version=version, updated_at=updated_at)
+
+
 _ON_CONFLICT = ("ON CONFLICT(tenant, user) DO UPDATE SET vector=excluded.vector, dim=excluded.dim, "
                 "version=embeddings.version + 1, updated_at=excluded.updated_at")
 
@@ -242,20 +260,7 @@ class EmbeddingStore:
         return None if row is None else self._record(*row)
 
     def _record(self, user, blob, dim, version, updated_at) -> UserEmbedding:
-        fix = (f"store it again (PUT /v1/users/{{id}}/embedding or `e2p users import`) or delete it "
-               f"(DELETE /v1/users/{{id}}/embedding)")
-        if not isinstance(blob, bytes) or not isinstance(dim, int) or dim <= 0 or len(blob) != 4 * dim:
-            size = len(blob) if isinstance(blob, (bytes, str)) else type(blob).__name__
-            raise CorruptEmbeddingError(f"the stored embedding of user {user!r} is damaged ({size} bytes for "
-                                        f"dimension {dim!r}): {fix}")
-        expected = self.dim
-        if expected is not None and dim != expected:
-            raise CorruptEmbeddingError(f"the stored embedding of user {user!r} has {dim} values, the store holds "
-                                        f"{expected}-dim embeddings: {fix}")
-        vector = np.frombuffer(blob, dtype=np.float32).copy()
-        if not np.isfinite(vector).all():
-            raise CorruptEmbeddingError(f"the stored embedding of user {user!r} contains NaN or inf values: {fix}")
-        return UserEmbedding(user=user, vector=vector, dim=dim, version=version, updated_at=updated_at)
+        return record_from_row(user, blob, dim, version, updated_at, self.dim)
 
     def delete(self, user: str, tenant: str = DEFAULT_TENANT) -> bool:
         """Delete `tenant`'s `user`; True if there was one. The row's bytes are zeroed (secure_delete) and the WAL,

@@ -103,3 +103,14 @@ def next_string(prefix: str) -> str | None:
         if code <= 0x10FFFF:
             return prefix[:i] + chr(code)
     return None
+
+
+def duplicate_in_chunk(users: list[str], start: int) -> None:
+    """DataError naming the first row whose user id appeared earlier in the same chunk."""
+    if len(set(users)) == len(users):
+        return
+    seen: set[str] = set()
+    for i, u in enumerate(users):
+        if u in seen:
+            raise DataError(f"row {start + i}: user id {u!r} appears more than once: keep one row per user")
+        seen.add(u)
