@@ -28,6 +28,11 @@ from .serving import APIError, OpenAIServing
 log = logging.getLogger("e2p.serve")
 
 
+def retry_later(exc: StoreBusyError) -> APIError:
+    """A store that is busy (SQLite: another writer) or unreachable (PostgreSQL down): 503 with Retry-After."""
+    return APIError(503, str(exc), type="server_error", code=exc.code, headers={"retry-after": "1"})
+
+
 class Admission:
     """At most `limit` requests of one kind in flight, each run on this kind's own threads: the next one is refused
     at once (429 with Retry-After), so that a flood of text embeddings or user-endpoint calls can neither queue
@@ -149,7 +154,7 @@ class UserServing:
         try:
             record = await self.user_admission.run(self.store.update_profile, user, update, tenant, create)
         except StoreBusyError as exc:
-            raise APIError(503, str(exc), type="server_error", code="store_busy", headers={"retry-after": "1"}) from None
+            raise retry_later(exc) from None
         except DataError as exc:
             raise APIError(409, str(exc), param="user", code="profile_mismatch") from None
         except (EmbeddingError, StoreError) as exc:
@@ -186,7 +191,7 @@ class UserServing:
                 as_vector(vector, self.embedding_dim)
             record = await self.user_admission.run(self.store.put, user_id, vector, tenant)
         except StoreBusyError as exc:
-            raise APIError(503, str(exc), type="server_error", code="store_busy", headers={"retry-after": "1"}) from None
+            raise retry_later(exc) from None
         except (EmbeddingError, StoreError) as exc:
             raise APIError(400, str(exc), param="embedding", code="invalid_embedding") from None
         self.metrics.store_writes.labels("put").inc()
@@ -209,7 +214,10 @@ class UserServing:
         try:
             deleted = await self.user_admission.run(self.store.delete, user_id, tenant)
         except StoreBusyError as exc:
-            raise APIError(503, str(exc), type="server_error", code="store_busy", headers={"retry-after": "1"}) from None
+            raise retry_later(exc) from None
+        except StoreError as exc:
+            raise APIError(500, f"{exc}: the user was not deleted, retry", type="server_error",
+                           code="store_error") from None
         if not deleted:
             raise APIError(404, f"user {user_id!r} has no stored embedding", param="user", code="user_not_found")
         self.metrics.store_writes.labels("delete").inc()

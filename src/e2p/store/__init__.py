@@ -3,7 +3,8 @@ file, WAL); `postgres` the shared one every replica reads and writes (`postgresq
 address. `files` reads vector files (Parquet, CSV, JSONL, NPZ, NPY) for imports and training alike; `vectors` holds
 the checks every id and vector passes wherever it comes from."""
 from .importing import import_embeddings
-from .sqlite import CorruptEmbeddingError, EmbeddingStore, StoreBusyError, StoreError, UserEmbedding
+from .sqlite import (CorruptEmbeddingError, EmbeddingStore, StoreBusyError, StoreError, StoreUnavailableError,
+                     UserEmbedding)
 from .vectors import DEFAULT_TENANT
 
 
@@ -14,5 +15,6 @@ def open_store(spec, dim: int | None = None):
     return PostgresStore(str(spec), dim=dim) if is_postgres(str(spec)) else EmbeddingStore(spec, dim=dim)
 
 
-__all__ = ["DEFAULT_TENANT", "CorruptEmbeddingError", "EmbeddingStore", "StoreBusyError", "StoreError", "UserEmbedding",
+__all__ = ["DEFAULT_TENANT", "CorruptEmbeddingError", "EmbeddingStore", "StoreBusyError", "StoreError",
+           "StoreUnavailableError", "UserEmbedding",
            "import_embeddings", "open_store"]

@@ -28,7 +28,7 @@ from typing import Iterable
 import numpy as np
 
 from ..errors import DataError, EmbeddingError
-from .sqlite import CorruptEmbeddingError, StoreError, UserEmbedding, record_from_row
+from .sqlite import CorruptEmbeddingError, StoreError, StoreUnavailableError, UserEmbedding, record_from_row
 from .vectors import DEFAULT_TENANT, as_vector, check_chunk, check_user_id, duplicate_in_chunk, next_string
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,6 @@ _UPSERT = ('INSERT INTO embeddings (tenant, "user", vector, dim, version, update
            'ON CONFLICT (tenant, "user") DO UPDATE SET vector=excluded.vector, dim=excluded.dim, '
            "version=embeddings.version + 1, updated_at=excluded.updated_at")
 _SCHEMA_LOCK = 0x65327001  # pg_advisory_xact_lock key of the schema set-up
-
-
-class StoreUnavailableError(StoreError):
-    """The database cannot be reached (down, restarting, no connection within the timeout): retry shortly."""
 
 
 def is_postgres(spec: str) -> bool:

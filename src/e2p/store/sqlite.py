@@ -55,6 +55,14 @@ class CorruptEmbeddingError(StoreError):
 class StoreBusyError(StoreError):
     """Another writer held the store past the busy timeout: retry shortly."""
 
+    code = "store_busy"
+
+
+class StoreUnavailableError(StoreBusyError):
+    """The store cannot be reached (a database that is down or restarting): retry shortly."""
+
+    code = "store_unavailable"
+
 
 @contextlib.contextmanager
 def _sqlite_errors(path: Path):
