@@ -111,6 +111,40 @@ def serve(device: str, workdir: Path, users: int = 16) -> dict:
             "same_text_as_api": sum(a == e for (_, a), e in zip(answers, expected)), "seconds": round(seconds, 2)}
 
 
+def vllm_path(record, device) -> None:
+    """The vLLM engine on the accelerator (where vLLM is installed): greedy float32 tokens of 16 users x 4 prompts
+    against the torch engine on the same device, and E2P against plain tokens/s (benchmarks/vllm_engine.py)."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        record("vllm", False, skipped=f"vLLM is not installed here ({exc}): pip install vllm==0.32.*")
+        return
+    import e2p
+
+    t = time.time()
+    torch_model = e2p.load("persona-input-k1", device=str(device), dtype="float32")
+    vllm_model = e2p.load("persona-input-k1", engine="vllm", max_new_tokens=64)
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    users = [torch.nn.functional.normalize(torch.randn(384, generator=g), dim=0) for _ in range(16)]
+    same = 0
+    for m in MESSAGES:
+        rows = [torch_model.model.format(m)] * 16
+        a = torch_model.model.generate_tokens(rows, users, max_new_tokens=24)
+        b = vllm_model.model.generate_tokens(rows, users, max_new_tokens=24)
+        same += sum(x == y for x, y in zip(a, b))
+    vllm_model.model.close()
+    record("vllm_greedy_float32_same_tokens_as_torch", same == 16 * len(MESSAGES), rows_identical=same,
+           rows=16 * len(MESSAGES), seconds=round(time.time() - t, 1))
+    bench = ROOT / "runs" / "gpu-check" / "vllm_engine.json"
+    subprocess.run([sys.executable, "benchmarks/vllm_engine.py", "--engines", "vllm,torch", "--no-gateway",
+                    "--out", str(bench)], check=True, cwd=ROOT)
+    engines = json.loads(bench.read_text())["engines"]
+    record("vllm_tokens_per_s", True, e2p_over_plain=engines["vllm"]["e2p_over_plain"],
+           vllm=engines["vllm"]["e2p"], torch=engines["torch"]["e2p"])
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -159,6 +193,7 @@ def main(argv=None) -> int:
            e2p_deep_vs_plain=bench["e2p_deep_vs_plain_tokens_per_s"],
            plain_tokens_per_s=bench["results"]["generation"]["serving_overhead"]["plain"]["tokens_per_s"],
            batched_vs_sequential=bench["batched_vs_sequential_throughput"])
+    vllm_path(record, device)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {out / 'gpu_check.json'}")
     return 0 if all(c["ok"] for c in checks.values()) else 1

@@ -22,6 +22,18 @@ if [ "${1:-}" = "test" ]; then
         pip wheel -q --no-deps --no-cache-dir "llama-cpp-python==0.3.36" -w "$WHEELS"
     pip install -q --no-index --no-deps --find-links "$WHEELS" "llama-cpp-python==0.3.36"  # its deps come with .[test]
     pip install -q -e ".[test]"
+    # the shared-store tests start a throwaway PostgreSQL cluster (initdb in a temporary folder, never a system
+    # cluster) from Debian's binaries: installed here where missing, as chromium below; without apt they skip
+    if ! ls /usr/lib/postgresql/*/bin/initdb > /dev/null 2>&1; then
+        SUDO=""
+        [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+        if command -v apt-get > /dev/null && { [ -z "$SUDO" ] || sudo -n true 2> /dev/null; }; then
+            { $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql \
+                > /dev/null; } || echo "warning: apt-get could not install postgresql: the PostgreSQL store tests skip" >&2
+        else
+            echo "note: no apt-get as root here: install PostgreSQL (initdb, pg_ctl) yourself, or its tests skip" >&2
+        fi
+    fi
     # the playground's browser test drives Debian's headless Chromium through Selenium (the system binary and
     # chromedriver, never a browser download): installed here where missing, as root or with password-less sudo
     if ! command -v chromium > /dev/null || ! command -v chromedriver > /dev/null; then

@@ -40,7 +40,8 @@ def why_not() -> str | None:
 class Cluster:
     """initdb + pg_ctl start on a free port; `dsn`; `stop()`, `start()` (the same data), `close()` removes it all."""
 
-    def __init__(self):
+    def __init__(self, durable: bool = False):
+        """`durable`: PostgreSQL's default fsync and synchronous_commit (benchmarks); else both off (tests: faster)."""
         self.bin = pg_bin()
         self.root = Path(tempfile.mkdtemp(prefix="e2p-pg-"))
         self.data = self.root / "data"
@@ -55,7 +56,9 @@ class Cluster:
                    "--no-sync"])
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.write(f"\nport = {self.port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{self.root}'\n"
-                       "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\n")
+                       "max_connections = 200\n")
+            if not durable:
+                conf.write("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n")
         self.start()
 
     @property

@@ -119,7 +119,7 @@ def cmd_data(args) -> None:
 
         card = write_pens_contract(args.src, args.out, test_users=args.test_users, test_fraction=args.test_fraction,
                                    behaviour=args.behaviour, behaviour_dim=args.behaviour_dim, seed=args.seed,
-                                   profile_slots=args.profile_slots)
+                                   profile_slots=args.profile_slots, profile_set=args.profile_set)
     else:
         from .data.persona_contract import write_persona_contract
 
@@ -314,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--profile-slots", type=int, default=0,
                     help="pens: also write users_text_slots.npz, each history as N cluster vectors (e2p train "
                          "--embedding-slots N)")
+    dt.add_argument("--profile-set", type=int, default=0,
+                    help="pens: also write users_text_set.npz, each user as a set of up to N history items (train "
+                         "with a recipe {\"set_items\": N}: attention pooling of the items)")
     dt.add_argument("--history-turns", type=int, default=2, help="persona: earlier turns kept in each prompt")
     dt.add_argument("--seed", type=int, default=0,
                     help="seeds the split of users")

@@ -98,6 +98,9 @@ class E2PConfig:
     # > 1: the embedding is `embedding_slots` blocks (one per persona sentence, encoders.SentenceSlotEncoder), each
     # block gives one prefix token through the same MLP, an all-zero block none
     embedding_slots: int = 1
+    # > 0: a set profile: the embedding is up to `set_items` item vectors (what the user did, most recent last; an
+    # all-zero block is no item) that attention with k learned queries pools into the k prefix tokens (Projector)
+    set_items: int = 0
     # > 0: prototype mixing instead of an MLP: a new user's person part is a softmax(similarity / temperature)-weighted
     # mix of `prototypes` training users' own learned person parts (their embeddings are the keys)
     prototypes: int = 0
@@ -134,7 +137,13 @@ class E2PConfig:
             if self.num_prefix_tokens != self.embedding_slots:
                 raise ConfigError(f"with embedding_slots {self.embedding_slots} each slot gives one prefix token: set "
                                   f"num_prefix_tokens to {self.embedding_slots}, got {self.num_prefix_tokens}")
-
+        if self.set_items < 0:
+            raise ConfigError(f"set_items must be >= 0, got {self.set_items}")
+        if self.set_items and not self.is_shared:
+            if self.embedding_slots > 1 or self.prototypes:
+                raise ConfigError("a set profile (set_items) pools its items itself: no embedding_slots or prototypes")
+            if self.embedding_dim % self.set_items:
+                raise ConfigError(f"embedding_dim {self.embedding_dim} is not a multiple of set_items {self.set_items}")
         if self.prototypes < 0 or not (0.0 < self.prototype_temperature < float("inf")):
             raise ConfigError(f"prototypes must be >= 0 and prototype_temperature a finite number > 0, got "
                               f"{self.prototypes} and {self.prototype_temperature!r}")
@@ -151,9 +160,14 @@ class E2PConfig:
         return self.embedding_dim == 0
 
     @property
+    def blocks(self) -> int:
+        """How many vectors one embedding holds: a set profile's items, the slots, or 1."""
+        return self.set_items or self.embedding_slots
+
+    @property
     def slot_dim(self) -> int:
-        """Size of one slot's embedding (the whole embedding when there is one slot)."""
-        return self.embedding_dim // self.embedding_slots
+        """Size of one block of the embedding (an item, a slot; the whole embedding when there is one)."""
+        return self.embedding_dim // self.blocks
 
     @property
     def prefix_dim(self) -> int:

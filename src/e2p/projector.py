@@ -14,6 +14,9 @@ from .errors import BackboneMismatchError, ConfigError, EmbeddingError
 WEIGHTS_NAME = "model.safetensors"
 
 
+SET_KEY_DIM = 64  # the attention pooling's query / key size (a set profile)
+
+
 class Projector(nn.Module):
     """prefix = shared + s * (MLP(x) - MLP(0)), x the centered, normalized embedding, reshaped to (k, prefix_dim).
 
@@ -53,11 +56,15 @@ class Projector(nn.Module):
             for h in config.hidden_dims:
                 layers += [nn.Linear(width, h), nn.GELU(), nn.Dropout(config.dropout)]
                 width = h
-            last = nn.Linear(width, d if config.embedding_slots > 1 else k * d)  # slots: one token per slot
+            per_token = config.embedding_slots > 1 or config.set_items  # one token per slot / per pooled query
+            last = nn.Linear(width, d if per_token else k * d)
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
             layers.append(last)
             self.mlp = nn.Sequential(*layers)
+        if config.set_items and not config.is_shared:  # attention pooling of the items with k learned queries
+            self.set_queries = nn.Parameter(torch.randn(k, SET_KEY_DIM) * 0.02)
+            self.set_keys = nn.Linear(config.slot_dim, SET_KEY_DIM)
         self.lora = None  # created last, so the other initial weights are those of a projector without one
         if config.lora_rank:
             from .lora import Adapter
@@ -94,6 +101,8 @@ class Projector(nn.Module):
             if embeddings is None:
                 raise EmbeddingError("this projector needs a user embedding; use a shared prefix for users without one")
             e = self.check_embeddings(embeddings).to(self.shared.device)
+            if self.config.set_items:
+                return self._normed(self._from_set(e))
             blocks = e.view(-1, self.config.slot_dim)  # [B * slots, slot_dim]
             e = unit_rows(blocks - self.embedding_mean)
             if self.config.prototypes:
@@ -108,6 +117,27 @@ class Projector(nn.Module):
                 person = person * used_slots(blocks).unsqueeze(-1)
             out = self.shared.unsqueeze(0) + self.config.person_scale * person.view(-1, k, d)
         return self._normed(out)
+
+    def pool(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, N * D] item sets -> ([B, k, D] pooled items, [B, k, N] attention weights): query j's softmax over the
+        user's items (empty, all-zero items masked; a user with none pools to zero, the average person)."""
+        B, N, D = len(e), self.config.set_items, self.config.slot_dim
+        items = e.view(B, N, D)
+        used = used_slots(items.reshape(B * N, D)).view(B, N).bool()
+        x = unit_rows((items - self.embedding_mean).reshape(B * N, D)).view(B, N, D) * used.unsqueeze(-1)
+        scores = torch.einsum("kh,bnh->bkn", self.set_queries, self.set_keys(x)) / SET_KEY_DIM ** 0.5
+        scores = scores.masked_fill(~used.unsqueeze(1), float("-inf"))
+        weights = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)  # no items: all weights 0
+        return torch.einsum("bkn,bnd->bkd", weights, x), weights
+
+    def _from_set(self, e: torch.Tensor) -> torch.Tensor:
+        """shared + s * (MLP(pooled_j) - MLP(0)) for each query j: prefix token j reads what query j picked."""
+        k, d = self.config.num_prefix_tokens, self.config.prefix_dim
+        pooled, _ = self.pool(e)
+        flat = pooled.reshape(-1, pooled.shape[-1])
+        person = self.mlp(torch.cat([flat, torch.zeros_like(flat[:1])]))
+        person = (person[:-1] - person[-1:]).view(-1, k, d)
+        return self.shared.unsqueeze(0) + self.config.person_scale * person
 
     def _normed(self, out: torch.Tensor) -> torch.Tensor:
         if self.config.output_norm and self.config.injection == "input":

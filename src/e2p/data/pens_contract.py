@@ -81,6 +81,14 @@ def history_slots(vectors: np.ndarray, slots: int, seed: int = 0, rounds: int = 
     return out.reshape(-1)
 
 
+def history_set(items: np.ndarray, size: int) -> np.ndarray:
+    """[n, d] item vectors -> [size * d]: the last `size` items in order, all-zero blocks after them (no item)."""
+    items = items[-size:]
+    out = np.zeros((size, items.shape[1]), dtype=np.float32)
+    out[:len(items)] = items
+    return out.reshape(-1)
+
+
 def _examples(users: Sequence[PensUser], quotable: dict[str, list[tuple[str, str]]], history_of: dict, seed: int
               ) -> list[Example]:
     """Each target headline with another user's rewrite of the same news item as its prompt."""
@@ -100,7 +108,7 @@ def _examples(users: Sequence[PensUser], quotable: dict[str, list[tuple[str, str
 def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path | None = None,
                         test_fraction: float = 0.0, behaviour: str = "coclick", behaviour_dim: int = 64,
                         weighting: str = "bm25", seed: int = 0, text_encoder=None, profile_slots: int = 0,
-                        **behaviour_settings) -> dict:
+                        profile_set: int = 0, **behaviour_settings) -> dict:
     """Convert PENS users (a .tsv file or folder) into the contract under `out`; see the module doc."""
     try:
         from .behaviour import click_encoder
@@ -135,6 +143,8 @@ def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path
 
     if profile_slots == 1 or profile_slots < 0:
         raise DataError(f"--profile-slots must be 0 (none) or at least 2, got {profile_slots}")
+    if profile_set < 0:
+        raise DataError(f"--profile-set must be 0 (none) or the most items a user's set keeps, got {profile_set}")
 
     from .headline_style import StyleScaler, style_features
 
@@ -148,9 +158,9 @@ def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path
     text_rule = ProfileRule(dim=int(encoder_dim), encoder=encoder_name)
     style_rule = ProfileRule(dim=text_rule.dim, encoder=encoder_name, style=scaler.to_dict())
 
-    def profiles(users: Sequence[PensUser]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    def profiles(users: Sequence[PensUser]):
         vectors = clicks.encode([u.clicked for u in users])
-        text, styled, slotted = [], [], []
+        text, styled, slotted, sets = [], [], [], []
         for u in users:
             texts = [h for _, h in history_of[u.user_id]]
             heads = np.asarray(encoder.encode(texts), dtype=np.float32)
@@ -158,7 +168,10 @@ def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path
             styled.append(style_rule.batch(heads, texts))
             if profile_slots:
                 slotted.append(history_slots(heads, profile_slots, seed))
-        return vectors, np.stack(text), np.stack(styled), np.stack(slotted) if slotted else None
+            if profile_set:
+                sets.append(history_set(style_rule.each(heads, texts), profile_set))
+        return (vectors, np.stack(text), np.stack(styled), np.stack(slotted) if slotted else None,
+                np.stack(sets) if sets else None)
 
     out = Path(out)
     card = {"source": str(src), "seed": seed, "behaviour": {"encoder": behaviour, "dim": clicks.dim,
@@ -170,10 +183,15 @@ def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path
         card["text_profile_slots"] = {"slots": profile_slots, "file": "users_text_slots.npz",
                                       "how": "unit means of spherical k-means clusters of the history headlines' "
                                              "all-MiniLM-L6-v2 vectors, largest first"}
+    if profile_set:
+        card["text_profile_set"] = {"items": profile_set, "item_dim": style_rule.embedding_dim, "file": "users_text_set.npz",
+                                    "how": "each history headline on its own as the text + style profile of one item "
+                                           "(the rule of users_text_style.npz), up to `items` of them, the rest all zero; "
+                                           "train with a recipe of {\"set_items\": items}"}
     for name, users, quotes, folder in (("train_pool", pool, quotable, out), ("test", test, test_quotable, out / "test")):
         if not users:
             continue
-        behaviour, text, styled, slotted = profiles(users)
+        behaviour, text, styled, slotted, sets = profiles(users)
         ids = [u.user_id for u in users]
         write_users(folder / "users.npz", ids, behaviour)
         write_users(folder / "users_text.npz", ids, text)
@@ -182,6 +200,8 @@ def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path
         style_rule.save(rule_path(folder / "users_text_style.npz"))
         if slotted is not None:
             write_users(folder / "users_text_slots.npz", ids, slotted)
+        if sets is not None:
+            write_users(folder / "users_text_set.npz", ids, sets)
         examples = _examples(users, quotes, history_of, seed)
         write_examples(folder / "examples.jsonl", examples)
         card["parts"][name] = {"folder": str(folder), "users": len(ids), "examples": len(examples),

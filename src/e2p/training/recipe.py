@@ -133,7 +133,7 @@ def train_prefix_stages(backbone, examples: Sequence[Example], users: UserTable 
     run = _Run(backbone, cfg, examples, val_examples, index, minutes, total_steps, dp, progress, resume, report)
     overrides = {} if system_prompt is None else {"system_prompt": system_prompt}
     base = dict(injection=cfg.injection, num_prefix_tokens=cfg.num_prefix_tokens, prefix_position=cfg.prefix_position,
-                embedding_slots=cfg.embedding_slots,
+                embedding_slots=cfg.embedding_slots, set_items=cfg.set_items,
                 hidden_dims=cfg.hidden_dims, dropout=cfg.dropout, encoder_name=encoder_name,
                 history_turns=cfg.history_turns, max_target_tokens=cfg.max_target_tokens, **overrides)
     if cfg.lora_rank:
@@ -163,7 +163,7 @@ def train_prefix_stages(backbone, examples: Sequence[Example], users: UserTable 
     if table is not None and cfg.e2p_steps > 0:
         # under DP the centre is the validation users' mean: the training users' mean would be released unnoised
         people = sorted({index[ex.user] for ex in (val_examples if dp is not None else examples)})
-        mean = embedding_center(table[people], cfg.embedding_slots) if cfg.center_embeddings and people else None
+        mean = embedding_center(table[people], cfg.set_items or cfg.embedding_slots) if cfg.center_embeddings and people else None
         torch.manual_seed(cfg.seed + 1)
         if cfg.person_map == "prototypes":
             from .prototypes import prototype_stage, save_prototypes

@@ -33,6 +33,7 @@ class RecipeConfig:
     freeze_shared: bool = True
     person_map: str = "mlp"  # "prototypes": a mix of training users' own person parts (e2p.training.prototypes)
     embedding_slots: int = 1  # > 1: the embedding is that many blocks, one prefix token each (k = slots)
+    set_items: int = 0  # > 0: a set profile of that many item vectors, pooled by attention (`e2p data pens --profile-set`)
     max_train_users: int | None = None  # train on at most this many of the training users (learning curves)
     text_steps: int = 0  # steps for each of shared_prefix_text and e2p_text (0: skip them)
     val_examples: int = 48
