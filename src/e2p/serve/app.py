@@ -19,10 +19,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..engines.base import Engine
 from ..store import EmbeddingStore
+from .auth import rate_limit_of
 from .chat import ChatServing, router as chat_routes
 from .health import router as health_routes
 from .playground import router as playground_routes
 from .prompts import Prompts
+from .limits import RateLimiter, RateLimitMiddleware
 from .serving import APIError, OpenAIServing, ServeConfig
 from .users import UserServing, router as user_routes
 
@@ -164,8 +166,10 @@ def create_app(model: Engine, store: EmbeddingStore, config: ServeConfig | None 
         return error_response(APIError(500, "internal error; see the server log", type="server_error",
                                        code="internal_error"))
 
-    # --- access log + metrics (outermost), body limit (inside it) ---------------------------------------
+    # --- access log + metrics (outermost), rate limits, body limit (inside them) ---------------------------------
     app.add_middleware(BodyLimitMiddleware, limit=config.max_body_bytes)
+    app.state.limiter = RateLimiter()
+    app.add_middleware(RateLimitMiddleware, limiter=app.state.limiter, resolve=lambda h: rate_limit_of(config, h))
 
     @app.middleware("http")
     async def _observe(request: Request, call_next):

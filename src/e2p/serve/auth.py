@@ -5,12 +5,14 @@ key, and act on the caller's own tenant only; /metrics needs the metrics key (or
 set. Keys are compared in constant time."""
 from __future__ import annotations
 
+import hashlib
 import hmac
 from dataclasses import dataclass
 from typing import Mapping
 
 from ..store import DEFAULT_TENANT
 from .keys import find_key
+from .limits import Limits
 from fastapi import Request
 
 from .serving import APIError, ServeConfig
@@ -74,6 +76,27 @@ def authorize(config: ServeConfig, key: str | None, admin: bool = False) -> Call
                                 " or an admin key in --keys", code="permission_denied")
         raise APIError(403, "this needs an admin key of your tenant", code="permission_denied")
     return caller
+
+
+def rate_limit_of(config: ServeConfig, headers) -> tuple[str, Limits] | None:
+    """(who, limits) for a request whose key has rate limits (its own over its tenant's), else None: no key, an unknown
+    key (the route answers 401) or an unlimited one. `who` names the key by a hash prefix, never the key."""
+    try:
+        key = bearer_key(headers)
+    except APIError:
+        return None
+    if key is None or config.open:
+        return None
+    if _is_admin(config, key) or any([_same(key, k) for k in config.api_keys]):
+        limits = config.tenant_limits.get(DEFAULT_TENANT, Limits())
+        who = f"{DEFAULT_TENANT}/{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    else:
+        entry = find_key(config.keys, key)
+        if entry is None:
+            return None
+        limits = entry.limits.over(config.tenant_limits.get(entry.tenant, Limits()))
+        who = f"{entry.tenant}/{entry.digest.hex()[:16]}"
+    return (who, limits) if limits.any else None
 
 
 def authorize_metrics(config: ServeConfig, key: str | None) -> None:

@@ -115,17 +115,27 @@ class ChatServing:
         return Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                      total_tokens=result.prompt_tokens + result.completion_tokens)
 
+    @staticmethod
+    def debit(request: Request, result: GenResult) -> None:
+        """A rate-limited key's answer used its prompt and completion tokens (serve.limits)."""
+        found = request.scope.get("state", {}).get("rate_limit")
+        if found is not None:
+            request.app.state.limiter.debit(*found, result.prompt_tokens + result.completion_tokens)
+
     async def chat_completion(self, prompt: Prompt, req: ChatCompletionRequest, request: Request) -> dict:
         result = await self.generate(prompt, req, request)
+        self.debit(request, result)
         return dump(ChatCompletion(model=self.config.model_name, usage=self.usage_of(result), choices=[
             ChatChoice(message=ChatChoiceMessage(content=result.text), finish_reason=result.finish_reason)]))
 
     async def completion(self, prompt: Prompt, req: CompletionRequest, request: Request) -> dict:
         result = await self.generate(prompt, req, request)
+        self.debit(request, result)
         return dump(Completion(model=self.config.model_name, usage=self.usage_of(result), choices=[
             CompletionChoice(text=prompt.echo + result.text, finish_reason=result.finish_reason)]))
 
-    async def chat_completion_stream(self, prompt: Prompt, req: ChatCompletionRequest) -> AsyncIterator[str]:
+    async def chat_completion_stream(self, prompt: Prompt, req: ChatCompletionRequest, request: Request
+                                     ) -> AsyncIterator[str]:
         """The chat.completion.chunk events of a streamed chat request, once its first text (or error) is there."""
         text = await TextStream(self, prompt, req).start()
         cid, now, model_name = new_id("chatcmpl"), int(time.time()), self.config.model_name
@@ -141,9 +151,9 @@ class ChatServing:
             return chunks
 
         return self.events(text, [chunk(ChatDelta(role="assistant", content=""))],
-                           lambda delta: chunk(ChatDelta(content=delta)), tail)
+                           lambda delta: chunk(ChatDelta(content=delta)), tail, lambda r: self.debit(request, r))
 
-    async def completion_stream(self, prompt: Prompt, req: CompletionRequest) -> AsyncIterator[str]:
+    async def completion_stream(self, prompt: Prompt, req: CompletionRequest, request: Request) -> AsyncIterator[str]:
         """The text_completion events of a streamed completion request, once its first text (or error) is there."""
         text = await TextStream(self, prompt, req).start()
         cid, now, model_name = new_id("cmpl"), int(time.time()), self.config.model_name
@@ -158,11 +168,12 @@ class ChatServing:
                 chunks.append(chunk("", usage=self.usage_of(result), choices=False))
             return chunks
 
-        return self.events(text, [chunk(prompt.echo)] if prompt.echo else [], chunk, tail)
+        return self.events(text, [chunk(prompt.echo)] if prompt.echo else [], chunk, tail,
+                           lambda r: self.debit(request, r))
 
     @staticmethod
     async def events(text: TextStream, head: list[dict], delta_chunk: Callable[[str], dict],
-                     tail: Callable[[GenResult], list[dict]]) -> AsyncIterator[str]:
+                     tail: Callable[[GenResult], list[dict]], done: Callable[[GenResult], None]) -> AsyncIterator[str]:
         """Server-sent events: `head` chunks, one chunk per text delta as it is generated, then `tail(result)`.
         An error after the first byte (the status is sent) ends the stream with an OpenAI error event."""
         try:
@@ -170,7 +181,9 @@ class ChatServing:
                 yield sse(chunk)
             async for delta in text.deltas():
                 yield sse(delta_chunk(delta))
-            for chunk in tail(await text.result()):
+            result = await text.result()
+            done(result)
+            for chunk in tail(result):
                 yield sse(chunk)
         except APIError as exc:
             yield sse(exc.body())
@@ -227,7 +240,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, caller:
     state = request.app.state
     prompt = await state.prompts.chat_prompt(req, caller.tenant, remember=state.users.remember)
     if req.stream:
-        return event_stream(await state.chat.chat_completion_stream(prompt, req), prompt.headers)
+        return event_stream(await state.chat.chat_completion_stream(prompt, req, request), prompt.headers)
     return JSONResponse(await state.chat.chat_completion(prompt, req, request), headers=prompt.headers)
 
 
@@ -236,5 +249,5 @@ async def completions(req: CompletionRequest, request: Request, caller: Caller =
     state = request.app.state
     prompt = await state.prompts.completion_prompt(req, caller.tenant)
     if req.stream:
-        return event_stream(await state.chat.completion_stream(prompt, req), prompt.headers)
+        return event_stream(await state.chat.completion_stream(prompt, req, request), prompt.headers)
     return JSONResponse(await state.chat.completion(prompt, req, request), headers=prompt.headers)

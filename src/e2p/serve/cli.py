@@ -33,7 +33,7 @@ def cmd_serve(args) -> None:
     from .logs import configure_json_logging
     from .serving import ServeConfig
 
-    from .keys import find_key, load_keys, tenant_settings
+    from .keys import find_key, load_keys, tenant_limits, tenant_settings
 
     keys = load_keys(args.keys) if args.keys else []  # KeyFileError: one line naming the file, entry and fix
     settings = tenant_settings(args.keys) if args.keys else {}
@@ -79,6 +79,7 @@ def cmd_serve(args) -> None:
                          max_stop_chars=args.max_stop_chars, max_embed_requests=args.max_embed_requests,
                          max_user_requests=args.max_user_requests,
                          profile_rule=args.profile_rule, remember_tenants=frozenset(remember),
+                         tenant_limits=tenant_limits(args.keys) if args.keys else {},
                          projector_dir=str(resolve_projector(args.projector)) if args.projector else None,
                          metrics_key=args.metrics_key or os.environ.get("E2P_METRICS_KEY") or None)
     app = create_app(model, store, config)
@@ -188,7 +189,8 @@ def cmd_users_update(args) -> None:
 def cmd_keys_tenant(args) -> None:
     from .keys import set_tenant
 
-    current = set_tenant(args.file, args.tenant, allow_remember=args.allow_remember)
+    current = set_tenant(args.file, args.tenant, allow_remember=args.allow_remember,
+                         requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute)
     print(f"tenant {args.tenant} in {args.file}: {current}")
 
 
@@ -204,7 +206,9 @@ def cmd_keys_add(args) -> None:
         else:
             key = sys.stdin.readline()
         key = key.rstrip("\r\n")
-    entry = add_key(args.file, args.tenant, args.role, key)
+    from .limits import Limits
+
+    entry = add_key(args.file, args.tenant, args.role, key, Limits(args.requests_per_minute, args.tokens_per_minute))
     print(f"added a key of tenant {entry.tenant} (role {entry.role}) to {args.file}: its salted SHA-256 hash, not "
           "the key")
 
@@ -325,12 +329,20 @@ def add_serve_commands(sub) -> None:
                    help="user: inference and metadata; admin: also writes, deletes and vectors of the tenant's users")
     a.add_argument("--key", default=None,
                    help="the plain key (omit: read from standard input, which keeps it out of `ps` and shell history)")
+    a.add_argument("--requests-per-minute", type=int, default=None,
+                   help="this key's own request limit (default: its tenant's, `e2p keys tenant`; none: unlimited)")
+    a.add_argument("--tokens-per-minute", type=int, default=None,
+                   help="this key's own limit of prompt + completion tokens per minute (default: its tenant's)")
     a.set_defaults(func=cmd_keys_add)
     t = ksub.add_parser("tenant", help="set a tenant's settings in the key file")
     t.add_argument("--file", required=True, help="the key file (created if missing, replaced atomically)")
     t.add_argument("--tenant", required=True, help="the tenant (letters, digits, . _ -)")
-    t.add_argument("--allow-remember", action=argparse.BooleanOptionalAction, default=False,
+    t.add_argument("--allow-remember", action=argparse.BooleanOptionalAction, default=None,
                    help="chats of this tenant may fold their message into the user's profile (e2p.remember)")
+    t.add_argument("--requests-per-minute", type=int, default=None,
+                   help="the tenant's default request limit per key (0: unlimited; a key's own limit wins)")
+    t.add_argument("--tokens-per-minute", type=int, default=None,
+                   help="the tenant's default limit of prompt + completion tokens per key and minute (0: unlimited)")
     t.set_defaults(func=cmd_keys_tenant)
 
 

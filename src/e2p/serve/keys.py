@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from .limits import Limits, limits_of
 
 FORMAT = "e2p-keys/1"
 ROLES = ("user", "admin")
@@ -42,6 +43,7 @@ class KeyEntry:
     role: str
     salt: bytes
     digest: bytes
+    limits: Limits = Limits()  # this key's own rate limits (over its tenant's defaults; absent: unlimited)
 
     @property
     def admin(self) -> bool:
@@ -51,7 +53,10 @@ class KeyEntry:
         return hmac.compare_digest(_digest(self.salt, key), self.digest)
 
     def to_json(self) -> dict:
-        return {"tenant": self.tenant, "role": self.role, "hash": f"sha256:{self.salt.hex()}:{self.digest.hex()}"}
+        limits = {k: v for k, v in (("requests_per_minute", self.limits.requests_per_minute),
+                                    ("tokens_per_minute", self.limits.tokens_per_minute)) if v is not None}
+        return {"tenant": self.tenant, "role": self.role, "hash": f"sha256:{self.salt.hex()}:{self.digest.hex()}",
+                **limits}
 
 
 def _digest(salt: bytes, key: str) -> bytes:
@@ -71,14 +76,14 @@ def check_role(role: str, where: str = "") -> str:
     return role
 
 
-def new_entry(tenant: str, role: str, key: str) -> KeyEntry:
+def new_entry(tenant: str, role: str, key: str, limits: Limits = Limits()) -> KeyEntry:
     check_tenant(tenant)
     check_role(role)
     if not isinstance(key, str) or len(key) < MIN_KEY_CHARS or key != key.strip() or not key.isprintable():
         raise KeyFileError(f"an API key must be at least {MIN_KEY_CHARS} printable characters without surrounding "
                            f"spaces (a long random secret): make one with {NEW_KEY_HINT}")
     salt = secrets.token_bytes(16)
-    return KeyEntry(tenant, role, salt, _digest(salt, key))
+    return KeyEntry(tenant, role, salt, _digest(salt, key), limits)
 
 
 def load_keys(path: str | Path) -> list[KeyEntry]:
@@ -113,7 +118,8 @@ def load_keys(path: str | Path) -> list[KeyEntry]:
         if match is None:
             raise KeyFileError(f"{where}\"hash\" must be \"sha256:<32 hex salt>:<64 hex digest>\" as `e2p keys add` "
                                "writes it")
-        entries.append(KeyEntry(item["tenant"], item["role"], bytes.fromhex(match[1]), bytes.fromhex(match[2])))
+        entries.append(KeyEntry(item["tenant"], item["role"], bytes.fromhex(match[1]), bytes.fromhex(match[2]),
+                                limits_of(item, where)))
     return entries
 
 
@@ -124,19 +130,30 @@ def tenant_settings(path: str | Path) -> dict[str, dict]:
     if not isinstance(tenants, dict) or not all(isinstance(v, dict) for v in tenants.values()):
         raise KeyFileError(f"key file {path}: \"tenants\" must be an object of tenant -> settings object; write it "
                            "with `e2p keys tenant`")
-    for name in tenants:
+    for name, settings in tenants.items():
         check_tenant(name, f"key file {path}, tenants: ")
+        limits_of(settings, f"key file {path}, tenants[{name!r}]: ")
     return tenants
 
 
+def tenant_limits(path: str | Path) -> dict[str, Limits]:
+    """Each tenant's default rate limits from the key file (tenants without any are left out)."""
+    out = {name: limits_of(v, "") for name, v in tenant_settings(path).items()}
+    return {name: limits for name, limits in out.items() if limits.any}
+
+
 def set_tenant(path: str | Path, tenant: str, **settings) -> dict:
-    """Set `tenant`'s settings (e.g. allow_remember=True) in the key file, replaced atomically like `add_key`."""
+    """Set `tenant`'s settings (allow_remember, requests_per_minute, tokens_per_minute) in the key file, replaced
+    atomically like `add_key`; a setting given as None stays as it is, a limit of 0 is removed (unlimited)."""
     path = Path(path)
     check_tenant(tenant)
     body = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"format": FORMAT, "keys": []}
     if path.exists():
         tenant_settings(path)
-    current = {**body.get("tenants", {}).get(tenant, {}), **settings}
+    given = {k: v for k, v in settings.items() if v is not None}  # None: leave as it is; a limit of 0: remove it
+    limits_of({k: v for k, v in given.items() if v != 0}, "")
+    current = {k: v for k, v in {**body.get("tenants", {}).get(tenant, {}), **given}.items()
+               if not (k.endswith("_per_minute") and v == 0)}
     body["tenants"] = {**body.get("tenants", {}), tenant: current}
     _write_atomically(path, body)
     return current
@@ -151,12 +168,14 @@ def find_key(entries: list[KeyEntry], key: str) -> KeyEntry | None:
     return found
 
 
-def add_key(path: str | Path, tenant: str, role: str, key: str) -> KeyEntry:
-    """Add `key` (hashed) for `tenant` with `role` to the key file at `path`, creating it if missing; the file is
-    replaced atomically (a temporary file in the same folder, fsync, rename) and readable by its owner only."""
+def add_key(path: str | Path, tenant: str, role: str, key: str, limits: Limits = Limits()) -> KeyEntry:
+    """Add `key` (hashed) for `tenant` with `role` (and its own rate `limits`) to the key file at `path`, creating it if
+    missing; the file is replaced atomically (a temporary file in the same folder, fsync, rename) and readable by its
+    owner only."""
     path = Path(path)
     entries = load_keys(path) if path.exists() else []
-    entry = new_entry(tenant, role, key)
+    limits_of({"requests_per_minute": limits.requests_per_minute, "tokens_per_minute": limits.tokens_per_minute}, "")
+    entry = new_entry(tenant, role, key, limits)
     existing = find_key(entries, key)
     if existing is not None:
         raise KeyFileError(f"this key is already in {path} (tenant {existing.tenant!r}, role {existing.role!r}): "

@@ -60,6 +60,7 @@ class ServeConfig:
     max_user_requests: int = 32  # PUT / GET / DELETE /v1/users/{id}/embedding in flight, own threads; 429 above
     profile_rule: str | None = None  # the live profile's rule file (default: the projector's profile.json, else a mean)
     remember_tenants: frozenset = frozenset()  # tenants whose chats may send "e2p": {"remember": true}
+    tenant_limits: dict = field(default_factory=dict)  # tenant -> serve.limits.Limits: each key's default rate limits
     projector_dir: str | None = None  # the served projector's folder: the card (GET /v1/projector) reads its training_report.json
 
     @property
