@@ -95,12 +95,19 @@ def _param(loc: tuple) -> str | None:
     return ".".join(parts) or None
 
 
-def create_app(model: Engine, store: EmbeddingStore, config: ServeConfig | None = None, encoder=None) -> FastAPI:
+def create_app(model: Engine, store: EmbeddingStore, config: ServeConfig | None = None, encoder=None,
+               tracer_provider=None) -> FastAPI:
     """The app around a loaded engine (torch or llama.cpp, with its projector) and an embedding store. The batcher starts with the app.
 
     `encoder`: the text encoder for `/v1/embeddings` and `{"text": ...}` puts (default: the projector's own,
     loaded on first use)."""
-    serving = OpenAIServing(model, store, config)
+    from .tracing import Tracing, otlp_provider
+
+    config = config or ServeConfig()
+    if tracer_provider is None and config.otlp_endpoint:
+        tracer_provider = otlp_provider(config.otlp_endpoint)
+    tracing = Tracing(tracer_provider)
+    serving = OpenAIServing(model, store, config, tracing)
     prompts, chat, users = Prompts(serving), ChatServing(serving), UserServing(serving, encoder)
     config, batcher, metrics = serving.config, serving.batcher, serving.metrics
 
@@ -177,12 +184,20 @@ def create_app(model: Engine, store: EmbeddingStore, config: ServeConfig | None 
         request.state.request_id = request_id
         started = time.perf_counter()
         status = 500
+        span_cm = tracing.span("HTTP " + request.method)
+        span = span_cm.__enter__()
         try:
             response = await call_next(request)
             status = response.status_code
             response.headers["x-request-id"] = request_id
             return response
         finally:
+            if span is not None:
+                template = getattr(request.scope.get("route"), "path", "unmatched")
+                span.update_name(f"{request.method} {template}")
+                span.set_attributes({"http.route": template, "http.request.method": request.method,
+                                     "http.response.status_code": status, "e2p.request_id": request_id})
+            span_cm.__exit__(None, None, None)
             elapsed = time.perf_counter() - started
             route = getattr(request.scope.get("route"), "path", "unmatched")
             metrics.requests.labels(route, request.method, str(status)).inc()

@@ -80,6 +80,7 @@ class GenRequest:
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # the client left: stop generating this row
     tenant: str = "default"  # whose request (the metrics' label; never the user)
+    trace: Callable | None = None  # serve.tracing: records (name, monotonic start, end) under the request's span
 
 
 @dataclass
@@ -293,6 +294,8 @@ class Batcher:
         text = RowText(detok.step, r.stops, trim=r.trim, each_step=r.on_delta is not None, flush=detok.flush)
         if self.metrics is not None:
             self.metrics.queue_seconds.labels(r.tenant).observe(time.monotonic() - r.enqueued_at)
+        if r.trace is not None:
+            r.trace("queue", r.enqueued_at, time.monotonic())
         return _Row(temperature=r.temperature, top_p=r.top_p, seed=r.seed, max_tokens=r.max_tokens, request=r,
                     text=text, batcher=self, batch_size=batch_size)
 
@@ -312,6 +315,8 @@ class Batcher:
         r = row.request
         if row.first_token_at is None:
             row.first_token_at = time.monotonic()
+            if r.trace is not None:
+                r.trace("prefill", row.started, row.first_token_at, prompt_tokens=len(r.segments.pre) + len(r.segments.post))
             if self.metrics is not None:
                 self.metrics.time_to_first_token.labels(r.tenant).observe(row.first_token_at - r.enqueued_at)
         if self.metrics is not None:
@@ -338,6 +343,8 @@ class Batcher:
             n = len(row.tokens)
             finish = "stop" if row.text.stopped or n < r.max_tokens else "length"
             elapsed = time.monotonic() - row.started
+            if r.trace is not None:
+                r.trace("decode", row.first_token_at or row.started, time.monotonic(), completion_tokens=n)
             if self.metrics is not None:
                 self.metrics.batch_seconds.observe(elapsed)
                 if n > 1 and row.first_token_at is not None:

@@ -44,6 +44,7 @@ class ChatServing:
 
     def __init__(self, serving: OpenAIServing):
         self.config, self.batcher, self.metrics = serving.config, serving.batcher, serving.metrics
+        self.tracing = serving.tracing
 
     def submit(self, prompt: Prompt, req: ChatCompletionRequest | CompletionRequest,
                on_delta: Callable[[str], None] | None = None) -> GenRequest:
@@ -51,7 +52,7 @@ class ChatServing:
                          temperature=req.temperature, top_p=req.top_p, seed=req.seed, stops=req.stop_list(),
                          trim=isinstance(req, ChatCompletionRequest),
                          on_delta=on_delta, deadline=time.monotonic() + self.config.request_timeout_s,
-                         tenant=prompt.tenant)
+                         tenant=prompt.tenant, trace=self.tracing.recorder())
         try:
             self.batcher.submit(job)
         except QueueFullError:

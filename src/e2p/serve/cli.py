@@ -79,7 +79,7 @@ def cmd_serve(args) -> None:
                          max_stop_chars=args.max_stop_chars, max_embed_requests=args.max_embed_requests,
                          max_user_requests=args.max_user_requests,
                          profile_rule=args.profile_rule, remember_tenants=frozenset(remember),
-                         tenant_limits=tenant_limits(args.keys) if args.keys else {},
+                         tenant_limits=tenant_limits(args.keys) if args.keys else {}, otlp_endpoint=args.otlp_endpoint,
                          projector_dir=str(resolve_projector(args.projector)) if args.projector else None,
                          metrics_key=args.metrics_key or os.environ.get("E2P_METRICS_KEY") or None)
     app = create_app(model, store, config)
@@ -279,6 +279,9 @@ def add_serve_commands(sub) -> None:
     s.add_argument("--allow-remember", action="store_true",
                    help="the default tenant's chats may fold their message into the user's profile (e2p.remember); "
                         "other tenants: `e2p keys tenant --allow-remember`")
+    s.add_argument("--otlp-endpoint", default=None,
+                   help="export OpenTelemetry traces of requests (route, store, queue, prefill, decode; never a user id) "
+                        "to this OTLP/HTTP collector, e.g. http://127.0.0.1:4318/v1/traces (default: off)")
     s.add_argument("--metrics-key", default=None, help="key GET /metrics needs (prefer env E2P_METRICS_KEY; default: open)")
     s.set_defaults(func=cmd_serve)
 

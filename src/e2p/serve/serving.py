@@ -60,6 +60,7 @@ class ServeConfig:
     max_user_requests: int = 32  # PUT / GET / DELETE /v1/users/{id}/embedding in flight, own threads; 429 above
     profile_rule: str | None = None  # the live profile's rule file (default: the projector's profile.json, else a mean)
     remember_tenants: frozenset = frozenset()  # tenants whose chats may send "e2p": {"remember": true}
+    otlp_endpoint: str | None = None  # export OpenTelemetry traces of requests there (OTLP/HTTP); None: no tracing
     tenant_limits: dict = field(default_factory=dict)  # tenant -> serve.limits.Limits: each key's default rate limits
     projector_dir: str | None = None  # the served projector's folder: the card (GET /v1/projector) reads its training_report.json
 
@@ -87,8 +88,11 @@ class OpenAIServing:
     """What every endpoint family shares, in small steps that raise `APIError`: the config, model, store, batcher
     (started and stopped by the app's lifespan) and metrics, and the user's embedding."""
 
-    def __init__(self, model: Engine, store: EmbeddingStore, config: ServeConfig | None = None):
+    def __init__(self, model: Engine, store: EmbeddingStore, config: ServeConfig | None = None, tracing=None):
+        from .tracing import Tracing
+
         self.config = config = config or ServeConfig()
+        self.tracing = tracing or Tracing()
         self.model, self.store = model, store
         self.metrics = Metrics()
         self.tokenizer_lock = threading.Lock()
@@ -158,9 +162,10 @@ class OpenAIServing:
         """`tenant`'s stored record of `user` (None if unknown), read on the shared threads (a chat) or on
         `admission`'s (the user endpoints' `users.Admission`); a damaged row or a busy / damaged store is an error for this request only."""
         try:
-            if admission is not None:
-                return await admission.run(self.store.get, user, tenant)
-            return await run_in_threadpool(self.store.get, user, tenant)
+            with self.tracing.span("store.get", tenant=tenant):
+                if admission is not None:
+                    return await admission.run(self.store.get, user, tenant)
+                return await run_in_threadpool(self.store.get, user, tenant)
         except CorruptEmbeddingError as exc:
             raise APIError(409, str(exc), param="user", code="corrupt_embedding") from None
         except StoreError as exc:
