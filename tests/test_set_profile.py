@@ -76,10 +76,26 @@ def test_set_profile_settings_are_checked(tiny):
         new_config(tiny, embedding_dim=N * D, set_items=N, embedding_slots=2, num_prefix_tokens=2)
 
 
-def test_pens_sets_keep_the_last_items_in_order():
-    from e2p.data.pens_contract import history_set
+def test_events_feed_the_set_newest_kept_online_equals_batch(tmp_path):
+    """The live profile of a set rule: each event appends its item (the oldest out past set_items), online equals
+    batch, the stored bytes round-trip, and a rule's set embedding is what the projector reads."""
+    from e2p.data.live_profile import ProfileRule, ProfileSet
 
-    items = np.arange(12, dtype=np.float32).reshape(6, 2) + 1
-    assert history_set(items, 4).reshape(4, 2).tolist() == items[2:].tolist()
-    padded = history_set(items[:2], 4).reshape(4, 2)
-    assert padded[:2].tolist() == items[:2].tolist() and not padded[2:].any()
+    rule = ProfileRule(dim=4, set_items=3)
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((5, 4)).astype("float32")
+    texts = [None] * 5
+    batch = rule.batch(vectors, texts)
+    sums = rule.empty()
+    for v, t in zip(vectors, texts):  # one event at a time, through the stored bytes as a server does
+        sums = rule.fold_stored(sums.to_bytes() if sums.events else None, v[None], [t])
+    assert sums.events == 5 and np.array_equal(rule.vector(sums), batch) and batch.shape == (12,)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    assert np.allclose(batch.reshape(3, 4), unit[2:], atol=1e-6)  # the newest three, oldest first
+    two = rule.batch(vectors[:2], texts[:2]).reshape(3, 4)
+    assert np.allclose(two[:2], unit[:2], atol=1e-6) and not two[2].any()  # room left: an all-zero block
+    from e2p.errors import DataError
+
+    with pytest.raises(DataError, match="another rule"):
+        ProfileSet.from_bytes(sums.to_bytes(), ProfileRule(dim=5, set_items=3))
+    assert ProfileRule.load(rule.save(tmp_path / "r.json")).set_items == 3

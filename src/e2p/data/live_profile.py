@@ -7,7 +7,7 @@ writes, copied into the projector folder as `profile.json` by `e2p train`):
 
     {"format": "e2p-profile/1", "encoder": "all-MiniLM-L6-v2", "normalize": true,
      "style": null | {"features": [...], "mean": [...], "scale": [...]},   # e2p.data.headline_style
-     "half_life_events": null | H}
+     "half_life_events": null | H, "set_items": null | N}
 
 The vector is the (unit) mean of the items' encoder vectors, joined, where the rule has `style`, with the
 z-scored style statistics of the texts (capitalisation, length, punctuation). Both are ratios of sums, so a
@@ -16,7 +16,12 @@ from them in microseconds. Online and batch give the same vector (tested). With 
 earlier sum is multiplied by 0.5 ** (1 / H) before an item is added, so an item H items old weighs half as much
 as the newest one (a window that forgets smoothly; None: all items weigh the same, the exact mean).
 
-What is kept per user is the sums (float64), never the texts: a text's words are counted, then dropped.
+With `set_items` N the user is a *set* (a set profile, Projector with config.set_items): each item becomes the
+vector of a profile of that one item (by the rule without set_items), the newest N are kept in order (the oldest
+out), and the embedding is them one after another, all-zero blocks for the items not there yet (`ProfileSet`).
+
+What is kept per user is the sums (float64) or the set's item vectors, never the texts: a text's words are counted,
+then dropped.
 """
 from __future__ import annotations
 
@@ -64,8 +69,11 @@ class ProfileRule:
     normalize: bool = True
     style: dict | None = None  # {"features", "mean", "scale"}: headline_style.StyleScaler.to_dict()
     half_life_events: float | None = None
+    set_items: int | None = None  # a set profile: the newest N items' own vectors, not one mean
 
     def __post_init__(self):
+        if self.set_items is not None and (not isinstance(self.set_items, int) or self.set_items < 1):
+            raise DataError(f"set_items must be a whole number >= 1 or null, got {self.set_items!r}")
         if not isinstance(self.dim, int) or self.dim < 1:
             raise DataError(f"a profile rule needs the encoder's vector size (dim >= 1), got {self.dim!r}")
         if self.half_life_events is not None and not (isinstance(self.half_life_events, (int, float))
@@ -80,15 +88,26 @@ class ProfileRule:
             self._scale = np.asarray(self.style["scale"], dtype=np.float64)
 
     @property
+    def item_dim(self) -> int:
+        """The size of one item's (or a mean profile's) vector: the encoder's, plus the style block."""
+        return self.dim + (len(STYLE_FEATURES) if self.style else 0)
+
+    @property
     def embedding_dim(self) -> int:
         """The size of the vector this rule makes (what the projector reads)."""
-        return self.dim + (len(STYLE_FEATURES) if self.style else 0)
+        return self.item_dim * (self.set_items or 1)
+
+    def item_rule(self) -> "ProfileRule":
+        """The rule one item's vector is made by (this rule without set_items)."""
+        return ProfileRule(self.dim, self.encoder, self.normalize, self.style, None, None)
 
     @property
     def decay(self) -> float:
         return 1.0 if self.half_life_events is None else 0.5 ** (1.0 / self.half_life_events)
 
-    def empty(self) -> "ProfileSums":
+    def empty(self):
+        if self.set_items:
+            return ProfileSet(np.zeros((0, self.item_dim), dtype=np.float32))
         return ProfileSums(np.zeros(self.dim), np.zeros(len(STYLE_COUNTERS) if self.style else 0))
 
     # --- folding ---------------------------------------------------------------------------------
@@ -99,6 +118,11 @@ class ProfileRule:
         if vectors.ndim != 2 or vectors.shape[1] != self.dim or len(vectors) != len(texts):
             raise DataError(f"profile items must be [n, {self.dim}] vectors with one text (or None) each, got "
                             f"{tuple(vectors.shape)} and {len(texts)} texts")
+        if self.set_items:  # each item its own vector, the newest set_items kept
+            items = self.item_rule()
+            new = [items.batch(v[None], [t]) for v, t in zip(vectors, texts)]
+            kept = np.concatenate([sums.items, np.asarray(new, dtype=np.float32).reshape(-1, self.item_dim)])
+            return ProfileSet(kept[-self.set_items:], sums.events + len(new))
         out = sums.copy()
         d = self.decay
         for v, text in zip(vectors, texts):
@@ -114,6 +138,10 @@ class ProfileRule:
 
     def vector(self, sums: "ProfileSums") -> np.ndarray:
         """[embedding_dim] float32: the embedding these sums stand for (zeros for a profile with no item)."""
+        if self.set_items:
+            out = np.zeros((self.set_items, self.item_dim), dtype=np.float32)
+            out[:len(sums.items)] = sums.items
+            return out.reshape(-1)
         mean = sums.vector_sum / sums.weight if sums.weight > 0 else np.zeros(self.dim)
         if self.normalize:
             mean = mean / max(float(np.linalg.norm(mean)), 1e-12)
@@ -132,12 +160,13 @@ class ProfileRule:
 
     def fold_stored(self, blob: bytes | None, vectors: np.ndarray, texts: Sequence[str | None]) -> "ProfileSums":
         """The sums a store holds (`ProfileSums.to_bytes`, None: no profile yet) with items folded in."""
-        return self.fold(self.empty() if blob is None else ProfileSums.from_bytes(blob, self), vectors, texts)
+        kind = ProfileSet if self.set_items else ProfileSums
+        return self.fold(self.empty() if blob is None else kind.from_bytes(blob, self), vectors, texts)
 
     # --- files -----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"format": FORMAT, "dim": self.dim, "encoder": self.encoder, "normalize": self.normalize,
-                "style": self.style, "half_life_events": self.half_life_events}
+                "style": self.style, "half_life_events": self.half_life_events, "set_items": self.set_items}
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -154,7 +183,7 @@ class ProfileRule:
         try:
             return cls(dim=data["dim"], encoder=data.get("encoder", "all-MiniLM-L6-v2"),
                        normalize=bool(data.get("normalize", True)), style=data.get("style"),
-                       half_life_events=data.get("half_life_events"))
+                       half_life_events=data.get("half_life_events"), set_items=data.get("set_items"))
         except (KeyError, TypeError) as exc:
             raise DataError(f"profile rule {path} is missing or has a bad field ({exc}): write it again with "
                             "`e2p data`") from None
@@ -175,6 +204,8 @@ def serving_rule(projector_dir: str | Path | None, config, path: str | Path | No
         return rule
     if getattr(config, "embedding_slots", 1) > 1:
         return None
+    if getattr(config, "set_items", 0):  # a set of the encoder's item vectors
+        return ProfileRule(dim=config.slot_dim, encoder=config.encoder_name or "all-MiniLM-L6-v2", set_items=config.set_items)
     return ProfileRule(dim=config.embedding_dim, encoder=config.encoder_name or "all-MiniLM-L6-v2")
 
 
@@ -203,6 +234,26 @@ class ProfileSums:
             raise DataError(f"stored profile sums hold {values.size} values, this rule needs {2 + rule.dim + n_style}: "
                             "the profile was built by another rule; rebuild it with `e2p users update`")
         return cls(values[2:2 + rule.dim].copy(), values[2 + rule.dim:].copy(), float(values[0]), int(values[1]))
+
+
+@dataclass
+class ProfileSet:
+    """A set profile's items (float32 [n <= set_items, item_dim], oldest first) and the number of items folded."""
+
+    items: np.ndarray
+    events: int = 0
+
+    def to_bytes(self) -> bytes:
+        return np.asarray([len(self.items), self.events], dtype="<i8").tobytes() + self.items.astype("<f4").tobytes()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, rule: ProfileRule) -> "ProfileSet":
+        n, events = (np.frombuffer(blob[:16], dtype="<i8").tolist() if len(blob) >= 16 else (-1, 0))
+        items = np.frombuffer(blob[16:], dtype="<f4")
+        if n < 0 or n > rule.set_items or items.size != n * rule.item_dim or not np.isfinite(items).all():
+            raise DataError("the stored set profile does not fit this rule: the profile was built by another rule; "
+                            "rebuild it with `e2p users update`")
+        return cls(items.reshape(n, rule.item_dim).copy(), int(events))
 
 
 def read_events(path: str | Path, rule: ProfileRule) -> dict[str, list[tuple[str | None, np.ndarray | None]]]:

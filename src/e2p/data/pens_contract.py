@@ -81,14 +81,6 @@ def history_slots(vectors: np.ndarray, slots: int, seed: int = 0, rounds: int = 
     return out.reshape(-1)
 
 
-def history_set(items: np.ndarray, size: int) -> np.ndarray:
-    """[n, d] item vectors -> [size * d]: the last `size` items in order, all-zero blocks after them (no item)."""
-    items = items[-size:]
-    out = np.zeros((size, items.shape[1]), dtype=np.float32)
-    out[:len(items)] = items
-    return out.reshape(-1)
-
-
 def _examples(users: Sequence[PensUser], quotable: dict[str, list[tuple[str, str]]], history_of: dict, seed: int
               ) -> list[Example]:
     """Each target headline with another user's rewrite of the same news item as its prompt."""
@@ -157,6 +149,7 @@ def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path
     encoder_dim = getattr(encoder, "dim", None) or np.asarray(encoder.encode(["a headline"])).shape[1]
     text_rule = ProfileRule(dim=int(encoder_dim), encoder=encoder_name)
     style_rule = ProfileRule(dim=text_rule.dim, encoder=encoder_name, style=scaler.to_dict())
+    set_rule = ProfileRule(dim=text_rule.dim, encoder=encoder_name, style=scaler.to_dict(), set_items=profile_set or None)
 
     def profiles(users: Sequence[PensUser]):
         vectors = clicks.encode([u.clicked for u in users])
@@ -169,7 +162,7 @@ def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path
             if profile_slots:
                 slotted.append(history_slots(heads, profile_slots, seed))
             if profile_set:
-                sets.append(history_set(style_rule.each(heads, texts), profile_set))
+                sets.append(set_rule.batch(heads, texts))
         return (vectors, np.stack(text), np.stack(styled), np.stack(slotted) if slotted else None,
                 np.stack(sets) if sets else None)
 
@@ -202,6 +195,7 @@ def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path
             write_users(folder / "users_text_slots.npz", ids, slotted)
         if sets is not None:
             write_users(folder / "users_text_set.npz", ids, sets)
+            set_rule.save(rule_path(folder / "users_text_set.npz"))
         examples = _examples(users, quotes, history_of, seed)
         write_examples(folder / "examples.jsonl", examples)
         card["parts"][name] = {"folder": str(folder), "users": len(ids), "examples": len(examples),
