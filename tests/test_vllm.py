@@ -387,3 +387,24 @@ def test_a_silent_upstream_is_a_504_within_the_timeout():
     assert err.value.status == 504 and time.monotonic() - t < 10
     gw.close()
     sock.close()
+
+
+@pytest.mark.backbone
+def test_e2p_eval_on_the_vllm_engine_scores_as_the_torch_engine(in_process, real_backbone):
+    """The evaluation loop on vLLM (`e2p eval --engine vllm`: every condition on one vLLM engine) gives the torch
+    engine's perplexities: the shipped input projector on 12 examples of the shipped sample."""
+    from e2p.data.contract import load_examples, load_users
+    from e2p.engines.vllm import VLLMModel
+    from e2p.evaluate import evaluate_examples
+    from e2p.evaluate.demo import SAMPLE
+
+    users = load_users(SAMPLE / "users.npz")
+    examples = load_examples(SAMPLE / "examples.jsonl", users)
+    runner = in_process.model.runner
+    on_vllm = lambda b, projector=None, config=None: VLLMModel(b, projector, config, runner=runner)  # noqa: E731
+    kw = dict(limit=12, generate=0, encoder=False, progress=False, only=["none", "shared_prefix", "e2p"])
+    got = evaluate_examples(real_backbone, users, examples, "persona-input-k1", engine=on_vllm, **kw)
+    want = evaluate_examples(real_backbone, users, examples, "persona-input-k1", **kw)
+    for name in ("none", "shared_prefix", "e2p"):
+        a, b = got["conditions"][name]["perplexity"], want["conditions"][name]["perplexity"]
+        assert abs(a - b) / b < 1e-3, (name, a, b)
