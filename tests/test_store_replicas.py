@@ -217,3 +217,31 @@ def test_deletion_on_postgres_at_the_byte_level(pg_cluster):
     assert files and not any(needle in f.read_bytes() for f in files)
     assert store.get("keep3") is not None and len(store) == 50
     store.close()
+
+
+@pytest.mark.backbone
+def test_readyz_is_503_while_the_model_loads_then_200(tmp_path):
+    """The port opens before the model loads: a probe sees 503 `starting` (not a refused connection), a chat gets an
+    OpenAI-shaped 503 with Retry-After, and /readyz turns 200 once the model is loaded."""
+    replica = Replica(str(tmp_path / "s.db"), tmp_path)
+    seen, chat = [], None
+    try:
+        end = time.monotonic() + 180
+        with httpx.Client(timeout=5) as client:
+            while time.monotonic() < end:
+                assert replica.proc.poll() is None, f"replica exited; see {replica.log.name}"
+                try:
+                    r = client.get(replica.url + "/readyz")
+                except httpx.HTTPError:
+                    time.sleep(0.05)
+                    continue
+                seen.append((r.status_code, r.json().get("status")))
+                if r.status_code == 200:
+                    break
+                if chat is None:
+                    chat = _chat(client, replica.url, "anyone")
+                time.sleep(0.05)
+    finally:
+        replica.stop()
+    assert (503, "starting") in seen and seen[-1][0] == 200
+    assert chat.status_code == 503 and chat.headers["retry-after"] == "1" and chat.json()["error"]["code"] == "starting"

@@ -29,6 +29,7 @@ def cmd_serve(args) -> None:
     from ..store import open_store
     from .app import create_app
     from .health import DrainingServer
+    from .starting import StartingApp
     from ..loading import load
     from .logs import configure_json_logging
     from .serving import ServeConfig
@@ -60,15 +61,12 @@ def cmd_serve(args) -> None:
     from ..engines import vllm_engine_args
 
     engine = "vllm" if args.vllm_url else args.engine
-    model = load(args.projector, engine=engine, backbone=args.backbone, device=args.device, dtype=args.dtype,
-                 gguf=args.gguf, max_batch_size=rows, max_prompt_tokens=args.max_prompt_tokens,
-                 max_new_tokens=args.max_tokens_limit, vllm_args=vllm_engine_args(args), vllm_url=args.vllm_url).model
-    if args.vllm_url:
-        import torch
+    if args.projector:  # what can be checked without loading anything fails before the port opens
+        from ..config import E2PConfig
+        from ..engines import check_engine
 
-        model.runner.dtype = torch.bfloat16 if args.vllm_dtype == "bfloat16" else torch.float32
+        check_engine(engine, E2PConfig.load(resolve_projector(args.projector)))
     name = args.model_name or (f"e2p-{os.path.basename(os.path.normpath(args.projector))}" if args.projector else "e2p")
-    store = open_store(args.store)
     config = ServeConfig(model_name=name, api_keys=api_keys, admin_key=admin_key, keys=keys,
                          log_user_ids=args.log_user_ids, max_body_bytes=args.max_body_bytes,
                          max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
@@ -82,15 +80,29 @@ def cmd_serve(args) -> None:
                          tenant_limits=tenant_limits(args.keys) if args.keys else {}, otlp_endpoint=args.otlp_endpoint,
                          projector_dir=str(resolve_projector(args.projector)) if args.projector else None,
                          metrics_key=args.metrics_key or os.environ.get("E2P_METRICS_KEY") or None)
-    app = create_app(model, store, config)
-    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
+
+    def build():
+        """The model, the store and the app: loaded in a thread while the port already answers 503 `starting`."""
+        model = load(args.projector, engine=engine, backbone=args.backbone, device=args.device, dtype=args.dtype,
+                     gguf=args.gguf, max_batch_size=rows, max_prompt_tokens=args.max_prompt_tokens,
+                     max_new_tokens=args.max_tokens_limit, vllm_args=vllm_engine_args(args), vllm_url=args.vllm_url).model
+        if args.vllm_url:
+            import torch
+
+            model.runner.dtype = torch.bfloat16 if args.vllm_dtype == "bfloat16" else torch.float32
+        return create_app(model, open_store(args.store), config), model
+
+    starting = StartingApp(build, on_failure=lambda: setattr(server, "should_exit", True))
+    server = DrainingServer(uvicorn.Config(starting, host=args.host, port=args.port, log_config=None, access_log=False,
                                            timeout_graceful_shutdown=args.graceful_timeout,
                                            limit_concurrency=args.max_connections), drain_seconds=args.drain_seconds)
     try:
         server.run()
     finally:
-        if hasattr(model, "close"):
-            model.close()
+        if hasattr(starting.model, "close"):
+            starting.model.close()
+    if starting.error is not None:
+        raise starting.error
 
 
 def cmd_users_import(args) -> None:
