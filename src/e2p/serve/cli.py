@@ -163,7 +163,7 @@ def cmd_users_delete(args) -> None:
             continue
         if shared:
             print(f"deleted {user} (tenant {tenant}): " + ("the tables were rewritten (VACUUM FULL), so its vector's bytes "
-                  f"are in none of their files" if args.purge else "row deleted and the tables vacuumed; --purge "
+                  "are in none of their files" if args.purge else "row deleted and the tables vacuumed; --purge "
                   "rewrites them so its bytes are in none of their files") + " (PostgreSQL's WAL and backups keep "
                   "them until they are recycled: docs/privacy.md)")
         else:

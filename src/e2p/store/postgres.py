@@ -27,9 +27,10 @@ from typing import Iterable
 
 import numpy as np
 
-from ..errors import DataError, EmbeddingError
-from .sqlite import CorruptEmbeddingError, StoreError, StoreUnavailableError, UserEmbedding, record_from_row
-from .vectors import DEFAULT_TENANT, as_vector, check_chunk, check_user_id, duplicate_in_chunk, next_string
+from ..errors import DataError
+from .reads import StoreReads
+from .sqlite import StoreError, StoreUnavailableError, UserEmbedding, record_from_row
+from .vectors import DEFAULT_TENANT, as_vector, check_chunk, check_user_id, checked_rows, duplicate_in_chunk
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def redact(dsn: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
 
 
-class PostgresStore:
+class PostgresStore(StoreReads):
     """Thread-safe store of user embeddings in PostgreSQL (psycopg 3 and its pool); see the module doc."""
 
     def __init__(self, dsn: str, dim: int | None = None, timeout: float = 5.0, pool_size: int = 8):
@@ -106,6 +107,7 @@ class PostgresStore:
             raise StoreError(f"store {self.path} failed ({type(exc).__name__}: {str(exc).strip()})") from None
 
     def _read(self, sql: str, args: tuple = (), all_rows: bool = False):
+        sql = sql.replace("?", "%s")  # StoreReads writes SQLite's placeholders
         with self._conn() as conn:
             cur = conn.execute(sql, args)
             return cur.fetchall() if all_rows else cur.fetchone()
@@ -162,15 +164,6 @@ class PostgresStore:
         assert record is not None
         return record
 
-    def profile_sums(self, user: str, tenant: str = DEFAULT_TENANT) -> bytes | None:
-        row = self._read('SELECT sums FROM profiles WHERE tenant=%s AND "user"=%s', (tenant, user))
-        return None if row is None else bytes(row[0])
-
-    def get(self, user: str, tenant: str = DEFAULT_TENANT) -> UserEmbedding | None:
-        row = self._read('SELECT "user", vector, dim, version, updated_at FROM embeddings WHERE tenant=%s AND "user"=%s',
-                         (tenant, user))
-        return None if row is None else self._record(*row)
-
     def _record(self, user, blob, dim, version, updated_at) -> UserEmbedding:
         return record_from_row(user, bytes(blob) if blob is not None else blob, dim, int(version), float(updated_at),
                                self.dim)
@@ -199,52 +192,9 @@ class PostgresStore:
     def ping(self) -> None:
         self._read("SELECT 1")
 
-    def __len__(self) -> int:
-        return int(self._read("SELECT COUNT(*) FROM embeddings")[0])
-
-    def count(self, tenant: str = DEFAULT_TENANT) -> int:
-        return int(self._read("SELECT COUNT(*) FROM embeddings WHERE tenant=%s", (tenant,))[0])
-
-    def users(self, limit: int = 100, after: str = "", tenant: str = DEFAULT_TENANT) -> list[str]:
-        rows = self._read('SELECT "user" FROM embeddings WHERE tenant=%s AND "user" > %s ORDER BY "user" LIMIT %s',
-                          (tenant, after, int(limit)), all_rows=True)
-        return [r[0] for r in rows]
-
-    def listing(self, limit: int = 100, after: str = "", prefix: str = "", tenant: str = DEFAULT_TENANT) -> list[dict]:
-        sql, args = 'SELECT "user", dim, version, updated_at FROM embeddings WHERE tenant=%s AND "user" > %s', [tenant, after]
-        if prefix:
-            sql += ' AND "user" >= %s'
-            args.append(prefix)
-            upper = next_string(prefix)
-            if upper is not None:
-                sql += ' AND "user" < %s'
-                args.append(upper)
-        rows = self._read(sql + ' ORDER BY "user" LIMIT %s', (*args, int(limit)), all_rows=True)
-        return [{"user": u, "dim": d, "version": int(v), "updated_at": float(t)} for u, d, v, t in rows]
-
-    def records(self, limit: int = 1000, tenant: str = DEFAULT_TENANT) -> tuple[list[UserEmbedding], int]:
-        rows = self._read('SELECT "user", vector, dim, version, updated_at FROM embeddings WHERE tenant=%s '
-                          'ORDER BY "user" LIMIT %s', (tenant, int(limit)), all_rows=True)
-        out, damaged = [], 0
-        for row in rows:
-            try:
-                out.append(self._record(*row))
-            except CorruptEmbeddingError:
-                damaged += 1
-        return out, damaged
-
     # --- bulk -----------------------------------------------------------------------------------------------------
     def put_many(self, items: Iterable[tuple[str, np.ndarray]], tenant: str = DEFAULT_TENANT) -> int:
-        items = list(items)
-        dim, checked = self.dim, []
-        for n, (user, vector) in enumerate(items):
-            try:
-                check_user_id(user)
-                v = as_vector(vector, dim)
-            except EmbeddingError as exc:
-                raise DataError(f"row {n} (user {user!r}): {exc}") from exc
-            dim = v.size if dim is None else dim
-            checked.append((user, v))
+        checked, dim = checked_rows(list(items), self.dim)
         if not checked:
             return 0
         self.claim_dim(dim)

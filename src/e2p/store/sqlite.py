@@ -37,8 +37,9 @@ from typing import Iterable
 import numpy as np
 
 from .importing import stage_chunk
-from ..errors import DataError, EmbeddingError, E2PError
-from .vectors import DEFAULT_TENANT, as_vector, check_chunk, check_user_id, next_string
+from .reads import StoreReads
+from ..errors import E2PError
+from .vectors import DEFAULT_TENANT, as_vector, check_chunk, check_user_id, checked_rows
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def _migrate(db: sqlite3.Connection) -> None:
     log.info("store migrated: its users are now the %r tenant's", DEFAULT_TENANT)
 
 
-class EmbeddingStore:
+class EmbeddingStore(StoreReads):
     """Thread-safe SQLite store of user embeddings. Use one instance per process (or several: WAL allows it).
 
     Writes go through one connection (under a lock), reads through another, so a reader never waits behind a
@@ -256,17 +257,6 @@ class EmbeddingStore:
         assert record is not None
         return record
 
-    def profile_sums(self, user: str, tenant: str = DEFAULT_TENANT) -> bytes | None:
-        """The running sums of `tenant`'s `user`'s live profile (None: no events folded since the last PUT)."""
-        row = self._read("SELECT sums FROM profiles WHERE tenant=? AND user=?", (tenant, user))
-        return None if row is None else row[0]
-
-    def get(self, user: str, tenant: str = DEFAULT_TENANT) -> UserEmbedding | None:
-        """`tenant`'s stored record of `user`, or None; CorruptEmbeddingError if the row holds no usable vector."""
-        row = self._read("SELECT user, vector, dim, version, updated_at FROM embeddings WHERE tenant=? AND user=?",
-                         (tenant, user))
-        return None if row is None else self._record(*row)
-
     def _record(self, user, blob, dim, version, updated_at) -> UserEmbedding:
         return record_from_row(user, blob, dim, version, updated_at, self.dim)
 
@@ -295,61 +285,12 @@ class EmbeddingStore:
         """A read the store must answer (readiness); StoreError when it cannot."""
         self._read("SELECT COUNT(*) FROM meta")
 
-    def __len__(self) -> int:
-        """Users of every tenant."""
-        return int(self._read("SELECT COUNT(*) FROM embeddings")[0])
-
-    def count(self, tenant: str = DEFAULT_TENANT) -> int:
-        return int(self._read("SELECT COUNT(*) FROM embeddings WHERE tenant=?", (tenant,))[0])
-
-    def users(self, limit: int = 100, after: str = "", tenant: str = DEFAULT_TENANT) -> list[str]:
-        rows = self._read("SELECT user FROM embeddings WHERE tenant=? AND user > ? ORDER BY user LIMIT ?",
-                          (tenant, after, int(limit)), all_rows=True)
-        return [r[0] for r in rows]
-
-    def listing(self, limit: int = 100, after: str = "", prefix: str = "",
-                tenant: str = DEFAULT_TENANT) -> list[dict]:
-        """`tenant`'s users whose id starts with `prefix`, after `after`, in id order: their metadata (id, dim,
-        version, update time), never the vector. A range scan of the (tenant, user) key: cheap in a store of millions."""
-        sql, args = "SELECT user, dim, version, updated_at FROM embeddings WHERE tenant=? AND user > ?", [tenant, after]
-        if prefix:
-            sql += " AND user >= ?"
-            args.append(prefix)
-            upper = next_string(prefix)
-            if upper is not None:
-                sql += " AND user < ?"
-                args.append(upper)
-        rows = self._read(sql + " ORDER BY user LIMIT ?", (*args, int(limit)), all_rows=True)
-        return [{"user": u, "dim": d, "version": v, "updated_at": t} for u, d, v, t in rows]
-
-    def records(self, limit: int = 1000, tenant: str = DEFAULT_TENANT) -> tuple[list[UserEmbedding], int]:
-        """The first `limit` of `tenant`'s users in id order, with their vectors, and how many rows were damaged
-        (skipped: a damaged row is that user's problem, not the reader's)."""
-        rows = self._read("SELECT user, vector, dim, version, updated_at FROM embeddings WHERE tenant=? "
-                          "ORDER BY user LIMIT ?", (tenant, int(limit)), all_rows=True)
-        out, damaged = [], 0
-        for row in rows:
-            try:
-                out.append(self._record(*row))
-            except CorruptEmbeddingError:
-                damaged += 1
-        return out, damaged
-
     # --- bulk -------------------------------------------------------------------------------------
     def put_many(self, items: Iterable[tuple[str, np.ndarray]], tenant: str = DEFAULT_TENANT) -> int:
         """All-or-nothing import in one transaction; returns the number of rows written."""
         items = list(items)
         with self._lock:
-            dim = self.dim
-            checked = []
-            for n, (user, vector) in enumerate(items):
-                try:
-                    check_user_id(user)
-                    v = as_vector(vector, dim)
-                except EmbeddingError as exc:
-                    raise DataError(f"row {n} (user {user!r}): {exc}") from exc
-                dim = v.size if dim is None else dim
-                checked.append((user, v))
+            checked, dim = checked_rows(items, self.dim)
             if not checked:
                 return 0
             self.claim_dim(dim)

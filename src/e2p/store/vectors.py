@@ -114,3 +114,18 @@ def duplicate_in_chunk(users: list[str], start: int) -> None:
         if u in seen:
             raise DataError(f"row {start + i}: user id {u!r} appears more than once: keep one row per user")
         seen.add(u)
+
+
+def checked_rows(items, dim: int | None) -> tuple[list, int | None]:
+    """(user, vector) pairs checked for an all-or-nothing write -> ([(user, float32 vector)], the dimension); DataError
+    naming the first bad row."""
+    checked = []
+    for n, (user, vector) in enumerate(items):
+        try:
+            check_user_id(user)
+            v = as_vector(vector, dim)
+        except EmbeddingError as exc:
+            raise DataError(f"row {n} (user {user!r}): {exc}") from exc
+        dim = v.size if dim is None else dim
+        checked.append((user, v))
+    return checked, dim
