@@ -260,7 +260,8 @@ def _stream_text(client: httpx.Client, user: str, prompt: str, **extra) -> tuple
 
 
 def _served_replies_equal_torch(client, model, torch_replies):
-    """Every (user, prompt) through the server equals the torch engine's greedy reply, decoded as e2p decodes."""
+    """Every (user, prompt) through the server equals the torch engine's greedy reply, decoded as e2p decodes, and a
+    streamed reply is the same text."""
     _put_users(client, model)
     prompts, users = _grid()
     for i, (prompt, persona) in enumerate(zip(prompts, users)):
@@ -269,6 +270,9 @@ def _served_replies_equal_torch(client, model, torch_replies):
         want = model.model.tokenizer.decode(torch_replies["tokens"][i], skip_special_tokens=True).strip()
         assert r.json()["choices"][0]["message"]["content"] == want, (i, persona, prompt)
         assert r.headers["x-e2p-embedding"] == ("store" if persona else "none")
+    whole = _chat(client, "u1", PROMPTS[1]).json()["choices"][0]
+    text, finish = _stream_text(client, "u1", PROMPTS[1])  # the deltas add up to the whole reply
+    assert text == whole["message"]["content"] and finish == whole["finish_reason"]
 
 
 @pytest.mark.backbone
@@ -278,8 +282,6 @@ def test_the_server_on_the_in_process_engine(in_process, torch_replies):
         with httpx.Client(base_url=server.url, timeout=120) as client:
             _served_replies_equal_torch(client, in_process, torch_replies)
             whole = _chat(client, "u0", PROMPTS[0]).json()["choices"][0]
-            text, finish = _stream_text(client, "u0", PROMPTS[0])
-            assert text == whole["message"]["content"] and finish == whole["finish_reason"]
             cut = whole["message"]["content"].split()[2]
             stopped = _chat(client, "u0", PROMPTS[0], stop=[cut]).json()["choices"][0]
             assert stopped["finish_reason"] == "stop" and cut not in stopped["message"]["content"]
@@ -347,9 +349,6 @@ def test_the_gateway_server_streams_answers_and_maps_upstream_faults(gateway, to
     try:
         with httpx.Client(base_url=server.url, timeout=120) as client:
             _served_replies_equal_torch(client, gateway, torch_replies)
-            whole = _chat(client, "u1", PROMPTS[1]).json()["choices"][0]
-            text, finish = _stream_text(client, "u1", PROMPTS[1])
-            assert text == whole["message"]["content"] and finish == whole["finish_reason"]
             # vLLM refuses (prompt + 400 tokens > its 256-token context): an OpenAI-shaped 502 with vLLM's reason
             r = _chat(client, "u1", PROMPTS[1], max_tokens=400)
             assert_error(r, 502, "upstream_error")
