@@ -119,14 +119,16 @@ def cmd_data(args) -> None:
 
         card = write_pens_contract(args.src, args.out, test_users=args.test_users, test_fraction=args.test_fraction,
                                    behaviour=args.behaviour, behaviour_dim=args.behaviour_dim, seed=args.seed,
-                                   profile_slots=args.profile_slots, profile_set=args.profile_set)
+                                   profile_slots=args.profile_slots,
+                                   **({} if args.profile_set is None else {"profile_set": args.profile_set}))
     else:
         from .data.persona_contract import write_persona_contract
 
         card = write_persona_contract(args.src, args.out, history_turns=args.history_turns)
     for name, part in card["parts"].items():
         print(f"{name}: {part['users']} users, {part['examples']} examples -> {part['folder']}")
-    print(f"train: e2p train --users {args.out}/users.npz --examples {args.out}/examples.jsonl --out runs/{args.study}")
+    users = card.get("default_profile", "users.npz")
+    print(f"train: e2p train --users {args.out}/{users} --examples {args.out}/examples.jsonl --out runs/{args.study}")
 
 
 def cmd_generate(args) -> None:
@@ -314,9 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--profile-slots", type=int, default=0,
                     help="pens: also write users_text_slots.npz, each history as N cluster vectors (e2p train "
                          "--embedding-slots N)")
-    dt.add_argument("--profile-set", type=int, default=0,
-                    help="pens: also write users_text_set.npz, each user as a set of up to N history items (train "
-                         "with a recipe {\"set_items\": N}: attention pooling of the items)")
+    dt.add_argument("--profile-set", type=int, default=None,
+                    help="pens: users_text_set.npz keeps up to N history items per user (default 100; 0: no set file), "
+                         "the default profile: `e2p train --users users_text_set.npz` pools them by attention")
     dt.add_argument("--history-turns", type=int, default=2, help="persona: earlier turns kept in each prompt")
     dt.add_argument("--seed", type=int, default=0,
                     help="seeds the split of users")

@@ -55,7 +55,11 @@ def _device(module: nn.Module) -> torch.device:
 def _cache_arg_name(model_class: type) -> str:
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+    params = inspect.signature(model_class.forward).parameters
+    for name in ("cache", "past_key_values", "cache_params"):  # transformers 5.x; state-space models before 5.20
+        if name in params:
+            return name
+    return "past_key_values"
 
 
 def _cache_kwarg(module: nn.Module, cache) -> dict:
@@ -64,7 +68,11 @@ def _cache_kwarg(module: nn.Module, cache) -> dict:
 
 
 def _output_cache(out):
-    return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
+    for name in ("cache", "past_key_values", "cache_params"):
+        value = getattr(out, name, None)
+        if value is not None:
+            return value
+    return None
 
 
 @torch.no_grad()

@@ -97,10 +97,13 @@ def _examples(users: Sequence[PensUser], quotable: dict[str, list[tuple[str, str
     return out
 
 
+DEFAULT_PROFILE_SET = 100  # items a user's set keeps (every PENS history has 100): the default profile, issue 46
+
+
 def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path | None = None,
                         test_fraction: float = 0.0, behaviour: str = "coclick", behaviour_dim: int = 64,
                         weighting: str = "bm25", seed: int = 0, text_encoder=None, profile_slots: int = 0,
-                        profile_set: int = 0, **behaviour_settings) -> dict:
+                        profile_set: int = DEFAULT_PROFILE_SET, **behaviour_settings) -> dict:
     """Convert PENS users (a .tsv file or folder) into the contract under `out`; see the module doc."""
     try:
         from .behaviour import click_encoder
@@ -170,7 +173,9 @@ def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path
     card = {"source": str(src), "seed": seed, "behaviour": {"encoder": behaviour, "dim": clicks.dim,
                                                               "weighting": weighting, **behaviour_settings,
                                                               "fitted_on_clicks_of_users": len(everyone)},
-            "text_profile": "mean all-MiniLM-L6-v2 of the history headlines", "parts": {}}
+            "text_profile": "mean all-MiniLM-L6-v2 of the history headlines", "parts": {},
+            # the users file `e2p train --users` should get: chosen on validation users (docs/studies.md, issue 46)
+            "default_profile": "users_text_set.npz" if profile_set else "users_text_style.npz"}
     card["text_profile_style"] = {"file": "users_text_style.npz", **scaler.to_dict()}
     if profile_slots:
         card["text_profile_slots"] = {"slots": profile_slots, "file": "users_text_slots.npz",

@@ -15,7 +15,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -265,6 +265,20 @@ def train_text_stages(backbone, examples: Sequence[Example], val_examples: Seque
     stage("e2p_text", hybrid, users.tensor(), cfg.e2p_lr, freeze_shared=True, contrastive=cfg.contrastive_weight)
 
 
+def _set_items_of_table(users, cfg: RecipeConfig) -> RecipeConfig:
+    """A users table of set profiles (its rule beside it has set_items, `e2p data pens --profile-set`) trains a set
+    projector without a recipe saying so; a recipe that says otherwise is refused."""
+    from ..data.live_profile import ProfileRule, rule_path
+
+    beside = rule_path(users.source) if getattr(users, "source", None) else None
+    if beside is None or not beside.is_file():
+        return cfg
+    items = ProfileRule.load(beside).set_items or 0
+    if items and cfg.set_items not in (0, items):
+        raise DataError(f"{users.source} holds sets of {items} items, the recipe says set_items {cfg.set_items}")
+    return replace(cfg, set_items=items) if items and not cfg.set_items else cfg
+
+
 def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: RecipeConfig | None = None, *,
                       val_users: int | None = None, minutes: float | None = None, progress: bool = True,
                       shared_dir: str | Path | None = None, resume: bool = False, encoder_name: str = "") -> dict:
@@ -284,6 +298,7 @@ def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: Recip
     from ..evaluate.loop import conditions_for, evaluate_examples
 
     cfg = cfg or RecipeConfig(injection="deep", num_prefix_tokens=1)
+    cfg = _set_items_of_table(users, cfg)
     out_dir = Path(out_dir)
     t0 = time.time()
     ids = sorted({ex.user for ex in examples})
