@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from .limits import Limits, limits_of
+from .limits import Limits
 
 FORMAT = "e2p-keys/1"
 ROLES = ("user", "admin")
@@ -57,6 +57,17 @@ class KeyEntry:
                                     ("tokens_per_minute", self.limits.tokens_per_minute)) if v is not None}
         return {"tenant": self.tenant, "role": self.role, "hash": f"sha256:{self.salt.hex()}:{self.digest.hex()}",
                 **limits}
+
+
+def limits_of(entry: dict, where: str) -> Limits:
+    """The limits of a key-file entry or tenant settings object; KeyFileError for a value that is not a positive int."""
+    values = {}
+    for name in ("requests_per_minute", "tokens_per_minute"):
+        value = entry.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise KeyFileError(f"{where}{name} must be a whole number >= 1 (or absent: unlimited), got {value!r}")
+        values[name] = value
+    return Limits(**values)
 
 
 def _digest(salt: bytes, key: str) -> bytes:

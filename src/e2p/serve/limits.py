@@ -36,19 +36,6 @@ class Limits:
                       self.tokens_per_minute if self.tokens_per_minute is not None else default.tokens_per_minute)
 
 
-def limits_of(entry: dict, where: str) -> Limits:
-    """The limits of a key-file entry or tenant settings object; KeyFileError for a value that is not a positive int."""
-    from .keys import KeyFileError
-
-    values = {}
-    for name in ("requests_per_minute", "tokens_per_minute"):
-        value = entry.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise KeyFileError(f"{where}{name} must be a whole number >= 1 (or absent: unlimited), got {value!r}")
-        values[name] = value
-    return Limits(**values)
-
-
 def duration(seconds: float) -> str:
     """OpenAI's reset format: "20ms", "1s", "6m0s"."""
     if seconds < 1:

@@ -3,8 +3,8 @@ file, WAL); `postgres` the shared one every replica reads and writes (`postgresq
 address. `files` reads vector files (Parquet, CSV, JSONL, NPZ, NPY) for imports and training alike; `vectors` holds
 the checks every id and vector passes wherever it comes from."""
 from .importing import import_embeddings
-from .sqlite import (CorruptEmbeddingError, EmbeddingStore, StoreBusyError, StoreError, StoreUnavailableError,
-                     UserEmbedding)
+from .rows import CorruptEmbeddingError, StoreBusyError, StoreError, StoreUnavailableError, UserEmbedding
+from .sqlite import EmbeddingStore
 from .vectors import DEFAULT_TENANT
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import DataError
 from .reads import StoreReads
-from .sqlite import StoreError, StoreUnavailableError, UserEmbedding, record_from_row
+from .rows import StoreError, StoreUnavailableError, UserEmbedding, record_from_row
 from .vectors import DEFAULT_TENANT, as_vector, check_chunk, check_user_id, checked_rows, duplicate_in_chunk
 
 log = logging.getLogger(__name__)

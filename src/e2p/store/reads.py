@@ -49,7 +49,7 @@ class StoreReads:
     def records(self, limit: int = 1000, tenant: str = DEFAULT_TENANT) -> tuple[list, int]:
         """The first `limit` of `tenant`'s users in id order, with their vectors, and how many rows were damaged
         (skipped: a damaged row is that user's problem, not the reader's)."""
-        from .sqlite import CorruptEmbeddingError
+        from .rows import CorruptEmbeddingError
 
         rows = self._read('SELECT "user", vector, dim, version, updated_at FROM embeddings WHERE tenant=? '
                           'ORDER BY "user" LIMIT ?', (tenant, int(limit)), all_rows=True)

@@ -30,7 +30,6 @@ import logging
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -38,31 +37,11 @@ import numpy as np
 
 from .importing import stage_chunk
 from .reads import StoreReads
-from ..errors import E2PError
+from .rows import StoreBusyError, StoreError, UserEmbedding, record_from_row
 from .vectors import DEFAULT_TENANT, as_vector, check_chunk, check_user_id, checked_rows
 
 log = logging.getLogger(__name__)
 
-
-
-class StoreError(E2PError, ValueError):
-    """A store that cannot be used as asked (wrong dimension for this projector, unreadable file)."""
-
-
-class CorruptEmbeddingError(StoreError):
-    """One user's stored row does not hold a usable vector (NaN / inf, wrong length): that user only."""
-
-
-class StoreBusyError(StoreError):
-    """Another writer held the store past the busy timeout: retry shortly."""
-
-    code = "store_busy"
-
-
-class StoreUnavailableError(StoreBusyError):
-    """The store cannot be reached (a database that is down or restarting): retry shortly."""
-
-    code = "store_unavailable"
 
 
 @contextlib.contextmanager
@@ -77,36 +56,6 @@ def _sqlite_errors(path: Path):
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"store {path} is damaged ({exc}): restore it from a backup, or rebuild it with "
                          f"`sqlite3 {path} .recover` and `e2p users import`") from exc
-
-
-@dataclass
-class UserEmbedding:
-    user: str
-    vector: np.ndarray  # float32 [dim]
-    dim: int
-    version: int
-    updated_at: float  # unix seconds
-
-    def metadata(self) -> dict:
-        return {"user": self.user, "dim": self.dim, "version": self.version, "updated_at": self.updated_at}
-
-
-def record_from_row(user, blob, dim, version, updated_at, expected: int | None) -> UserEmbedding:
-    """A stored row -> UserEmbedding, checked (length, the store's dimension `expected`, NaN / inf): a damaged row is a
-    CorruptEmbeddingError for that user only. Both backends read rows through here."""
-    fix = ("store it again (PUT /v1/users/{id}/embedding or `e2p users import`) or delete it "
-           "(DELETE /v1/users/{id}/embedding)")
-    if not isinstance(blob, bytes) or not isinstance(dim, int) or dim <= 0 or len(blob) != 4 * dim:
-        size = len(blob) if isinstance(blob, (bytes, str)) else type(blob).__name__
-        raise CorruptEmbeddingError(f"the stored embedding of user {user!r} is damaged ({size} bytes for "
-                                    f"dimension {dim!r}): {fix}")
-    if expected is not None and dim != expected:
-        raise CorruptEmbeddingError(f"the stored embedding of user {user!r} has {dim} values, the store holds "
-                                    f"{expected}-dim embeddings: {fix}")
-    vector = np.frombuffer(blob, dtype=np.float32).copy()
-    if not np.isfinite(vector).all():
-        raise CorruptEmbeddingError(f"the stored embedding of user {user!r} contains NaN or inf values: {fix}")
-    return UserEmbedding(user=user, vector=vector, dim=dim, version=version, updated_at=updated_at)
 
 
 _ON_CONFLICT = ("ON CONFLICT(tenant, user) DO UPDATE SET vector=excluded.vector, dim=excluded.dim, "
