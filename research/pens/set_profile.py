@@ -20,6 +20,28 @@ import json
 from pathlib import Path
 
 
+def paired_hits(results: dict, seed: int) -> dict:
+    """Identification by text + style, paired on the same generations: each projector against its own controls and
+    the set against the default (difference of accuracies, 95% interval over users)."""
+    from e2p.evaluate.identification import user_interval
+    import numpy as np
+
+    info = (results.get("identification") or {}).get("style") or {}
+    hits, users = info.get("hits") or {}, info.get("generation_users") or []
+    out = {}
+    for a, b in (("e2p_set", "shuffled_set"), ("e2p_set", "shared_prefix"), ("e2p_set", "e2p_default"),
+                 ("e2p_default", "shuffled_default"), ("e2p_default", "shared_prefix")):
+        if a in hits and b in hits:
+            diff = np.asarray(hits[a], float) - np.asarray(hits[b], float)
+            per_user: dict = {}
+            for u, d in zip(users, diff):
+                per_user.setdefault(u, []).append(d)
+            means = [float(np.mean(v)) for v in per_user.values()]
+            out[f"{a}_vs_{b}"] = {"difference": float(diff.mean()), "ci95": user_interval(diff, users, seed),
+                                  "users_higher": sum(m > 0 for m in means), "users_lower": sum(m < 0 for m in means)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="the folder `e2p data pens ... --profile-set N` wrote")
@@ -30,6 +52,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--from-results", action="store_true", help="summarize the results.json already in --out")
     args = ap.parse_args()
 
     from e2p import load_backbone
@@ -55,21 +78,30 @@ def main() -> None:
              Condition("e2p_set", as_set, embeddings="own", users=tables["set"])]
     pairs = [("e2p_set", "e2p_default"), ("e2p_set", "shared_prefix"), ("e2p_default", "shared_prefix"),
              ("e2p_set", "shuffled_set"), ("e2p_default", "shuffled_default")]
-    results = evaluate_examples(load_backbone(), tables["default"], examples, as_set, args.out, conditions=conds,
-                                limit=args.limit, generate=args.generate, seed=args.seed,
-                                encoder=TextEncoder() if args.generate else False, pairs=pairs)
+    if args.from_results:
+        results = json.loads((Path(args.out) / "results.json").read_text())
+    else:
+        results = evaluate_examples(load_backbone(), tables["default"], examples, as_set, args.out, conditions=conds,
+                                    limit=args.limit, generate=args.generate, seed=args.seed,
+                                    encoder=TextEncoder() if args.generate else False, pairs=pairs)
     cfg = E2PConfig.load(as_set)
     summary = {"split": args.split, "users": results["users"], "examples": results["examples"],
                "perplexity": {k: v["perplexity"] for k, v in results["conditions"].items()},
                "comparisons": results["comparisons"],
                "bytes_per_user": {"default": tables["default"].dim * 4, "set": tables["set"].dim * 4,
                                   "set_items": cfg.set_items},
-               "identification": results.get("identification"),
+               "identification": {name: {k: v for k, v in c.items() if k.startswith("identification")}
+                                  for name, c in results["conditions"].items()},
+               "identification_paired": paired_hits(results, args.seed),
                "command": "python research/pens/set_profile.py " + " ".join(
                    f"--{k} {v}" for k, v in vars(args).items() if v is not None)}
     (Path(args.out) / "set_profile.json").write_text(json.dumps(summary, indent=2, default=str))
     for name, c in results["comparisons"].items():
         print(f"{name}: {100 * c['relative_change']:+.2f}% [{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}]")
+    for name, c in summary["identification"].items():
+        print(f"identification {name}: {c}")
+    for name, c in summary["identification_paired"].items():
+        print(f"paired identification {name}: {c}")
 
 
 if __name__ == "__main__":
