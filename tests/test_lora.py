@@ -81,7 +81,7 @@ def test_greedy_generation_with_the_adapter_is_the_loss_paths_argmax_alone_or_in
 
 def test_training_moves_only_the_projector_and_its_adapter(tiny, tmp_path):
     from e2p.training.recipe_config import RecipeConfig
-    from e2p.training.recipe import example_items
+    from e2p.training.stage_runner import example_items
     from e2p.training.loop import TrainConfig, train_projector
 
     users, examples = _contract()
@@ -267,7 +267,7 @@ def test_the_cli_maps_lora_flags_and_counts_the_controls_in_steps():
 
 def test_an_interrupted_lora_stage_resumes_to_the_same_projector(tiny, tmp_path):
     from e2p.training.recipe_config import RecipeConfig
-    from e2p.training.recipe import example_items
+    from e2p.training.stage_runner import example_items
     from e2p.training.loop import TrainConfig, train_projector
 
     users, examples = _contract()

@@ -139,7 +139,7 @@ def test_the_shuffled_figure_of_a_training_curve_is_the_shuffled_figure_of_eval(
 
     from e2p.evaluate import Condition, run_conditions
     from e2p.training.recipe_config import RecipeConfig
-    from e2p.training.recipe import example_items
+    from e2p.training.stage_runner import example_items
     from e2p.evaluate.scoring import evaluate_loss
 
     users, examples = _contract()
@@ -160,7 +160,7 @@ def test_the_shuffled_figure_of_a_training_curve_is_the_shuffled_figure_of_eval(
 
 def test_example_items_carry_the_user_index_and_the_profile_only_with_text(tiny):
     from e2p.training.recipe_config import RecipeConfig
-    from e2p.training.recipe import example_items
+    from e2p.training.stage_runner import example_items
 
     users, examples = _contract()
     projector = Projector(new_config(tiny, embedding_dim=8))

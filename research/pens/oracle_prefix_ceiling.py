@@ -23,7 +23,7 @@ from e2p.data.contract import UserTable, load_examples, load_users
 from e2p.evaluate import Condition, compare, run_conditions
 from e2p.config import E2PConfig
 from e2p.training.recipe_config import RecipeConfig
-from e2p.training.recipe import train_prefix_stages
+from e2p.training.prefix_stages import train_prefix_stages
 
 
 def main() -> None:

@@ -6,6 +6,8 @@ with its own users table, beside the controls, with paired 95% intervals over us
     python research/pens/set_profile.py --data runs/i46/data --default runs/i44/style --set runs/i46/set \
         --split test --generate 340 --out runs/i46/compare-test
 
+The backbone is the projectors' own (`backbone_name` in their config.json; both must share it).
+
 `--split validation`: the 13 validation users of the set projector's split (split.json: selection + verdict users,
 never trained on by either projector: both trainings used the same split), on which the default is chosen. `--split
 test`: the 17 test users. Conditions: shared_prefix (the same control for both: one seed trains the same shared
@@ -78,10 +80,13 @@ def main() -> None:
              Condition("e2p_set", as_set, embeddings="own", users=tables["set"])]
     pairs = [("e2p_set", "e2p_default"), ("e2p_set", "shared_prefix"), ("e2p_default", "shared_prefix"),
              ("e2p_set", "shuffled_set"), ("e2p_default", "shuffled_default")]
+    backbone = E2PConfig.load(as_set).backbone_name
+    if E2PConfig.load(default).backbone_name != backbone:
+        raise SystemExit(f"the two projectors were trained on different backbones: retrain --default on {backbone}")
     if args.from_results:
         results = json.loads((Path(args.out) / "results.json").read_text())
     else:
-        results = evaluate_examples(load_backbone(), tables["default"], examples, as_set, args.out, conditions=conds,
+        results = evaluate_examples(load_backbone(backbone), tables["default"], examples, as_set, args.out, conditions=conds,
                                     limit=args.limit, generate=args.generate, seed=args.seed,
                                     encoder=TextEncoder() if args.generate else False, pairs=pairs)
     cfg = E2PConfig.load(as_set)

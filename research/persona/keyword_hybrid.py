@@ -26,7 +26,7 @@ from e2p.data.encoders import TextEncoder
 from e2p.evaluate import derangement, paired_bootstrap
 from e2p.model import E2PModel
 from e2p.projector import Projector
-from e2p.training.recipe import sample_examples
+from e2p.training.stage_runner import sample_examples
 from recipe import PersonaRecipeConfig as RecipeConfig, reply_row, split_people
 from e2p.training.loop import TrainConfig, train_projector
 from e2p.evaluate.scoring import Item, row_losses

@@ -27,7 +27,7 @@ from e2p.model import E2PModel, new_config, per_row_sum
 from e2p.formatting import Segments
 from e2p.projector import Projector, embedding_center
 from e2p.training.recipe_config import RecipeConfig
-from e2p.training.recipe import init_shared, sample_examples, train_stage
+from e2p.training.stage_runner import init_shared, sample_examples, train_stage
 from e2p.evaluate.scoring import Item
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def run_recipe(backbone, encoder, examples: list[PersonaExample], out_dir: str |
 
     def stage(name, projector, steps, lr, with_text, freeze_shared=False, contrastive=0.0, items=None, val_items=None, tbl=table,
               teacher=None):
-        """The product's stage (`e2p.training.recipe.train_stage`) on this recipe's items; a teacher: distillation."""
+        """The product's stage (`e2p.training.stage_runner.train_stage`) on this recipe's items; a teacher: distillation."""
         if steps <= 0:
             return None
         model = E2PModel(backbone, projector)

@@ -19,7 +19,7 @@ from e2p.data.persona import persona_split
 from e2p.data.encoders import TextEncoder
 from e2p.model import E2PModel
 from e2p.projector import Projector
-from e2p.training.recipe import sample_examples
+from e2p.training.stage_runner import sample_examples
 from recipe import PersonaRecipeConfig as RecipeConfig, reconstruction_items, split_people
 from e2p.evaluate.scoring import evaluate_loss
 

@@ -14,7 +14,7 @@ controls get the same adapter training:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -23,7 +23,7 @@ from ..lora import find_targets, parse_targets
 from .privacy import PrivacyError
 from ..projector import Projector
 from ..evaluate.scoring import derangement
-from .stages import Stage
+from .stages import Stage, Start
 
 START = "start"  # shared_prefix/start/: the shared stage as the e2p stage started from it
 SHUFFLED = "shuffled_trained"
@@ -79,16 +79,16 @@ def check_same_adapter(config, base: Mapping, shared_dir) -> None:
 
 
 def control_stages(start: Path, out_dir: Path, examples: Sequence, index: Mapping[str, int], table: torch.Tensor, cfg,
-                   steps: int, new_e2p: Callable[[], Projector]) -> list[Stage]:
+                   steps: int, e2p_start: Start) -> list[Stage]:
     """After the e2p stage (`steps` long): the shared control continued for as many steps (into `shared_prefix/`, from
     `start`) and the shuffled control trained alike (`shuffled_trained/`, from the e2p stage's initial projector,
-    `new_e2p`, on a derangement of training users to embedding rows). Neither takes a share of the run's minutes."""
+    `e2p_start`, on a derangement of training users to embedding rows). Neither takes a share of the run's minutes."""
     users = sorted({ex.user for ex in examples})
     swap = derangement(users, cfg.seed)
     deranged = {u: index[users[j]] for u, j in zip(users, swap)}  # each training user trains on another's embedding
-    return [Stage("shared_prefix_continued", lambda: Projector.from_pretrained(start), out_dir / "shared_prefix", steps,
+    return [Stage("shared_prefix_continued", Start(folder=start), out_dir / "shared_prefix", steps,
                   cfg.shared_lr, timed=False),
-            Stage(SHUFFLED, new_e2p, out_dir / SHUFFLED, steps, cfg.e2p_lr, table, freeze_shared=cfg.freeze_shared,
+            Stage(SHUFFLED, e2p_start, out_dir / SHUFFLED, steps, cfg.e2p_lr, table, freeze_shared=cfg.freeze_shared,
                   contrastive=cfg.contrastive_weight, train_index=deranged, timed=False)]
 
 

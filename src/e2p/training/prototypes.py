@@ -21,7 +21,7 @@ from .distributed import is_main_process
 from ..errors import DataError
 from ..model import new_config
 from ..projector import Projector, unit_rows
-from .stages import Stage
+from .stages import Stage, Start
 
 
 TEMPERATURES = (0.02, 0.05, 0.1, 0.2, 0.5)  # the grid calibration picks from (with the person scales)
@@ -56,11 +56,7 @@ def prototype_stage(backbone, examples: Sequence[Example], users: UserTable, sha
     onehot = UserTable(ids, np.eye(len(ids), dtype=np.float32), "one-hot training user ids")
     fit, held = split_own_examples(examples, 0.1, cfg.seed)
 
-    def start() -> Projector:
-        own = Projector(new_config(backbone, embedding_dim=len(ids), embedding_mean=None, **base))
-        own.shared.data.copy_(shared.shared.data)
-        return own
-
+    start = Start(config=new_config(backbone, embedding_dim=len(ids), embedding_mean=None, **base), shared_from=shared)
     return Stage("prototypes", start, out_dir / "prototypes", cfg.e2p_steps, cfg.e2p_lr, onehot.tensor(),
                  freeze_shared=True, train=fit, val=held, index=onehot.index), onehot
 

@@ -3,7 +3,7 @@ the recipe cannot train), and read from a recipe file (`recipe.json`, as every r
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from ..config import read_json_object
@@ -145,3 +145,17 @@ def hidden_dims_of(text: str) -> list[int]:
     if not dims or min(dims) < 1:
         raise DataError(f"--hidden-dims {text!r}: give comma-separated positive sizes (e.g. 1024) or 'linear'")
     return dims
+
+
+def with_set_items_of(users, cfg: RecipeConfig) -> RecipeConfig:
+    """A users table of set profiles (its rule beside it has set_items, `e2p data pens --profile-set`) trains a set
+    projector without a recipe saying so; a recipe that says otherwise is refused."""
+    from ..data.live_profile import ProfileRule, rule_path
+
+    beside = rule_path(users.source) if getattr(users, "source", None) else None
+    if beside is None or not beside.is_file():
+        return cfg
+    items = ProfileRule.load(beside).set_items or 0
+    if items and cfg.set_items not in (0, items):
+        raise DataError(f"{users.source} holds sets of {items} items, the recipe says set_items {cfg.set_items}")
+    return replace(cfg, set_items=items) if items and not cfg.set_items else cfg

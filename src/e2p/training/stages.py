@@ -1,21 +1,36 @@
-"""A recipe's stages as data: each `Stage` says what trains (its initial projector), on which examples and embedding
-rows, for how many steps and at which learning rate, and where it is saved. The recipe builds the list and runs it
-(`recipe.run_stage`); the shared adapter's controls and prototype mixing hand back stages of their own instead of
-being handed a runner to call back. `planned_steps` counts a run's steps once, for `--steps`, `--minutes` and DP.
+"""A recipe's stages as data: each `Stage` says what trains (its initial projector, a `Start`), on which examples and
+embedding rows, for how many steps and at which learning rate, and where it is saved. The recipe builds the list and
+the stage runner runs it (`e2p.training.stage_runner.run_stage`); the shared adapter's controls and prototype mixing
+hand back stages of their own, never a function to call back. `planned_steps` counts a run's steps once, for
+`--steps`, `--minutes` and DP.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
+
+
+@dataclass(frozen=True)
+class Start:
+    """How a stage's initial projector is made, as data (it is made when the stage runs, after the stages before):
+    `projector` as it is; or loaded from `folder`; or new from `config` (after seeding torch with `seed`, where
+    given). Then it takes the shared prefix of `shared_from` and the shared adapter of `adapter_from`, where given."""
+
+    projector: Any = None  # a Projector
+    folder: Path | None = None
+    config: Any = None  # an E2PConfig
+    seed: int | None = None
+    shared_from: Any = None  # a Projector
+    adapter_from: Any = None  # a Projector
 
 
 @dataclass
 class Stage:
     name: str
-    start: Callable[[], object]  # -> the stage's initial Projector, made when the stage runs (after the stages before)
+    start: Start
     folder: Path
     steps: int
     lr: float
@@ -27,6 +42,7 @@ class Stage:
     index: Mapping[str, int] | None = None  # user -> row of `table` (None: the run's table index)
     train_index: Mapping[str, int] | None = None  # the training examples' own rows (a control trained on other users')
     timed: bool = True  # takes its share of the run's minutes (a control matching another stage's steps: not)
+    with_text: bool = False  # the profile text in the prompt (the text conditions, trained as hybrids)
 
 
 def planned_steps(cfg, train_shared: bool = True, with_users: bool = True, text: bool = True) -> dict[str, int]:
