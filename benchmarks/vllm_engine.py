@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from e2p.engines.vllm import tensor2base64
+from e2p.engines.vllm_gateway import tensor2base64
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import free_port, stop_server, wait_healthy  # noqa: E402

@@ -20,7 +20,7 @@ import torch
 from conftest import ADMIN, API, Server, assert_error
 
 from e2p.errors import ConfigError
-from e2p.engines.vllm import decode_tensor, tensor2base64
+from e2p.engines.vllm_gateway import decode_tensor, tensor2base64
 
 USERS = [torch.randn(8, generator=torch.Generator().manual_seed(i)).tolist() for i in range(3)] + [None]
 PROMPTS = ["Hi, what do you do on weekends?", "What is your favourite food?", "Tell me about yourself."]
@@ -103,7 +103,7 @@ def test_vllm_engine_arguments_pass_through():
 
 
 def test_an_unreachable_vllm_is_one_clear_error_at_start_up():
-    from e2p.engines.vllm import VLLMGateway
+    from e2p.engines.vllm_gateway import VLLMGateway
 
     t = time.monotonic()
     with pytest.raises(ConfigError, match=r"cannot reach the vLLM server.*--enable-prompt-embeds"):
@@ -369,7 +369,8 @@ def test_the_gateway_server_streams_answers_and_maps_upstream_faults(gateway, to
 
 def test_a_silent_upstream_is_a_504_within_the_timeout():
     """An upstream that accepts the connection and never answers: the row fails with 504, nothing hangs."""
-    from e2p.engines.vllm import VLLMGateway, VLLMJob
+    from e2p.engines.vllm import VLLMJob
+    from e2p.engines.vllm_gateway import VLLMGateway
     from e2p.errors import UpstreamError
 
     sock = socket.socket()

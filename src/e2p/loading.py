@@ -122,7 +122,8 @@ def make_model(backbone, projector=None, config=None, engine: str = "torch", ggu
     `max_prompt_tokens` and a reply of `reply_tokens`); or vLLM (in this process, or the `vllm serve` at
     `vllm_url`)."""
     if engine == "vllm":
-        from .engines.vllm import InProcessVLLM, VLLMGateway, VLLMModel, check_projector
+        from .engines.vllm import InProcessVLLM, VLLMModel, check_projector
+        from .engines.vllm_gateway import VLLMGateway
 
         check_projector(projector.config if projector is not None else None)  # before vLLM loads
         k = projector.config.num_prefix_tokens if projector is not None else 0
