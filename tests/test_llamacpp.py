@@ -250,3 +250,26 @@ def test_the_llamacpp_engine_generates_with_no_torch_backbone_weights_loaded(rea
     assert got["models"] == []  # no transformers model object at all
     assert got["tensor_values"] < 2 * got["projector"] + 100_000  # SmolLM2's 135M weights would be ~1,000x more
     assert got["memory"]["gguf_bytes"] > 50_000_000 and got["memory"]["rss_bytes"] < 1_500_000_000
+
+
+def test_llamacpp_rows_set_aside_keep_their_kv_cells_and_give_the_same_tokens(llama_model, users):
+    """Fair shares set rows aside between steps (Generation.focus, LlamaDecoding.split): their sequences keep their KV
+    cells, and every row's greedy tokens equal those of a plain run."""
+    from e2p.engines.generation import DecodeRow, Generation
+
+    segs = [llama_model.format(p) for p in PROMPTS[:3]]
+
+    def run(focus: bool) -> list[list[int]]:
+        gen = Generation(llama_model)
+        rows = [DecodeRow(temperature=0.0, top_p=1.0, seed=None, max_tokens=10) for _ in range(3)]
+        gen.add(rows, segs, list(users[:3]))
+        step = 0
+        while gen.rows or gen.waiting:
+            if focus:
+                wanted = {1} if step in (6, 7) else {0, 2} if 1 <= step <= 5 else {0, 1, 2}
+                gen.focus(lambda r: rows.index(r) in wanted)
+            gen.step()
+            step += 1
+        return [r.tokens for r in rows]
+
+    assert run(True) == run(False)

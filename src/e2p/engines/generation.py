@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -43,6 +43,12 @@ class Decoding:
         layers = [(k[idx][:, :, drop:], v[idx][:, :, drop:]) for k, v in self._layers()]
         flags = None if self.adapter_rows is None else [self.adapter_rows[i] for i in rows]
         return self._rebuild(layers, mask[:, drop:], self.positions[idx], self.last[idx], flags)
+
+    def split(self, rows: list[int]) -> tuple["Decoding", "Decoding"]:
+        """(these rows, the others), both kept: a row set aside keeps its cache for a later `join`."""
+        rows = list(rows)
+        others = [i for i in range(len(self.positions)) if i not in set(rows)]
+        return self.select(rows), self.select(others)
 
     def join(self, other: "Decoding") -> "Decoding":
         """This batch's rows, then `other`'s: the shorter history is left-padded (masked) to the longer."""
@@ -108,6 +114,8 @@ class Generation:
         self.model = model
         self.rows: list[DecodeRow] = []
         self.dec: Decoding | None = None
+        self.waiting: list[DecodeRow] = []  # rows set aside by `focus`: their cache kept, no steps
+        self.waiting_dec: Decoding | None = None
 
     def add(self, rows: Sequence[DecodeRow], segments: Sequence, embeddings=None) -> list[DecodeRow]:
         """Prefill `rows` together (each alone if that fails) and join them to the batch; -> the rows that failed."""
@@ -127,6 +135,22 @@ class Generation:
             self.dec = dec if self.dec is None else self.dec.join(dec)
             self.rows += joined
         return failed
+
+    def focus(self, steps: Callable[[DecodeRow], bool]) -> None:
+        """Step only the rows `steps` accepts from now on: the others wait with their cache (no compute) until a later
+        call accepts them again. Rows are independent, so no row's tokens change; a step over fewer rows costs less."""
+        back = [j for j, r in enumerate(self.waiting) if steps(r)]
+        out = [j for j, r in enumerate(self.rows) if not steps(r)]
+        if back:
+            returning, rest = _split(self.waiting_dec, back)
+            self.rows += [self.waiting[j] for j in back]
+            self.waiting = [r for j, r in enumerate(self.waiting) if j not in set(back)]
+            self.dec, self.waiting_dec = _joined(self.dec, returning), rest
+        if out:
+            leaving, rest = _split(self.dec, out)
+            self.waiting += [self.rows[j] for j in out]
+            self.rows = [r for j, r in enumerate(self.rows) if j not in set(out)]
+            self.waiting_dec, self.dec = _joined(self.waiting_dec, leaving), rest
 
     def _prefill(self, rows, segments, embeddings, failed) -> Decoding | None:
         if not rows:
@@ -189,3 +213,15 @@ class Generation:
             self.dec, nxt = self.dec.select(keep), nxt[keep]
         self.model.advance(self.dec, nxt)
         return finished
+
+
+def _split(dec, rows: list[int]):
+    """(these rows, the rest) of a running batch (torch's Decoding or llama.cpp's), None for an empty part."""
+    n = len(dec.positions)
+    if len(rows) == n:
+        return dec, None
+    return dec.split(rows) if rows else (None, dec)
+
+
+def _joined(a, b):
+    return b if a is None else a if b is None else a.join(b)

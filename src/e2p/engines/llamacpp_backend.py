@@ -185,6 +185,15 @@ class LlamaDecoding:
         self.seqs = []
         return new
 
+    def split(self, rows: list[int]) -> tuple["LlamaDecoding", "LlamaDecoding"]:
+        """(these rows, the others), both kept (no KV cell freed): a row set aside resumes after a later `join`."""
+        rows = list(rows)
+        others = [i for i in range(len(self.seqs)) if i not in set(rows)]
+        parts = tuple(LlamaDecoding(self.backend, [self.seqs[i] for i in idx], [self.positions[i] for i in idx],
+                                    self.logits[idx]) for idx in (rows, others))
+        self.seqs = []
+        return parts
+
     def join(self, other: "LlamaDecoding") -> "LlamaDecoding":
         new = LlamaDecoding(self.backend, self.seqs + other.seqs, self.positions + other.positions,
                             np.concatenate([self.logits, other.logits]))

@@ -6,7 +6,9 @@ Design
   letting latency grow without bound.
 * Free rows go to tenants in turn: each to the tenant with the fewest rows running, its oldest request first; and a
   tenant with no row running may join a full batch in one of a few guest rows (`guest_rows_for`), so one tenant's
-  flood of long requests cannot make another tenant's short one wait behind it.
+  flood of long requests cannot make another tenant's short one wait behind it. Once in, decode steps go to
+  tenants by their fair share of tokens (`serve.fair_share.FairShare`): a light tenant's rows step alone while the
+  others' wait with their cache, so its short request costs about what it costs alone.
 * The worker takes the oldest request, waits up to `wait_ms` for more requests, up to `max_batch` rows,
   and runs them in the one decode loop (`e2p.engines.generation.Generation`, the same loop as an engine's `generate`):
   this module only admits requests, streams their text and answers them when their rows finish.
@@ -44,6 +46,7 @@ from ..engines.generation import DecodeRow, Generation
 from ..engines.base import Engine
 from ..formatting import Segments
 from .detokenize import Detokenizer, RowText
+from .fair_share import FairShare
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +122,7 @@ class Batcher:
         self.last_step = time.monotonic()  # when the worker last took a batch or a decoding step (liveness)
         self._thread: threading.Thread | None = None
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent batch sizes, for tests and /healthz
+        self.share = FairShare(window=max_batch, credit=8 * max_batch)  # tokens (see serve.fair_share)
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -269,12 +273,17 @@ class Batcher:
     def _process(self, batch: list[GenRequest], involved: list[GenRequest]) -> None:
         live = self._admit(batch)
         gen = Generation(self.model)
+        self.share.reset()
         self._join(gen, live)
-        while gen.rows:
+        while gen.rows or gen.waiting:
             self.last_step = time.monotonic()
+            stepping = self.share.stepping(row.request.tenant for row in gen.rows + gen.waiting)
+            gen.focus(lambda row: row.request.tenant in stepping or row.request.cancelled)  # a gone client ends now
+            self.share.stepped(row.request.tenant for row in gen.rows)
             for row in gen.step():
                 self._complete(row)
-            joiners = self._joiners(self.max_batch - len(gen.rows), [row.request.tenant for row in gen.rows])
+            everyone = [row.request.tenant for row in gen.rows + gen.waiting]
+            joiners = self._joiners(self.max_batch - len(everyone), everyone)
             if joiners:
                 involved += joiners
                 self._join(gen, joiners)
@@ -284,6 +293,8 @@ class Batcher:
         if not requests:
             return
         size = len(gen.rows) + len(requests)
+        for r in requests:
+            self.share.starting(r.tenant, [row.request.tenant for row in gen.rows + gen.waiting])
         rows = [self._new_row(r, size) for r in requests]
         for row in gen.add(rows, [r.segments for r in requests], [r.embedding for r in requests]):
             self._fail(row.request, row.error)
