@@ -70,6 +70,8 @@ def start_server(args, port: int, store: str) -> subprocess.Popen:
         cmd += ["--projector", args.projector]
     if args.backbone:
         cmd += ["--backbone", args.backbone]
+    if getattr(args, "keys", None):  # a key file beside the env keys (e.g. a rate-limited key)
+        cmd += ["--keys", args.keys]
     env = {**os.environ, "E2P_API_KEY": args.api_key, "E2P_ADMIN_KEY": args.admin_key}
     log = open(Path(args.out).with_suffix(".server.log"), "w")
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)

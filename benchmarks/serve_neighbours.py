@@ -11,6 +11,15 @@ over the count or length limit (400), a stop list at the limit (valid: 200), bur
 (above --max-embed-requests: 429s), bursts of 48 concurrent user-endpoint reads (above --max-user-requests: 429s)
 and inputs too large to embed. Alternating windows in one run means both sides share the machine's state; the
 goal is that the good requests' p95 latency rises by less than 20% in the mixed windows. Writes JSON (--out).
+
+The flood case (issue 45): `--back-to-back` makes the bad clients send only bad requests, one after another with no
+pause, and `--bad-requests-per-minute N` gives them a key of their own with that rate limit (a key file beside the
+good clients' key), so the server refuses them on their headers (429) before reading a body:
+
+    python benchmarks/serve_neighbours.py --kinds 1500_messages --back-to-back --window 30 --rounds 2 \
+        --out benchmarks/results/serve_flood.json
+    python benchmarks/serve_neighbours.py --kinds 1500_messages --back-to-back --window 30 --rounds 2 \
+        --bad-requests-per-minute 60 --out benchmarks/results/serve_flood_limited.json
 """
 from __future__ import annotations
 
@@ -32,6 +41,7 @@ from serve_soak import BAD_EXPECTED, add_server_arguments, bad_request, chat, pc
 ROUND_TWO = {"too_many_stops": 400, "too_long_stops": 400, "stops_at_limit": 200, "embeddings_burst": 429,
              "user_reads_burst": 429, "embeddings_too_large": 400}
 GOAL = 0.20  # the good requests' p95 may rise by less than this in mixed windows
+BAD_KEY = "bad-neighbour-benchmark-key-0001"  # --bad-requests-per-minute: the bad clients' own, rate-limited key
 
 
 async def burst(c: httpx.AsyncClient, n: int, path: str, kwargs: dict, method: str = "post") -> int | str:
@@ -81,9 +91,12 @@ async def good_client(c, ctx: dict, rng: random.Random, max_tokens: int) -> None
 
 async def bad_client(c, admin, ctx: dict, rng: random.Random) -> None:
     while not ctx["done"]:
-        body = chat(ctx["model"], f"user{rng.randrange(ctx['users'])}", rng, 8) | {"temperature": 0.0}
-        await send(c, "/v1/chat/completions", {"json": body}, 300)  # every other request is a short good chat
+        if not ctx["back_to_back"]:
+            body = chat(ctx["model"], f"user{rng.randrange(ctx['users'])}", rng, 8) | {"temperature": 0.0}
+            await send(c, "/v1/chat/completions", {"json": body}, 300)  # every other request is a short good chat
         if not ctx["window"].startswith("mixed"):
+            if ctx["back_to_back"]:
+                await asyncio.sleep(0.05)  # a clean window: the flooding clients are idle
             continue
         kind = next(ctx["kinds"])
         status = await bad_one(c, admin, kind, ctx, rng)
@@ -97,15 +110,18 @@ async def bad_client(c, admin, ctx: dict, rng: random.Random) -> None:
 async def run(args, url: str, model: str, dim: int) -> dict:
     ctx = {"model": model, "dim": dim, "users": args.users, "max_stops": args.max_stop_strings,
            "max_stop_chars": args.max_stop_chars, "window": "warm", "done": False, "good": [], "bad": [],
+           "back_to_back": args.back_to_back,
            "kinds": itertools.cycle(args.kinds.split(",") if args.kinds else list(BAD_EXPECTED) + list(ROUND_TWO)), "windows": []}
     rng = random.Random(args.seed)
     auth = {"authorization": f"Bearer {args.api_key}"}
     limits = httpx.Limits(max_connections=args.good + args.bad * 48)
+    bad_auth = {"authorization": f"Bearer {BAD_KEY}"} if args.bad_requests_per_minute else auth
     async with httpx.AsyncClient(base_url=url, headers=auth, limits=limits) as c, \
+            httpx.AsyncClient(base_url=url, headers=bad_auth, limits=limits) as bad, \
             httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {args.admin_key}"}, limits=limits) as admin:
         tasks = [asyncio.create_task(good_client(c, ctx, random.Random(rng.random()), args.max_tokens))
                  for _ in range(args.good)]
-        tasks += [asyncio.create_task(bad_client(c, admin, ctx, random.Random(rng.random()))) for _ in range(args.bad)]
+        tasks += [asyncio.create_task(bad_client(bad, admin, ctx, random.Random(rng.random()))) for _ in range(args.bad)]
         await asyncio.sleep(args.window / 2)  # the good clients fill the batch before the first window counts
         for i in range(args.rounds * 2):
             name = f"{('clean', 'mixed')[i % 2]}{i // 2}"
@@ -147,12 +163,23 @@ def main() -> None:
     p.add_argument("--good", type=int, default=8, help="clients sending good chats all the time")
     p.add_argument("--bad", type=int, default=4, help="extra clients sending bad requests in mixed windows")
     p.add_argument("--kinds", default=None, help="comma-separated bad kinds to send (default: all)")
+    p.add_argument("--back-to-back", action="store_true", help="bad clients send only bad requests, with no pause")
+    p.add_argument("--bad-requests-per-minute", type=int, default=None,
+                   help="give the bad clients a key of their own with this rate limit (a key file)")
     add_server_arguments(p)
     p.add_argument("--max-stop-strings", type=int, default=16, help="as the server's default")
     p.add_argument("--max-stop-chars", type=int, default=256, help="as the server's default")
     p.add_argument("--out", default="benchmarks/results/serve_neighbours.json")
     args = p.parse_args()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    if args.bad_requests_per_minute:
+        import tempfile
+
+        from e2p.serve.keys import add_key
+        from e2p.serve.limits import Limits
+
+        args.keys = str(Path(tempfile.mkdtemp(prefix="e2p-neighbours-")) / "keys.json")
+        add_key(args.keys, "default", "user", BAD_KEY, Limits(requests_per_minute=args.bad_requests_per_minute))
     proc, url, projector_kind = launch(args)
     try:
         wait_healthy(url, proc)
@@ -166,6 +193,8 @@ def main() -> None:
         stop_server(proc)
     result = {"model": model, "projector_kind": projector_kind, "window_s": args.window, "rounds": args.rounds,
               "good_clients": args.good, "bad_clients": args.bad, "max_tokens": args.max_tokens,
+              "back_to_back": args.back_to_back, "bad_requests_per_minute": args.bad_requests_per_minute,
+              "command": "python benchmarks/serve_neighbours.py " + " ".join(sys.argv[1:]),
               **summarize(ctx, args)}
     Path(args.out).write_text(json.dumps(result, indent=1))
     for name, s in result["sides"].items():

@@ -277,8 +277,7 @@ class Batcher:
         self._join(gen, live)
         while gen.rows or gen.waiting:
             self.last_step = time.monotonic()
-            stepping = self.share.stepping(row.request.tenant for row in gen.rows + gen.waiting)
-            gen.focus(lambda row: row.request.tenant in stepping or row.request.cancelled)  # a gone client ends now
+            self._focus(gen)
             self.share.stepped(row.request.tenant for row in gen.rows)
             for row in gen.step():
                 self._complete(row)
@@ -288,17 +287,25 @@ class Batcher:
                 involved += joiners
                 self._join(gen, joiners)
 
+    def _focus(self, gen: Generation, joining: list[str] = ()) -> None:
+        """Only the rows of tenants with their fair share step next (`serve.fair_share`); a gone client's row too, so
+        that it ends now."""
+        stepping = self.share.stepping([row.request.tenant for row in gen.rows + gen.waiting] + list(joining))
+        gen.focus(lambda row: row.request.tenant in stepping or row.request.cancelled)
+
     def _join(self, gen: Generation, requests: list[GenRequest]) -> None:
-        """Prefill `requests` into the running generation (a request the model cannot take fails alone)."""
+        """Prefill `requests` into the running generation (a request the model cannot take fails alone). The rows
+        that will wait are set aside first, so a light tenant's row joins no big batch only to leave it again."""
         if not requests:
             return
-        size = len(gen.rows) + len(requests)
+        size = len(gen.rows) + len(gen.waiting) + len(requests)  # admitted rows, stepping or waiting their turn
         for r in requests:
             self.share.starting(r.tenant, [row.request.tenant for row in gen.rows + gen.waiting])
+        self._focus(gen, [r.tenant for r in requests])
         rows = [self._new_row(r, size) for r in requests]
         for row in gen.add(rows, [r.segments for r in requests], [r.embedding for r in requests]):
             self._fail(row.request, row.error)
-        self._observe_batch(len(gen.rows))
+        self._observe_batch(len(gen.rows) + len(gen.waiting))
 
     def _new_row(self, r: GenRequest, batch_size: int) -> "_Row":
         detok = Detokenizer(self.model.tokenizer, r.segments.post)  # the reply goes on from the prompt's last tokens
