@@ -3,6 +3,8 @@ key gets OpenAI's x-ratelimit headers on every answer and a 429 with retry-after
 body is read; tokens count prompt + completion; other keys and tenants are untouched."""
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -46,8 +48,11 @@ def test_a_key_over_its_request_limit_gets_429_with_openai_headers(server):
             assert r.headers["x-ratelimit-limit-requests"] == "3"
             seen.append(int(r.headers["x-ratelimit-remaining-requests"]))
         assert seen == [2, 1, 0]
+        t0 = time.monotonic()
         r = _chat(client, LIMITED, body=b"{not even json")  # refused on its headers: the body is never read
+        held = time.monotonic() - t0
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert 0.9 < held < 5  # held until the key could retry or 1 s: a client retrying at once costs 1 refusal/s
         err = r.json()["error"]
         assert err["type"] == "rate_limit_error" and err["code"] == "rate_limit_exceeded" and "retry after" in err["message"]
         assert r.headers["x-ratelimit-remaining-requests"] == "0" and r.headers["x-ratelimit-reset-requests"].endswith("s")

@@ -7,18 +7,24 @@ when its key has a request left and its token bucket is not empty; its tokens ar
 long answer may take the bucket below zero, and the key waits until it refills). The check runs on the request's
 headers, before its body is read (`RateLimitMiddleware`), so a flooding key costs the server little. Every answer
 to a limited key carries OpenAI's `x-ratelimit-limit-*`, `x-ratelimit-remaining-*` and `x-ratelimit-reset-*`
-headers; a refused one is a 429 in OpenAI's shape with `retry-after`.
+headers; a refused one is a 429 in OpenAI's shape with `retry-after`, answered when the key could next be admitted
+or after `REFUSAL_HOLD_S`, whichever is sooner: a client could not have succeeded earlier anyway, and a client that
+retries at once, again and again, then costs one cheap refusal a second instead of hundreds (each holds the GIL
+that decoding needs; measured in docs/serving.md).
 
 Several replicas each keep their own buckets: give each replica limit / replicas, or put the limit in the load
 balancer.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import threading
 import time
 from dataclasses import dataclass
+
+REFUSAL_HOLD_S = 1.0  # the longest a 429 is held before it is sent (no compute: the connection waits)
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,7 @@ class RateLimitMiddleware:
                            "tokens per minute)", "type": "rate_limit_error", "param": None, "code": "rate_limit_exceeded"}})
             raw = [(b"content-type", b"application/json"), (b"retry-after", str(max(math.ceil(wait), 1)).encode())]
             raw += [(k.encode(), v.encode()) for k, v in headers.items()]
+            await asyncio.sleep(min(wait, REFUSAL_HOLD_S))
             await send({"type": "http.response.start", "status": 429, "headers": raw})
             await send({"type": "http.response.body", "body": body.encode()})
             return
