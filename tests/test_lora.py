@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_backbone
 from e2p import Projector
-from e2p.errors import BackboneMismatchError, ConfigError, DataError
+from e2p.errors import BackboneMismatchError, ConfigError
 from e2p.lora import find_targets
 from e2p.model import E2PModel, new_config
 from test_model import CONVS
@@ -241,16 +241,13 @@ def test_shared_from_reuses_only_a_shared_prefix_with_the_same_adapter(tiny, tmp
                           shared_dir=tmp_path / "a" / "shared_prefix")
 
 
-def test_the_adapter_is_refused_with_dp_and_prototypes(tiny, tmp_path):
+def test_the_adapter_is_refused_with_dp(tiny, tmp_path):
     from e2p.training.privacy import PrivacyError
     from e2p.training.recipe import train_on_examples
 
     users, examples = _contract(n_users=10)
     with pytest.raises(PrivacyError, match="--lora-rank"):
         train_on_examples(tiny, users, examples, tmp_path / "dp", _lora_recipe(dp_epsilon=4.0), val_users=4, progress=False)
-    with pytest.raises(DataError, match="prototype"):
-        train_on_examples(tiny, users, examples, tmp_path / "pm", _lora_recipe(person_map="prototypes"), val_users=4,
-                          progress=False)
 
 
 def test_the_cli_maps_lora_flags_and_counts_the_controls_in_steps():

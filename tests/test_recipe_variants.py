@@ -1,89 +1,11 @@
-"""The gap-closing candidates of `e2p train` (issue 30): prototype mixing, profile slots, learning-curve subsets."""
+"""The gap-closing candidates of `e2p train` (issue 30) that stay: profile slots, learning-curve subsets; and the
+removal of the one that lost (prototype mixing): old files that name it are refused with what to do."""
 import json
 
 import numpy as np
 import pytest
-import torch
 
 from test_recipe import _contract
-
-
-def _prototype_projector(tiny, n=3, dim=4, temperature=0.1):
-    from e2p.model import new_config
-    from e2p.projector import Projector
-
-    p = Projector(new_config(tiny, embedding_dim=dim, prototypes=n, prototype_temperature=temperature, injection="deep"))
-    torch.manual_seed(0)
-    p.prototype_keys.copy_(torch.nn.functional.normalize(torch.randn(n, dim), dim=-1))
-    p.prototype_values.copy_(torch.randn(n, p.config.prefix_dim))
-    return p
-
-
-def test_a_prototype_projector_mixes_training_users_parts_by_similarity(tiny):
-    p = _prototype_projector(tiny, temperature=1e-3)
-    near_first = p.prototype_keys[0] * 5.0  # scale does not matter: the embedding is normalized
-    out = p(near_first.unsqueeze(0))
-    assert torch.allclose(out[0, 0], p.shared[0] + p.prototype_values[0], atol=1e-4)  # a sharp mix: the nearest
-    p.config.prototype_temperature = 1e3
-    out = p(near_first.unsqueeze(0))
-    assert torch.allclose(out[0, 0], p.shared[0] + p.prototype_values.mean(0), atol=1e-3)  # a flat mix: the mean
-    p.config.person_scale = 0.0
-    assert torch.equal(p(near_first.unsqueeze(0))[0], p.shared)
-
-
-def test_a_prototype_projector_round_trips_and_refuses_bad_configs(tiny, tmp_path):
-    from e2p.config import E2PConfig
-    from e2p.errors import ConfigError, EmbeddingError
-    from e2p.projector import Projector
-
-    p = _prototype_projector(tiny)
-    p.save_pretrained(tmp_path)
-    back = Projector.from_pretrained(tmp_path, tiny)
-    e = torch.randn(2, 4)
-    assert torch.equal(back(e), p(e))
-    with pytest.raises(EmbeddingError):
-        back(torch.randn(2, 5))
-    with pytest.raises(ConfigError, match="prototype"):
-        E2PConfig(embedding_dim=0, prototypes=3)
-    with pytest.raises(ConfigError, match="temperature"):
-        E2PConfig(embedding_dim=4, prototypes=3, prototype_temperature=0.0)
-
-
-def test_train_with_prototypes_learns_own_parts_and_calibrates_the_temperature(tiny, tmp_path):
-    from e2p.projector import Projector
-    from e2p.training.recipe_config import RecipeConfig
-    from e2p.training.recipe import train_on_examples
-
-    users, examples = _contract(n_users=10, per_user=4)
-    cfg = RecipeConfig(injection="input", hidden_dims=[8], shared_steps=2, e2p_steps=3, batch_size=2, val_examples=2,
-                       eval_every=2, person_scales=[1.0], person_map="prototypes")
-    report = train_on_examples(tiny, users, examples, tmp_path, cfg, val_users=4, progress=False)
-    assert set(report["stages"]) == {"shared_prefix", "prototypes"}
-    p = Projector.from_pretrained(tmp_path, tiny)
-    assert p.config.prototypes == report["train_users"] == 6
-    assert p.config.prototype_temperature == report["person_scale"]["temperature"]
-    assert p.prototype_values.abs().sum() > 0  # the training users' own parts were learned
-    split = json.loads((tmp_path / "split.json").read_text())
-    trained = sorted(split["train"])
-    keys = torch.nn.functional.normalize(users.subset(trained).tensor() - torch.tensor(p.config.embedding_mean), dim=-1)
-    assert torch.allclose(p.prototype_keys, keys, atol=1e-5)  # keys: training users only, never validation users
-
-
-def test_prototypes_refuse_text_stages_and_dp(tiny, tmp_path):
-    from e2p.errors import DataError
-    from e2p.training.privacy import PrivacyError
-    from e2p.training.recipe_config import RecipeConfig
-    from e2p.training.recipe import train_on_examples
-
-    users, examples = _contract(n_users=10, per_user=2)
-    with pytest.raises(DataError, match="text-steps"):
-        RecipeConfig(person_map="prototypes", text_steps=1)
-    with pytest.raises(PrivacyError, match="prototype"):
-        RecipeConfig(person_map="prototypes", dp_epsilon=4.0)
-    changed = RecipeConfig(person_map="prototypes")
-    changed.dp_epsilon = 4.0  # changed after it was made: the recipe checks again before anything trains
-    with pytest.raises(PrivacyError, match="prototype"):
-        train_on_examples(tiny, users, examples, tmp_path / "dp", changed, val_users=4, progress=False)
 
 
 def test_max_train_users_keeps_the_validation_users(tiny, tmp_path):
@@ -131,21 +53,6 @@ def test_embedding_slots_train_one_token_per_slot(tiny, tmp_path):
     assert p(users.tensor()[:3]).shape == (3, 2, p.config.prefix_dim)
 
 
-def test_the_numpy_projector_computes_prototype_mixing_like_torch(tiny, tmp_path):
-    from e2p.engines.numpy_projector import NumpyProjector
-    from e2p.model import new_config
-    from e2p.projector import Projector
-
-    p = Projector(new_config(tiny, embedding_dim=4, prototypes=3, prototype_temperature=0.2, injection="input",
-                             embedding_mean=[0.1, 0.0, -0.1, 0.2], person_scale=0.5))
-    torch.manual_seed(1)
-    p.prototype_keys.copy_(torch.nn.functional.normalize(torch.randn(3, 4), dim=-1))
-    p.prototype_values.copy_(torch.randn(3, p.config.prefix_dim))
-    p.save_pretrained(tmp_path)
-    e = np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)
-    assert np.allclose(NumpyProjector.from_pretrained(tmp_path)(e), p(torch.from_numpy(e)).detach().numpy(), atol=1e-5)
-
-
 def test_style_features_see_capitalisation_and_length_that_an_uncased_encoder_cannot():
     from e2p.data.headline_style import STYLE_FEATURES, StyleScaler, style_features
 
@@ -166,8 +73,38 @@ def test_the_report_says_which_recipe_trained(tiny, tmp_path):
 
     users, examples = _contract(n_users=10, per_user=2)
     cfg = RecipeConfig(injection="input", hidden_dims=[8], shared_steps=1, e2p_steps=1, batch_size=2, val_examples=2,
-                       eval_every=1, person_scales=[1.0], person_map="prototypes")
+                       eval_every=1, person_scales=[1.0], prefix_position="after_sink")
     report = train_on_examples(tiny, users, examples, tmp_path / "p", cfg, val_users=4, progress=False)
-    assert report["recipe"]["person_map"] == "prototypes" and "verdict" in report
+    assert report["recipe"]["prefix_position"] == "after_sink" and "verdict" in report
     saved = json.loads((tmp_path / "p" / "training_report.json").read_text())
-    assert saved["recipe"]["person_map"] == "prototypes" and saved["recipe"]["hidden_dims"] == [8]
+    assert saved["recipe"]["prefix_position"] == "after_sink" and saved["recipe"]["hidden_dims"] == [8]
+
+
+def test_prototype_mixing_is_gone_and_old_files_naming_it_are_refused_clearly(tiny, tmp_path, capsys):
+    """Prototype mixing lost its study and was removed: an old run's recipe.json (person_map "mlp") still loads, one
+    that asks for prototypes and a prototype projector's config.json are refused with what to do."""
+    from e2p.cli import build_parser
+    from e2p.config import E2PConfig
+    from e2p.errors import ConfigError, DataError
+    from e2p.model import new_config
+    from e2p.training.recipe_config import RecipeConfig, recipe_from_args
+
+    old = tmp_path / "recipe.json"
+    old.write_text(json.dumps({"person_map": "mlp", "hidden_dims": [8]}))
+    assert RecipeConfig.load(old).hidden_dims == [8]
+    old.write_text(json.dumps({"person_map": "prototypes"}))
+    with pytest.raises(DataError, match="prototype mixing lost its study"):
+        RecipeConfig.load(old)
+    args = build_parser().parse_args(["train", "--users", "u", "--examples", "e", "--out", "o", "--person-map",
+                                      "prototypes"])
+    with pytest.raises(DataError, match="--person-map"):
+        recipe_from_args(args)
+    folder = tmp_path / "proto"
+    config = new_config(tiny, embedding_dim=4).to_dict() | {"prototypes": 3, "prototype_temperature": 0.1}
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="prototype-mixing projector"):
+        E2PConfig.load(folder)
+    config["prototypes"] = 0  # what every older projector wrote: read as before
+    (folder / "config.json").write_text(json.dumps(config))
+    assert E2PConfig.load(folder).embedding_dim == 4

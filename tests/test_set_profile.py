@@ -67,6 +67,10 @@ def test_the_set_is_order_free_masks_empty_items_and_round_trips(tiny, tmp_path)
     p.save_pretrained(tmp_path / "set")
     back = Projector.from_pretrained(tmp_path / "set", tiny).eval()
     assert back.config.set_items == N and torch.equal(back(items.reshape(2, -1)), out)
+    from e2p.engines.numpy_projector import NumpyProjector
+
+    with pytest.raises(ConfigError, match="set-profile projector"):  # its formula has no pooling: refused by name
+        NumpyProjector.from_pretrained(tmp_path / "set")
 
 
 def test_set_profile_settings_are_checked(tiny):

@@ -101,10 +101,6 @@ class E2PConfig:
     # > 0: a set profile: the embedding is up to `set_items` item vectors (what the user did, most recent last; an
     # all-zero block is no item) that attention with k learned queries pools into the k prefix tokens (Projector)
     set_items: int = 0
-    # > 0: prototype mixing instead of an MLP: a new user's person part is a softmax(similarity / temperature)-weighted
-    # mix of `prototypes` training users' own learned person parts (their embeddings are the keys)
-    prototypes: int = 0
-    prototype_temperature: float = 0.1
     # > 0: a LoRA adapter of this rank on the backbone's `lora_modules` ({module name: [out, in]}), shared by every user
     # and trained with the projector (e2p.lora); its tensors are the projector's own (`lora.A.*`, `lora.B.*`)
     lora_rank: int = 0
@@ -140,20 +136,13 @@ class E2PConfig:
         if self.set_items < 0:
             raise ConfigError(f"set_items must be >= 0, got {self.set_items}")
         if self.set_items and not self.is_shared:
-            if self.embedding_slots > 1 or self.prototypes:
-                raise ConfigError("a set profile (set_items) pools its items itself: no embedding_slots or prototypes")
+            if self.embedding_slots > 1:
+                raise ConfigError("a set profile (set_items) pools its items itself: no embedding_slots")
             if self.embedding_dim % self.set_items:
                 raise ConfigError(f"embedding_dim {self.embedding_dim} is not a multiple of set_items {self.set_items}")
-        if self.prototypes < 0 or not (0.0 < self.prototype_temperature < float("inf")):
-            raise ConfigError(f"prototypes must be >= 0 and prototype_temperature a finite number > 0, got "
-                              f"{self.prototypes} and {self.prototype_temperature!r}")
-        if self.prototypes and (self.is_shared or self.embedding_slots > 1):
-            raise ConfigError("prototype mixing needs one embedding per user (embedding_dim > 0, embedding_slots 1)")
         if self.lora_rank < 0 or (self.lora_rank > 0 and (not self.lora_modules or not self.lora_alpha > 0)):
             raise ConfigError(f"lora_rank must be >= 0, and a LoRA adapter (rank {self.lora_rank}) needs lora_modules "
                               f"and lora_alpha > 0 (got {len(self.lora_modules)} modules, alpha {self.lora_alpha!r})")
-        if self.lora_rank and self.prototypes:
-            raise ConfigError("a LoRA adapter is trained with the person MLP; prototype mixing has none")
 
     @property
     def is_shared(self) -> bool:
@@ -192,6 +181,9 @@ class E2PConfig:
             raise ConfigError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt, retrain or restore it") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} holds a JSON {type(raw).__name__}, not an object: restore the projector's config.json")
+        if raw.get("prototypes"):
+            raise ConfigError(f"{path} is a prototype-mixing projector: that study lost (docs/studies.md) and e2p no "
+                              "longer runs it; retrain with `e2p train` (the person MLP) or use e2p 0.x to read it")
         missing = [k for k in REQUIRED_KEYS if k not in raw]
         if missing:
             raise ConfigError(f"{path} lacks {', '.join(missing)}: these are never guessed; restore the file or retrain")

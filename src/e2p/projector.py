@@ -1,8 +1,6 @@
 """Projector: a user embedding -> k prefix vectors for a frozen backbone (or k shared vectors)."""
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import torch
@@ -27,9 +25,6 @@ class Projector(nn.Module):
     about new ones, and shrinking it toward the shared prefix is the cheapest cure.
     With config.embedding_slots = N > 1 the embedding is N blocks (one per persona sentence) and block j gives
     prefix token j through the same MLP, so every fact keeps a token of its own for attention to pick.
-    With config.prototypes = N > 0 there is no MLP: the person part is a mix of N training users' own learned person
-    parts (`prototype_values`), weighted by softmax(cos(x, their x) / prototype_temperature) (`prototype_keys`):
-    a new user borrows from the training users whose embeddings are like theirs (recipe: `train_prototypes`).
     With config.lora_rank = r > 0 the projector also carries `lora`, one LoRA adapter of the backbone shared by every
     user (e2p.lora.Adapter, trained with it; E2PModel applies it), so per-user storage stays one embedding.
     """
@@ -45,10 +40,7 @@ class Projector(nn.Module):
             "embedding_mean",
             torch.tensor(config.embedding_mean, dtype=torch.float32) if config.embedding_mean else torch.zeros(config.slot_dim),
         )
-        if config.prototypes:
-            self.register_buffer("prototype_keys", torch.zeros(config.prototypes, config.slot_dim))
-            self.register_buffer("prototype_values", torch.zeros(config.prototypes, k * d))
-        if config.is_shared or config.prototypes:
+        if config.is_shared:
             self.mlp = None
         else:
             layers: list[nn.Module] = []
@@ -105,11 +97,6 @@ class Projector(nn.Module):
                 return self._normed(self._from_set(e))
             blocks = e.view(-1, self.config.slot_dim)  # [B * slots, slot_dim]
             e = unit_rows(blocks - self.embedding_mean)
-            if self.config.prototypes:
-                weights = torch.softmax(e @ self.prototype_keys.T / self.config.prototype_temperature, dim=-1)
-                person = weights @ self.prototype_values
-                out = self.shared.unsqueeze(0) + self.config.person_scale * person.view(-1, k, d)
-                return self._normed(out)
             # the person part is zero for the average person, so style stays in `shared` alone
             person = self.mlp(torch.cat([e, torch.zeros_like(e[:1])]))
             person = person[:-1] - person[-1:]

@@ -7,9 +7,6 @@ A llama.cpp program (here through llama-cpp-python, elsewhere in C, Go, Swift...
     h(x)   = W_n (... GELU(W_1 x + b_1) ...) + b_n          (the MLP; no hidden layer: one linear map)
     prefix = shared + person_scale * (h(x) - h(0)),  reshaped to (k, hidden_size)
     prefix = prefix / |prefix| * token_embedding_norm        (each of the k rows, when output_norm)
-
-A prototype projector (config `prototypes` > 0, `e2p train --person-map prototypes`) has no MLP; instead
-    w      = softmax(prototype_keys x / prototype_temperature);  h(x) - h(0) = w prototype_values
 """
 from __future__ import annotations
 
@@ -40,6 +37,9 @@ class NumpyProjector:
                               "(e2p train --injection input; shipped: persona-input-k1)")
         if config.get("embedding_slots", 1) != 1:
             raise ConfigError("sentence-slot projectors are not supported outside torch")
+        if config.get("set_items", 0) and config.get("embedding_dim"):
+            raise ConfigError("a set-profile projector pools a user's items with attention, which this numpy formula "
+                              "does not: run it on torch, llama.cpp or vLLM (they call the torch projector)")
         if config.get("lora_rank", 0):
             raise ConfigError("this projector carries a shared LoRA adapter (e2p train --lora-rank) that changes the "
                               "backbone's layers; a llama.cpp program runs the GGUF's weights as they are: use a "
@@ -47,13 +47,10 @@ class NumpyProjector:
         self.config = config
         self.shared = tensors["shared"].astype(np.float32)
         self.mean = tensors.get("embedding_mean", np.zeros(config["embedding_dim"], np.float32)).astype(np.float32)
-        self.prototypes = None
-        if config.get("prototypes", 0):
-            self.prototypes = (tensors["prototype_keys"].astype(np.float32), tensors["prototype_values"].astype(np.float32))
-        n = 0 if self.prototypes else len(config.get("hidden_dims", []))
+        n = len(config.get("hidden_dims", []))
         # nn.Sequential indices: Linear, GELU, Dropout per hidden layer, then the last Linear
         self.layers = [(tensors[f"mlp.{3 * i}.weight"], tensors[f"mlp.{3 * i}.bias"]) for i in range(n)]
-        if config["embedding_dim"] and not self.prototypes:
+        if config["embedding_dim"]:
             self.layers.append((tensors[f"mlp.{3 * n}.weight"], tensors[f"mlp.{3 * n}.bias"]))
 
     @classmethod
@@ -93,14 +90,8 @@ class NumpyProjector:
                 raise EmbeddingError("embeddings contain NaN or inf values: recompute them before use")
             x = e - self.mean
             x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
-            if self.prototypes:
-                keys, values = self.prototypes
-                logits = x @ keys.T / float(self.config["prototype_temperature"])
-                w = np.exp(logits - logits.max(-1, keepdims=True))
-                person = (w / w.sum(-1, keepdims=True)) @ values
-            else:
-                person = self._mlp(np.concatenate([x, np.zeros_like(x[:1])]))
-                person = person[:-1] - person[-1:]
+            person = self._mlp(np.concatenate([x, np.zeros_like(x[:1])]))
+            person = person[:-1] - person[-1:]
             out = self.shared[None] + float(self.config.get("person_scale", 1.0)) * person.reshape(-1, k, d)
         if self.config.get("output_norm", True):
             out = out / np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-6) * self.config["token_embedding_norm"]

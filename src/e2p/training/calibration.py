@@ -1,5 +1,4 @@
-"""Calibration on validation users: set a trained projector's free settings (the person share, a prototype
-temperature) to the grid point with the lowest loss on people never trained on. One grid search serves every
+"""Calibration on validation users: set a trained projector's free settings (the person share) to the grid point with the lowest loss on people never trained on. One grid search serves every
 projector kind; scale 0 (the shared prefix) is always a candidate, so calibration can only move E2P toward its
 control, never past it."""
 from __future__ import annotations
@@ -44,13 +43,3 @@ def calibrate_person_scale(backbone, projector: Projector, items: list[Item], ta
     best, losses = calibrate_grid(backbone, projector, items, table,
                                   [{"person_scale": s} for s in sorted({0.0, *scales})])
     return {"chosen": best["person_scale"], "validation_loss": losses, "items": len(items)}
-
-
-def calibrate_prototypes(backbone, projector: Projector, items: list[Item], table: torch.Tensor,
-                         scales: Sequence[float], temperatures: Sequence[float]) -> dict:
-    """The prototype mix's temperature and person scale, jointly (scale 0 once: the shared prefix at any temperature)."""
-    grid = [{"prototype_temperature": temperatures[0], "person_scale": 0.0}]
-    grid += [{"prototype_temperature": t, "person_scale": s} for t in temperatures for s in sorted(set(scales) - {0.0})]
-    best, losses = calibrate_grid(backbone, projector, items, table, grid)
-    return {"chosen": best["person_scale"], "temperature": best["prototype_temperature"], "validation_loss": losses,
-            "items": len(items), "keys": "temperature/person_scale"}

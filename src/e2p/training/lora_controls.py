@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..lora import find_targets, parse_targets
 from .privacy import PrivacyError
 from ..projector import Projector
@@ -40,9 +40,6 @@ def check_recipe(cfg) -> None:
         raise PrivacyError("--lora-rank is not supported under --dp-epsilon: its shuffled control trains one user's "
                            "examples with another user's embedding, so one user's data enters two users' clipped "
                            "gradients, which the per-user guarantee does not cover. Train without one of the two")
-    if cfg.person_map != "mlp":
-        raise DataError("--lora-rank trains the shared adapter with the person MLP; prototype mixing has none: "
-                        "leave out --person-map prototypes or --lora-rank")
 
 
 def adapter_fields(backbone, cfg) -> dict:

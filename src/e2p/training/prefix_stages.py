@@ -2,8 +2,7 @@
 
   1. shared_prefix   k soft prefix vectors, no user input: the data set's style (prompt tuning).
   2. e2p             the person part starts at zero on top of the style, so it can only add what the embedding
-                     knows about the user (or, with `person_map: prototypes`, the research stage of
-                     e2p.training.prototypes).
+                     knows about the user.
   3. controls        with a shared LoRA adapter, the controls trained alike (e2p.training.lora_controls).
   4. *_text (opt.)   shared_prefix_text and e2p_text: the same, trained with the profile text in the prompt
                      (the hybrid must be trained as a hybrid).
@@ -21,7 +20,7 @@ import torch
 from ..data.contract import Example, UserTable
 from ..model import new_config
 from ..projector import Projector, embedding_center
-from .distributed import barrier, is_main_process
+from .distributed import is_main_process
 from .privacy import DPPlan, PrivacyError, plan, resolve_delta, spent
 from .recipe_config import RecipeConfig
 from .stage_runner import StageRun, init_shared, run_stage
@@ -102,16 +101,6 @@ def train_prefix_stages(backbone, examples: Sequence[Example], users: UserTable 
         # under DP the centre is the validation users' mean: the training users' mean would be released unnoised
         people = sorted({index[ex.user] for ex in (val_examples if dp is not None else examples)})
         mean = embedding_center(table[people], cfg.set_items or cfg.embedding_slots) if cfg.center_embeddings and people else None
-        torch.manual_seed(cfg.seed + 1)
-        if cfg.person_map == "prototypes":
-            from .prototypes import prototype_stage, save_prototypes
-
-            own_stage, onehot = prototype_stage(backbone, examples, users, shared, out_dir, base, cfg)
-            save_prototypes(backbone, run_stage(run, own_stage), onehot, users, shared, out_dir, base, mean)
-            barrier()
-            report["e2p_dir"] = str(out_dir)
-            return with_privacy(report, dp, delta, cfg, total_steps)
-
         # the e2p stage's initial projector (again for the shuffled control, alike): seeded, the shared stage's
         # prefix and adapter
         e2p_start = Start(config=new_config(backbone, embedding_dim=table.shape[1],

@@ -21,7 +21,7 @@ from pathlib import Path
 from ..config import SPLIT_FILE
 from ..errors import DataError
 from ..projector import Projector
-from .calibration import calibrate_person_scale, calibrate_prototypes
+from .calibration import calibrate_person_scale
 from .distributed import barrier, is_main_process
 from .prefix_stages import train_prefix_stages, train_text_stages
 from .recipe_config import RecipeConfig, with_set_items_of
@@ -75,15 +75,9 @@ def train_on_examples(backbone, users, examples, out_dir: str | Path, cfg: Recip
     report = train_prefix_stages(backbone, train_ex, users, out_dir, cfg, val_examples=picked, encoder_name=encoder_name,
                                  progress=progress, minutes=minutes, shared_dir=shared_dir, resume=resume)
     e2p = Projector.from_pretrained(out_dir, backbone)
-    if len(cfg.person_scales) > 1 or e2p.config.prototypes:
+    if len(cfg.person_scales) > 1:
         items = example_items(backbone, e2p, sample_examples(calib, 2 * cfg.val_examples, cfg.seed + 11), users.index, cfg)
-        if e2p.config.prototypes:
-            from .prototypes import TEMPERATURES
-
-            report["person_scale"] = calibrate_prototypes(backbone, e2p, items, users.tensor(), cfg.person_scales,
-                                                          TEMPERATURES)
-        else:
-            report["person_scale"] = calibrate_person_scale(backbone, e2p, items, users.tensor(), cfg.person_scales)
+        report["person_scale"] = calibrate_person_scale(backbone, e2p, items, users.tensor(), cfg.person_scales)
         if "adapter" in report:  # the shuffled control trained alike is calibrated alike, on the same items
             from .lora_controls import SHUFFLED
 

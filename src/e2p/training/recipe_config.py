@@ -31,7 +31,6 @@ class RecipeConfig:
     contrastive_weight: float = 0.0
     margin: float = 0.1
     freeze_shared: bool = True
-    person_map: str = "mlp"  # "prototypes": a mix of training users' own person parts (e2p.training.prototypes)
     embedding_slots: int = 1  # > 1: the embedding is that many blocks, one prefix token each (k = slots)
     set_items: int = 0  # > 0: a set profile of that many item vectors, pooled by attention (`e2p data pens --profile-set`)
     max_train_users: int | None = None  # train on at most this many of the training users (learning curves)
@@ -59,6 +58,7 @@ class RecipeConfig:
         data = read_json_object(path, "recipe file", "give a recipe.json a run wrote, or write one with the fields to "
                                                      "change (e.g. {\"hidden_dims\": []})")
         known = {f.name for f in fields(cls)}
+        _drop_removed(data, path)
         unknown = sorted(set(data) - known)
         if unknown:
             raise DataError(f"recipe file {path}: unknown field(s) {', '.join(unknown)}; the fields are "
@@ -70,14 +70,6 @@ class RecipeConfig:
 
     def check(self) -> None:
         """Refuse, by name and before anything loads, the combinations the recipe cannot train."""
-        if self.person_map not in ("mlp", "prototypes"):
-            raise DataError(f"person_map must be 'mlp' or 'prototypes', got {self.person_map!r}")
-        if self.person_map == "prototypes" and self.text_steps > 0:
-            raise DataError("--text-steps trains an MLP person part with the text; prototype mixing has none: leave "
-                            "--text-steps out with --person-map prototypes")
-        if self.dp_epsilon is not None and self.person_map == "prototypes":
-            raise PrivacyError("prototype mixing keeps each training user's own person part in the projector, which "
-                               "DP-SGD cannot cover: train the default person map under --dp-epsilon")
         if self.dp_examples_per_user < 1:
             raise PrivacyError(f"--dp-examples-per-user {self.dp_examples_per_user}: give 1 or more (default 4)")
         if self.dp_epsilon is not None and (self.contrastive_weight > 0 or self.text_steps > 0):
@@ -90,7 +82,7 @@ class RecipeConfig:
 
 # research knobs: they live in `e2p train --recipe FILE` (the recipe.json a run writes); the flags still work, with a
 # warning, for one release. flag dest -> RecipeConfig field
-RESEARCH_FLAGS = {"hidden_dims": "hidden_dims", "dropout": "dropout", "person_map": "person_map",
+RESEARCH_FLAGS = {"hidden_dims": "hidden_dims", "dropout": "dropout",
                   "embedding_slots": "embedding_slots", "max_train_users": "max_train_users",
                   "lora_targets": "lora_targets", "lora_lr": "lora_lr", "prefix_position": "prefix_position",
                   "text_steps": "text_steps", "val_examples": "val_examples"}
@@ -98,10 +90,23 @@ PRODUCT_FLAGS = {"injection": "injection", "prefix_tokens": "num_prefix_tokens",
                  "seed": "seed", "lora_rank": "lora_rank"}
 
 
+def _drop_removed(data: dict, where) -> None:
+    """Fields of removed study variants in older recipe files: the default value is dropped (a run of an older
+    release wrote it), anything else refused with what to do."""
+    person_map = data.pop("person_map", "mlp")
+    if person_map != "mlp":
+        raise DataError(f"{where}: person_map {person_map!r}: prototype mixing lost its study (docs/studies.md) and "
+                        "was removed; leave person_map out (the person MLP)")
+
+
 def recipe_from_args(args, **overrides):
     """The RecipeConfig a command trains with: `--recipe FILE` (or the defaults), then the research flags given
     (deprecated), then the product flags given, then `overrides` that are not None; `--steps` scales the stages."""
     values = asdict(RecipeConfig.load(args.recipe)) if getattr(args, "recipe", None) else {}
+    if getattr(args, "person_map", None) is not None:
+        _drop_removed({"person_map": args.person_map}, "--person-map")
+        print("warning: --person-map goes in the next release: the person MLP is the only person map",
+              file=sys.stderr)
     for dest, name in RESEARCH_FLAGS.items():
         value = getattr(args, dest, None)
         if value is None:

@@ -1,7 +1,7 @@
 """A recipe's stages as data: each `Stage` says what trains (its initial projector, a `Start`), on which examples and
 embedding rows, for how many steps and at which learning rate, and where it is saved. The recipe builds the list and
-the stage runner runs it (`e2p.training.stage_runner.run_stage`); the shared adapter's controls and prototype mixing
-hand back stages of their own, never a function to call back. `planned_steps` counts a run's steps once, for
+the stage runner runs it (`e2p.training.stage_runner.run_stage`); the shared adapter's controls hand back stages of
+their own, never a function to call back. `planned_steps` counts a run's steps once, for
 `--steps`, `--minutes` and DP.
 """
 from __future__ import annotations
