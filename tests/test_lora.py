@@ -128,6 +128,27 @@ def test_save_and_load_give_identical_logits_and_refuse_another_backbone(tiny, t
     emb = torch.randn(3, 8)
     a, b = E2PModel(tiny, p, autocast=False), E2PModel(tiny, back, autocast=False)
     assert torch.equal(a.loss(_rows(a), emb, reduction="none")[0], b.loss(_rows(b), emb, reduction="none")[0])
+    # the adapter is a PEFT folder beside the projector's own weights, which hold none of it
+    from safetensors.torch import load_file, save_file
+
+    from e2p import lora
+
+    assert lora.load_peft(tmp_path / "p" / "adapter", tiny.model).rank == 2
+    own = load_file(str(tmp_path / "p" / "model.safetensors"))
+    assert not any(k.startswith("lora.") for k in own)
+    # a projector saved before (the adapter inside model.safetensors) loads the same
+    import shutil
+
+    shutil.rmtree(tmp_path / "p" / "adapter")
+    save_file({**own, **{f"lora.{k}": v for k, v in p.lora.state_dict().items()}}, str(tmp_path / "p" / "model.safetensors"))
+    old = Projector.from_pretrained(tmp_path / "p", tiny).eval()
+    assert torch.equal(E2PModel(tiny, old, autocast=False).loss(_rows(a), emb, reduction="none")[0],
+                       a.loss(_rows(a), emb, reduction="none")[0])
+    plain = _projector(tiny, 0)
+    plain.save_pretrained(tmp_path / "plain")
+    lora.save_peft(p.lora, tmp_path / "plain" / "adapter")
+    with pytest.raises(ConfigError, match="has none"):  # a stray adapter is not silently ignored
+        Projector.from_pretrained(tmp_path / "plain")
     other = make_backbone(layers=1)  # same hidden size, fewer layers: the adapter's layer 1 is missing
     with pytest.raises(BackboneMismatchError, match="LoRA layer model.layers.1"):
         Projector.from_pretrained(tmp_path / "p", other)

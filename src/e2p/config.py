@@ -102,7 +102,7 @@ class E2PConfig:
     # all-zero block is no item) that attention with k learned queries pools into the k prefix tokens (Projector)
     set_items: int = 0
     # > 0: a LoRA adapter of this rank on the backbone's `lora_modules` ({module name: [out, in]}), shared by every user
-    # and trained with the projector (e2p.lora); its tensors are the projector's own (`lora.A.*`, `lora.B.*`)
+    # and trained with the projector (e2p.lora); its tensors are saved beside the projector in `adapter/`, PEFT's format
     lora_rank: int = 0
     lora_alpha: float = 0.0  # the update is (lora_alpha / lora_rank) * B A x
     lora_targets: list[str] = field(default_factory=list)  # the layer names it was made for (e.g. q_proj, v_proj)

@@ -2,7 +2,7 @@
 
 One module serves the product and the research reference alike:
   * `e2p train --lora-rank R`: the projector carries one small adapter shared by every user (`Adapter`, the
-    projector's `lora` parameters, saved in its model.safetensors); `E2PModel` makes it active around each of its
+    projector's `lora` parameters, saved beside it in `adapter/`, PEFT's folder format); `E2PModel` makes it active around each of its
     backbone calls (`active`), so per-user storage stays one embedding.
   * research/pens/train_lora.py: the LoRA-with-the-profile-as-text reference, saved in PEFT's folder format
     (`save_peft`, `load_peft`), scored by the evaluation loop's `Condition(adapter=...)`.

@@ -10,6 +10,7 @@ from .config import E2PConfig, resolve_projector
 from .errors import BackboneMismatchError, ConfigError, EmbeddingError
 
 WEIGHTS_NAME = "model.safetensors"
+ADAPTER_DIR = "adapter"  # the shared LoRA adapter, in PEFT's folder format, beside the projector's own weights
 
 
 SET_KEY_DIM = 64  # the attention pooling's query / key size (a set profile)
@@ -133,13 +134,24 @@ class Projector(nn.Module):
 
     # --- Hugging Face style persistence -------------------------------------------------------
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
-        """config.json + model.safetensors; `dtype=torch.float16` halves the file (loads back as float32)."""
+        """config.json + model.safetensors; `dtype=torch.float16` halves the file (loads back as float32). A shared
+        LoRA adapter goes beside them in `adapter/`, in PEFT's format (`PeftModel.from_pretrained` reads it; other
+        code asks whether the folder exists)."""
+        import shutil
+
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory)
-        state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.lora is not None:
+            from .lora import save_peft
+
+            save_peft(self.lora, directory / ADAPTER_DIR, base_model=self.config.backbone_name)
+        elif (directory / ADAPTER_DIR).is_dir():
+            shutil.rmtree(directory / ADAPTER_DIR)  # an earlier save's adapter is not this projector's
+        state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.state_dict().items()
+                 if not k.startswith("lora.")}
         tmp = directory / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt", "e2p": "projector"})
         tmp.replace(directory / WEIGHTS_NAME)
@@ -162,6 +174,14 @@ class Projector(nn.Module):
         except (SafetensorError, OSError, ValueError) as exc:
             raise ConfigError(f"{weights} is corrupt ({exc}); retrain or restore the projector") from exc
         projector = cls(config)
+        adapter = directory / ADAPTER_DIR
+        if adapter.is_dir():  # the shared adapter beside (older projectors kept it in model.safetensors: read as well)
+            if projector.lora is None:
+                raise ConfigError(f"{adapter} is a LoRA adapter but {directory / 'config.json'} has none (lora_rank 0): "
+                                  "restore the projector's config.json, or remove the stray folder")
+            from .lora import load_peft
+
+            state.update({f"lora.{k}": v for k, v in load_peft(adapter).state_dict().items()})
         try:
             projector.load_state_dict(state)
         except RuntimeError as exc:

@@ -97,7 +97,7 @@ def adapter_report(out_dir: Path, cfg, report: dict) -> dict:
     n = trained.lora.num_parameters()
     return {"rank": trained.config.lora_rank, "alpha": trained.config.lora_alpha, "targets": trained.config.lora_targets,
             "layers": len(trained.config.lora_modules), "parameters": n, "bytes_float32": 4 * n,
-            "shared": "one adapter for every user, in the projector's model.safetensors (and one per control)",
+            "shared": "one adapter for every user, in the projector's adapter/ folder, PEFT's format (and one per control)",
             "per_user_storage": f"one embedding of {trained.config.embedding_dim} floats "
                                 f"({4 * trained.config.embedding_dim} bytes in float32), as without the adapter",
             "lr": cfg.lora_lr,
