@@ -20,7 +20,6 @@ import torch
 
 from ..errors import ConfigError
 from ..lora import find_targets, parse_targets
-from .privacy import PrivacyError
 from ..projector import Projector
 from ..evaluate.scoring import derangement
 from .stages import Stage, Start
@@ -28,18 +27,6 @@ from .stages import Stage, Start
 START = "start"  # shared_prefix/start/: the shared stage as the e2p stage started from it
 SHUFFLED = "shuffled_trained"
 ADAPTER_KEYS = ("lora_rank", "lora_alpha", "lora_targets", "lora_modules")
-
-
-def check_recipe(cfg) -> None:
-    """Refuse, by name, what a shared adapter cannot be trained with."""
-    if cfg.lora_rank < 0:
-        raise ConfigError(f"--lora-rank must be >= 0 (0: no adapter), got {cfg.lora_rank}")
-    if not cfg.lora_rank:
-        return
-    if cfg.dp_epsilon is not None:
-        raise PrivacyError("--lora-rank is not supported under --dp-epsilon: its shuffled control trains one user's "
-                           "examples with another user's embedding, so one user's data enters two users' clipped "
-                           "gradients, which the per-user guarantee does not cover. Train without one of the two")
 
 
 def adapter_fields(backbone, cfg) -> dict:

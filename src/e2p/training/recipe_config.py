@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from ..config import read_json_object
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .privacy import PrivacyError
 
 
@@ -75,9 +75,13 @@ class RecipeConfig:
         if self.dp_epsilon is not None and (self.contrastive_weight > 0 or self.text_steps > 0):
             raise PrivacyError("--dp-epsilon covers the shared_prefix and e2p stages only: train without "
                                "--text-steps and with contrastive_weight 0")
-        from .lora_controls import check_recipe
-
-        check_recipe(self)  # what a shared adapter cannot be trained with
+        if self.lora_rank < 0:
+            raise ConfigError(f"--lora-rank must be >= 0 (0: no adapter), got {self.lora_rank}")
+        if self.lora_rank and self.dp_epsilon is not None:
+            raise PrivacyError("--lora-rank is not supported under --dp-epsilon: its shuffled control trains one "
+                               "user's examples with another user's embedding, so one user's data enters two users' "
+                               "clipped gradients, which the per-user guarantee does not cover. Train without one of "
+                               "the two")
 
 
 # research knobs: they live in `e2p train --recipe FILE` (the recipe.json a run writes); the flags still work, with a
