@@ -34,10 +34,9 @@ def cmd_serve(args) -> None:
     from .logs import configure_json_logging
     from .serving import ServeConfig
 
-    from .keys import find_key, load_keys, tenant_limits, tenant_settings
+    from .keys import find_key, limits_by_tenant, read_key_file
 
-    keys = load_keys(args.keys) if args.keys else []  # KeyFileError: one line naming the file, entry and fix
-    settings = tenant_settings(args.keys) if args.keys else {}
+    keys, settings = read_key_file(args.keys) if args.keys else ([], {})  # KeyFileError: the file, entry and fix
     remember = {t for t, v in settings.items() if v.get("allow_remember")} | ({"default"} if args.allow_remember else set())
     configure_json_logging(logging.DEBUG if args.verbose else logging.INFO)
     api_keys = [k for k in (args.api_key or os.environ.get("E2P_API_KEY") or "").split(",") if k]
@@ -77,7 +76,7 @@ def cmd_serve(args) -> None:
                          max_stop_chars=args.max_stop_chars, max_embed_requests=args.max_embed_requests,
                          max_user_requests=args.max_user_requests,
                          profile_rule=args.profile_rule, remember_tenants=frozenset(remember),
-                         tenant_limits=tenant_limits(args.keys) if args.keys else {}, otlp_endpoint=args.otlp_endpoint,
+                         tenant_limits=limits_by_tenant(settings), otlp_endpoint=args.otlp_endpoint,
                          projector_dir=str(resolve_projector(args.projector)) if args.projector else None,
                          metrics_key=args.metrics_key or os.environ.get("E2P_METRICS_KEY") or None)
 

@@ -99,6 +99,11 @@ def new_entry(tenant: str, role: str, key: str, limits: Limits = Limits()) -> Ke
 
 def load_keys(path: str | Path) -> list[KeyEntry]:
     """The entries of a key file; KeyFileError (one line: the file, the entry, what to fix) for anything off."""
+    return read_key_file(path)[0]
+
+
+def read_key_file(path: str | Path) -> tuple[list[KeyEntry], dict[str, dict]]:
+    """A key file read and checked once: (its entries, its per-tenant settings)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -131,13 +136,15 @@ def load_keys(path: str | Path) -> list[KeyEntry]:
                                "writes it")
         entries.append(KeyEntry(item["tenant"], item["role"], bytes.fromhex(match[1]), bytes.fromhex(match[2]),
                                 limits_of(item, where)))
-    return entries
+    return entries, _checked_tenants(data.get("tenants", {}), path)
 
 
 def tenant_settings(path: str | Path) -> dict[str, dict]:
     """The key file's per-tenant settings, `{"tenants": {"acme": {"allow_remember": true}}}` ({} when none)."""
-    load_keys(path)  # the same checks and messages as for the keys
-    tenants = json.loads(Path(path).read_text(encoding="utf-8")).get("tenants", {})
+    return read_key_file(path)[1]
+
+
+def _checked_tenants(tenants, path) -> dict[str, dict]:
     if not isinstance(tenants, dict) or not all(isinstance(v, dict) for v in tenants.values()):
         raise KeyFileError(f"key file {path}: \"tenants\" must be an object of tenant -> settings object; write it "
                            "with `e2p keys tenant`")
@@ -149,7 +156,12 @@ def tenant_settings(path: str | Path) -> dict[str, dict]:
 
 def tenant_limits(path: str | Path) -> dict[str, Limits]:
     """Each tenant's default rate limits from the key file (tenants without any are left out)."""
-    out = {name: limits_of(v, "") for name, v in tenant_settings(path).items()}
+    return limits_by_tenant(tenant_settings(path))
+
+
+def limits_by_tenant(settings: dict[str, dict]) -> dict[str, Limits]:
+    """Tenant settings -> each tenant's default rate limits (tenants without any left out)."""
+    out = {name: limits_of(v, "") for name, v in settings.items()}
     return {name: limits for name, limits in out.items() if limits.any}
 
 
