@@ -98,9 +98,7 @@ class Projector(nn.Module):
                 return self._normed(self._from_set(e))
             blocks = e.view(-1, self.config.slot_dim)  # [B * slots, slot_dim]
             e = unit_rows(blocks - self.embedding_mean)
-            # the person part is zero for the average person, so style stays in `shared` alone
-            person = self.mlp(torch.cat([e, torch.zeros_like(e[:1])]))
-            person = person[:-1] - person[-1:]
+            person = self._person(e)
             if self.config.embedding_slots > 1:  # and for an unused (all-zero) slot
                 person = person * used_slots(blocks).unsqueeze(-1)
             out = self.shared.unsqueeze(0) + self.config.person_scale * person.view(-1, k, d)
@@ -122,10 +120,13 @@ class Projector(nn.Module):
         """shared + s * (MLP(pooled_j) - MLP(0)) for each query j: prefix token j reads what query j picked."""
         k, d = self.config.num_prefix_tokens, self.config.prefix_dim
         pooled, _ = self.pool(e)
-        flat = pooled.reshape(-1, pooled.shape[-1])
-        person = self.mlp(torch.cat([flat, torch.zeros_like(flat[:1])]))
-        person = (person[:-1] - person[-1:]).view(-1, k, d)
+        person = self._person(pooled.reshape(-1, pooled.shape[-1])).view(-1, k, d)
         return self.shared.unsqueeze(0) + self.config.person_scale * person
+
+    def _person(self, x: torch.Tensor) -> torch.Tensor:
+        """MLP(x) - MLP(0) per row: the person part is zero for the average person, so style stays in `shared`."""
+        person = self.mlp(torch.cat([x, torch.zeros_like(x[:1])]))
+        return person[:-1] - person[-1:]
 
     def _normed(self, out: torch.Tensor) -> torch.Tensor:
         if self.config.output_norm and self.config.injection == "input":
