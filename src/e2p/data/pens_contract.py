@@ -185,7 +185,8 @@ def write_pens_contract(src: str | Path, out: str | Path, test_users: str | Path
         card["text_profile_set"] = {"items": profile_set, "item_dim": style_rule.embedding_dim, "file": "users_text_set.npz",
                                     "how": "each history headline on its own as the text + style profile of one item "
                                            "(the rule of users_text_style.npz), up to `items` of them, the rest all zero; "
-                                           "train with a recipe of {\"set_items\": items}"}
+                                           "`e2p train --users users_text_set.npz` trains a set projector (the set "
+                                           "size comes from the rule beside the table)"}
     for name, users, quotes, folder in (("train_pool", pool, quotable, out), ("test", test, test_quotable, out / "test")):
         if not users:
             continue
