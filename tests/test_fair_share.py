@@ -102,3 +102,18 @@ def test_a_light_tenants_rows_step_alone_beside_a_flood():
     assert fair_texts == plain_texts
     assert [s for s in fair_steps if "b" in s] == [["b"]] * 5  # B's five tokens, each in a step of its own row
     assert [s for s in plain_steps if "b" in s] == [["a", "a", "b"]] * 5  # without: beside A's two rows
+
+
+def test_fair_shares_can_be_turned_off_for_a_gpu(capsys):
+    """`e2p serve --no-fair-shares` (ServeConfig.fair_shares): every row steps every time."""
+    from e2p.cli import build_parser
+
+    share = FairShare.off()
+    share.starting("a", [])
+    for _ in range(100):
+        share.stepped(["a"] * 8)
+    share.starting("b", ["a"])
+    assert share.stepping(["a", "b"]) == {"a", "b"}
+    assert Batcher(tiny_model(), max_batch=2, fair_shares=False).share.window > 10 ** 12
+    args = build_parser().parse_args(["serve", "--store", "users.db", "--no-fair-shares"])
+    assert args.no_fair_shares is True

@@ -149,6 +149,10 @@ def test_save_and_load_give_identical_logits_and_refuse_another_backbone(tiny, t
     lora.save_peft(p.lora, tmp_path / "plain" / "adapter")
     with pytest.raises(ConfigError, match="has none"):  # a stray adapter is not silently ignored
         Projector.from_pretrained(tmp_path / "plain")
+    p.save_pretrained(tmp_path / "p")
+    (tmp_path / "p" / "adapter" / "adapter_model.safetensors").write_bytes(b"half a file")
+    with pytest.raises(ConfigError, match="corrupt"):  # a damaged adapter: one clear line
+        Projector.from_pretrained(tmp_path / "p")
     other = make_backbone(layers=1)  # same hidden size, fewer layers: the adapter's layer 1 is missing
     with pytest.raises(BackboneMismatchError, match="LoRA layer model.layers.1"):
         Projector.from_pretrained(tmp_path / "p", other)

@@ -145,12 +145,17 @@ class Projector(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory)
-        if self.lora is not None:
-            from .lora import save_peft
+        from .lora import PEFT_CONFIG, save_peft
 
-            save_peft(self.lora, directory / ADAPTER_DIR, base_model=self.config.backbone_name)
-        elif (directory / ADAPTER_DIR).is_dir():
-            shutil.rmtree(directory / ADAPTER_DIR)  # an earlier save's adapter is not this projector's
+        adapter = directory / ADAPTER_DIR
+        if self.lora is not None:  # written whole beside, then moved in: never a half-written adapter
+            tmp = directory / (ADAPTER_DIR + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_peft(self.lora, tmp, base_model=self.config.backbone_name)
+            shutil.rmtree(adapter, ignore_errors=True)
+            tmp.replace(adapter)
+        elif (adapter / PEFT_CONFIG).is_file():
+            shutil.rmtree(adapter)  # an earlier save's adapter is not this projector's
         state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.state_dict().items()
                  if not k.startswith("lora.")}
         tmp = directory / (WEIGHTS_NAME + ".tmp")
@@ -182,7 +187,10 @@ class Projector(nn.Module):
                                   "restore the projector's config.json, or remove the stray folder")
             from .lora import load_peft
 
-            state.update({f"lora.{k}": v for k, v in load_peft(adapter).state_dict().items()})
+            try:
+                state.update({f"lora.{k}": v for k, v in load_peft(adapter).state_dict().items()})
+            except (SafetensorError, OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+                raise ConfigError(f"{adapter} is corrupt ({exc}); retrain or restore the projector") from exc
         try:
             projector.load_state_dict(state)
         except RuntimeError as exc:

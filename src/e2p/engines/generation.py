@@ -164,7 +164,7 @@ class Generation:
                 return None
         decs = [self._prefill([r], [s], [e], failed) for r, s, e in zip(rows, segments, embeddings)]
         decs = [d for d in decs if d is not None]
-        return functools.reduce(Decoding.join, decs) if decs else None
+        return functools.reduce(lambda a, b: a.join(b), decs) if decs else None
 
     @staticmethod
     def _fail(row: DecodeRow, exc: Exception) -> None:

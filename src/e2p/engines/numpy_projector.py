@@ -37,6 +37,9 @@ class NumpyProjector:
                               "(e2p train --injection input; shipped: persona-input-k1)")
         if config.get("embedding_slots", 1) != 1:
             raise ConfigError("sentence-slot projectors are not supported outside torch")
+        if config.get("prototypes"):
+            raise ConfigError("a prototype-mixing projector: that study lost (docs/studies.md) and e2p no longer runs "
+                              "it; retrain with `e2p train` (the person MLP)")
         if config.get("set_items", 0) and config.get("embedding_dim"):
             raise ConfigError("a set-profile projector pools a user's items with attention, which this numpy formula "
                               "does not: run it on torch, llama.cpp or vLLM (they call the torch projector)")

@@ -105,7 +105,8 @@ class Batcher:
     """Background worker batching generation requests; see the module doc for the policy."""
 
     def __init__(self, model: Engine, max_batch: int = 8, wait_ms: float = 10.0, max_queue: int = 64,
-                 tokenizer_lock: threading.Lock | None = None, metrics=None, guest_rows: int | None = None):
+                 tokenizer_lock: threading.Lock | None = None, metrics=None, guest_rows: int | None = None,
+                 fair_shares: bool = True):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
         self.model = model
@@ -122,7 +123,8 @@ class Batcher:
         self.last_step = time.monotonic()  # when the worker last took a batch or a decoding step (liveness)
         self._thread: threading.Thread | None = None
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent batch sizes, for tests and /healthz
-        self.share = FairShare(window=max_batch, credit=8 * max_batch)  # tokens (see serve.fair_share)
+        # tokens (see serve.fair_share); off: every row steps every time (a GPU, where a bigger batch costs little)
+        self.share = FairShare(window=max_batch, credit=8 * max_batch) if fair_shares else FairShare.off()
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:

@@ -70,6 +70,7 @@ def cmd_serve(args) -> None:
                          log_user_ids=args.log_user_ids, max_body_bytes=args.max_body_bytes,
                          max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
                          max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+                         fair_shares=not args.no_fair_shares,
                          request_timeout_s=args.request_timeout, allow_unknown_users=args.allow_unknown_users,
                          max_messages=args.max_messages, max_prompt_chars=args.max_prompt_chars,
                          stall_seconds=args.stall_seconds, max_stop_strings=args.max_stop_strings,
@@ -253,6 +254,9 @@ def add_serve_commands(sub) -> None:
                    help="name the user a request speaks for in log lines (default: the tenant only)")
     s.add_argument("--no-auth", action="store_true", help="allow serving without keys on a non-loopback host")
     s.add_argument("--model-name", default=None, help="model id clients send (default: e2p-<projector dir name>)")
+    s.add_argument("--no-fair-shares", action="store_true",
+                   help="step every row every time instead of by tenants' fair shares of tokens (a GPU, where a "
+                        "bigger batch costs little more than one row)")
     s.add_argument("--max-batch-size", type=int, default=8,
                    help="rows decoded together (continuous batching)")
     s.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long the batcher waits for more requests")

@@ -22,6 +22,7 @@ class EngineLoopBatcher(Batcher):
     on_tokens, **settings) -> job` and a `runner` (alive, abort(job), last_progress)."""
 
     def __init__(self, model, max_batch: int = 8, wait_ms: float = 10.0, max_queue: int = 64, **kwargs):
+        kwargs.pop("fair_shares", None)  # vLLM schedules its own batch
         super().__init__(model, max_batch=max_batch, wait_ms=wait_ms, max_queue=max_queue, **kwargs)
         self._jobs: dict[GenRequest, object] = {}
         self._lock = threading.Lock()

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 
 REFUSAL_HOLD_S = 1.0  # the longest a 429 is held before it is sent (no compute: the connection waits)
+MAX_HELD_REFUSALS = 64  # beyond this many held at once, a 429 is sent at once (held ones keep connections open)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ class RateLimitMiddleware:
 
     def __init__(self, app, limiter: RateLimiter, resolve):
         self.app, self.limiter, self.resolve = app, limiter, resolve
+        self.held = 0  # refusals being held now (one event loop: no lock needed)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
@@ -133,13 +135,20 @@ class RateLimitMiddleware:
         who, limits = found
         admitted, headers, wait = self.limiter.admit(who, limits)
         if not admitted:
+            hold = min(wait, REFUSAL_HOLD_S) if self.held < MAX_HELD_REFUSALS else 0.0
+            wait = max(wait - hold, 0.0)  # as the client will see it, after the hold
             body = json.dumps({"error": {
                 "message": f"rate limit reached for this key: retry after {duration(wait)} (its limits: "
                            f"{limits.requests_per_minute or 'unlimited'} requests and {limits.tokens_per_minute or 'unlimited'} "
                            "tokens per minute)", "type": "rate_limit_error", "param": None, "code": "rate_limit_exceeded"}})
-            raw = [(b"content-type", b"application/json"), (b"retry-after", str(max(math.ceil(wait), 1)).encode())]
+            raw = [(b"content-type", b"application/json"), (b"retry-after", str(math.ceil(wait)).encode())]
             raw += [(k.encode(), v.encode()) for k, v in headers.items()]
-            await asyncio.sleep(min(wait, REFUSAL_HOLD_S))
+            if hold > 0:
+                self.held += 1
+                try:
+                    await asyncio.sleep(hold)
+                finally:
+                    self.held -= 1
             await send({"type": "http.response.start", "status": 429, "headers": raw})
             await send({"type": "http.response.body", "body": body.encode()})
             return

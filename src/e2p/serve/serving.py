@@ -46,6 +46,7 @@ class ServeConfig:
     max_tokens_limit: int = 512
     default_max_tokens: int = 128
     max_batch_size: int = 8
+    fair_shares: bool = True  # decode steps by tenants' fair shares of tokens (serve.fair_share); False: all rows step
     batch_wait_ms: float = 10.0
     max_queue: int = 64
     request_timeout_s: float = 120.0
@@ -99,7 +100,8 @@ class OpenAIServing:
         # an engine with its own decode loop (vLLM) batches rows itself: the server only hands them over
         batching = EngineLoopBatcher if getattr(model, "own_decode_loop", False) else Batcher
         self.batcher = batching(model, max_batch=config.max_batch_size, wait_ms=config.batch_wait_ms,
-                                max_queue=config.max_queue, tokenizer_lock=self.tokenizer_lock, metrics=self.metrics)
+                                max_queue=config.max_queue, tokenizer_lock=self.tokenizer_lock, metrics=self.metrics,
+                                fair_shares=config.fair_shares)
         projector = model.projector
         self.embedding_dim = (projector.config.embedding_dim
                               if projector is not None and not projector.config.is_shared else None)

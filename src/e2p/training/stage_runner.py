@@ -3,6 +3,7 @@ examples into items, trains it with the recipe's settings and reloads its best c
 share (backbone, recipe, examples, time budget, DP plan, report) travels in one `StageRun`."""
 from __future__ import annotations
 
+import copy
 import random
 import time
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ def initial_projector(start: Start) -> Projector:
     else:
         if start.seed is not None:
             torch.manual_seed(start.seed)
-        projector = Projector(start.config)
+        projector = Projector(copy.deepcopy(start.config))  # the e2p stage and its control each their own
     if start.shared_from is not None:
         projector.shared.data.copy_(start.shared_from.shared.data)
     if start.adapter_from is not None and projector.lora is not None:
