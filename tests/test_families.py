@@ -140,3 +140,52 @@ def test_deep_injection_names_an_architecture_without_a_key_value_cache():
         E2PModel(bb, Projector(new_config(bb, embedding_dim=8, injection="deep", backbone_kv_dim=32)))
     m = E2PModel(bb, Projector(new_config(bb, embedding_dim=8, injection="input")), autocast=False)  # input works
     assert len(m.generate_tokens(_rows(m, with_target=False)[:2], [torch.randn(8)] * 2, max_new_tokens=3)[0]) == 3
+
+
+def test_rows_that_wait_or_leave_keep_their_logits_past_a_sliding_window(family):
+    """Rows set aside (fair shares), brought back, and rows leaving mid-batch get at every step the logits they get
+    alone, also when a prompt is longer than a sliding-window layer's window (gemma3 here: 64): the rebuilt cache keeps
+    each layer's keys aligned with the mask's last columns."""
+    from conftest import WORDS
+    from e2p.engines.generation import DecodeRow, Generation
+
+    model = E2PModel(family, None, autocast=False)
+    words = [WORDS[i % len(WORDS)] for i in torch.randperm(len(WORDS) * 3, generator=torch.Generator().manual_seed(1))]
+    segs = [model.format(" ".join(words[:90])), model.format("i play guitar"), model.format(" ".join(words[30:110]))]
+    lengths = [10, 12, 6]
+    seen: dict[int, list[torch.Tensor]] = {}
+    stepping: list = []
+    real = model.next_logits
+
+    def spy(dec):
+        out = real(dec)
+        for j, row in enumerate(stepping):
+            seen.setdefault(id(row), []).append(out[j].float().clone())
+        return out
+
+    model.next_logits = spy
+
+    alone, kept = [], []  # rows kept alive: their ids key `seen`
+    for seg, n in zip(segs, lengths):
+        row = DecodeRow(temperature=0.0, top_p=1.0, seed=None, max_tokens=n)
+        kept.append(row)
+        gen = Generation(model)
+        gen.add([row], [seg])
+        while gen.rows:
+            stepping[:] = gen.rows
+            gen.step()
+        alone.append(seen[id(row)])
+    batch = [DecodeRow(temperature=0.0, top_p=1.0, seed=None, max_tokens=n) for n in lengths]
+    gen = Generation(model)
+    gen.add(batch, segs)
+    step = 0
+    while gen.rows or gen.waiting:  # row 1 alone on steps 2-4, rows 0 and 2 on step 5; row 2 leaves first
+        wanted = {1} if step in (2, 3, 4) else {0, 2} if step == 5 else {0, 1, 2}
+        gen.focus(lambda r: batch.index(r) in wanted)
+        stepping[:] = gen.rows
+        gen.step()
+        step += 1
+    for row, mine in zip(batch, alone):
+        got = seen[id(row)]
+        assert len(got) == len(mine) and all(torch.allclose(a, b, atol=1e-4) for a, b in zip(got, mine))
+    assert len(segs[0].pre) + len(segs[0].post) > 64  # past gemma3's window

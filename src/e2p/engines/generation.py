@@ -33,6 +33,9 @@ class Decoding:
         cache = DynamicCache(config=self.lm_config)
         for i, (k, v) in enumerate(layers):
             cache.update(k, v, i)
+        for layer in cache.layers:  # a sliding-window layer places its keys by the tokens it has seen: all the columns
+            if getattr(layer, "is_sliding", False):
+                layer.cumulative_length = mask.shape[1]
         return Decoding(self.lm_config, cache, mask, positions, last, adapter_rows)
 
     def select(self, rows: list[int]) -> "Decoding":
@@ -40,7 +43,11 @@ class Decoding:
         idx = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
         mask = self.mask[idx]
         drop = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
-        layers = [(k[idx][:, :, drop:], v[idx][:, :, drop:]) for k, v in self._layers()]
+        width = mask.shape[1] - drop
+        # a layer's keys are the mask's last columns (a sliding-window layer, as Gemma's, keeps fewer): keep at most
+        # the columns that stay
+        layers = [(k[idx][:, :, max(k.shape[2] - width, 0):], v[idx][:, :, max(v.shape[2] - width, 0):])
+                  for k, v in self._layers()]
         flags = None if self.adapter_rows is None else [self.adapter_rows[i] for i in rows]
         return self._rebuild(layers, mask[:, drop:], self.positions[idx], self.last[idx], flags)
 
@@ -54,16 +61,19 @@ class Decoding:
         """This batch's rows, then `other`'s: the shorter history is left-padded (masked) to the longer."""
         T = max(self.mask.shape[1], other.mask.shape[1])
 
-        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
-            missing = T - t.shape[dim]
+        def pad(t: torch.Tensor, dim: int, width: int = T) -> torch.Tensor:
+            missing = width - t.shape[dim]
             if missing == 0:
                 return t
             shape = list(t.shape)
             shape[dim] = missing
             return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
 
-        layers = [(torch.cat([pad(k1, 2), pad(k2.to(k1.dtype), 2)]), torch.cat([pad(v1, 2), pad(v2.to(v1.dtype), 2)]))
-                  for (k1, v1), (k2, v2) in zip(self._layers(), other._layers())]
+        layers = []
+        for (k1, v1), (k2, v2) in zip(self._layers(), other._layers()):
+            L = max(k1.shape[2], k2.shape[2])  # a layer's keys are the mask's last L columns (sliding windows: fewer)
+            layers.append((torch.cat([pad(k1, 2, L), pad(k2.to(k1.dtype), 2, L)]),
+                           torch.cat([pad(v1, 2, L), pad(v2.to(v1.dtype), 2, L)])))
         flags = None
         if self.adapter_rows is not None or other.adapter_rows is not None:
             flags = [*(self.adapter_rows or [True] * len(self.positions)), *(other.adapter_rows or [True] * len(other.positions))]
