@@ -87,6 +87,7 @@ def test_prototype_mixing_is_gone_and_old_files_naming_it_are_refused_clearly(ti
     from e2p.config import E2PConfig
     from e2p.errors import ConfigError, DataError
     from e2p.model import new_config
+    from e2p.projector import Projector
     from e2p.training.recipe_config import RecipeConfig, recipe_from_args
 
     old = tmp_path / "recipe.json"
@@ -105,6 +106,12 @@ def test_prototype_mixing_is_gone_and_old_files_naming_it_are_refused_clearly(ti
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="prototype-mixing projector"):
         E2PConfig.load(folder)
+    from e2p.engines.numpy_projector import NumpyProjector
+
+    Projector(new_config(tiny, embedding_dim=4)).save_pretrained(tmp_path / "weights")
+    (folder / "model.safetensors").write_bytes((tmp_path / "weights" / "model.safetensors").read_bytes())
+    with pytest.raises(ConfigError, match="prototype-mixing projector"):  # the numpy reader: the same refusal
+        NumpyProjector.from_pretrained(folder)
     config["prototypes"] = 0  # what every older projector wrote: read as before
     (folder / "config.json").write_text(json.dumps(config))
     assert E2PConfig.load(folder).embedding_dim == 4

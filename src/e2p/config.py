@@ -69,6 +69,14 @@ def _fits(value, kind: str) -> bool:
     return checks.get(kind, lambda x: True)(value)
 
 
+def refuse_removed(raw: dict, path) -> None:
+    """A config.json of a projector kind e2p no longer runs, refused with what to do (E2PConfig.load and the numpy
+    projector, which reads config.json itself)."""
+    if raw.get("prototypes"):
+        raise ConfigError(f"{path} is a prototype-mixing projector: that study lost (docs/studies.md) and e2p no "
+                          "longer runs it; retrain with `e2p train` (the person MLP) or use e2p 0.x to read it")
+
+
 @dataclass
 class E2PConfig:
     """Projector configuration, saved as config.json beside model.safetensors.
@@ -181,9 +189,7 @@ class E2PConfig:
             raise ConfigError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt, retrain or restore it") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} holds a JSON {type(raw).__name__}, not an object: restore the projector's config.json")
-        if raw.get("prototypes"):
-            raise ConfigError(f"{path} is a prototype-mixing projector: that study lost (docs/studies.md) and e2p no "
-                              "longer runs it; retrain with `e2p train` (the person MLP) or use e2p 0.x to read it")
+        refuse_removed(raw, path)
         missing = [k for k in REQUIRED_KEYS if k not in raw]
         if missing:
             raise ConfigError(f"{path} lacks {', '.join(missing)}: these are never guessed; restore the file or retrain")

@@ -136,8 +136,7 @@ class Projector(nn.Module):
     # --- Hugging Face style persistence -------------------------------------------------------
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
         """config.json + model.safetensors; `dtype=torch.float16` halves the file (loads back as float32). A shared
-        LoRA adapter goes beside them in `adapter/`, in PEFT's format (`PeftModel.from_pretrained` reads it; other
-        code asks whether the folder exists)."""
+        LoRA adapter goes beside them in `adapter/`, in PEFT's format (`PeftModel.from_pretrained` reads it)."""
         import shutil
 
         from safetensors.torch import save_file

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import resolve_projector
+from ..config import refuse_removed, resolve_projector
 from ..errors import ConfigError, EmbeddingError
 
 _erf = np.frompyfunc(math.erf, 1, 1)
@@ -37,9 +37,6 @@ class NumpyProjector:
                               "(e2p train --injection input; shipped: persona-input-k1)")
         if config.get("embedding_slots", 1) != 1:
             raise ConfigError("sentence-slot projectors are not supported outside torch")
-        if config.get("prototypes"):
-            raise ConfigError("a prototype-mixing projector: that study lost (docs/studies.md) and e2p no longer runs "
-                              "it; retrain with `e2p train` (the person MLP)")
         if config.get("set_items", 0) and config.get("embedding_dim"):
             raise ConfigError("a set-profile projector pools a user's items with attention, which this numpy formula "
                               "does not: run it on torch, llama.cpp or vLLM (they call the torch projector)")
@@ -67,6 +64,7 @@ class NumpyProjector:
             tensors = load_file(str(folder / "model.safetensors"))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read the projector in {folder} ({exc}); retrain or restore it") from exc
+        refuse_removed(config, folder / "config.json")
         return cls(config, tensors)
 
     @property

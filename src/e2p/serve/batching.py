@@ -283,7 +283,7 @@ class Batcher:
             self.share.stepped(row.request.tenant for row in gen.rows)
             for row in gen.step():
                 self._complete(row)
-            everyone = [row.request.tenant for row in gen.rows + gen.waiting]
+            everyone = _tenants(gen)
             joiners = self._joiners(self.max_batch - len(everyone), everyone)
             if joiners:
                 involved += joiners
@@ -292,7 +292,7 @@ class Batcher:
     def _focus(self, gen: Generation, joining: list[str] = ()) -> None:
         """Only the rows of tenants with their fair share step next (`serve.fair_share`); a gone client's row too, so
         that it ends now."""
-        stepping = self.share.stepping([row.request.tenant for row in gen.rows + gen.waiting] + list(joining))
+        stepping = self.share.stepping(_tenants(gen) + list(joining))
         gen.focus(lambda row: row.request.tenant in stepping or row.request.cancelled)
 
     def _join(self, gen: Generation, requests: list[GenRequest]) -> None:
@@ -301,8 +301,9 @@ class Batcher:
         if not requests:
             return
         size = len(gen.rows) + len(gen.waiting) + len(requests)  # admitted rows, stepping or waiting their turn
+        running = _tenants(gen)
         for r in requests:
-            self.share.starting(r.tenant, [row.request.tenant for row in gen.rows + gen.waiting])
+            self.share.starting(r.tenant, running)
         self._focus(gen, [r.tenant for r in requests])
         rows = [self._new_row(r, size) for r in requests]
         for row in gen.add(rows, [r.segments for r in requests], [r.embedding for r in requests]):
@@ -376,6 +377,11 @@ class Batcher:
                 batch_size=row.batch_size, queue_seconds=row.started - r.enqueued_at))
         except Exception as exc:  # a decoding problem of one row must not fail the others
             self._fail(r, exc)
+
+
+def _tenants(gen: Generation) -> list[str]:
+    """The tenant of each admitted row, stepping or waiting its turn."""
+    return [row.request.tenant for row in gen.rows + gen.waiting]
 
 
 @dataclass(eq=False)

@@ -1,14 +1,8 @@
 """The default training recipe on the data contract: split users, run the stages (e2p.training.prefix_stages), calibrate
 the person part on validation users, and answer the verdict on users it was never tuned on.
 
-Stages (each its own projector folder, each resumable):
-  1. shared_prefix   k soft prefix vectors, no user input: the data set's style (prompt tuning).
-  2. e2p             the person part starts at zero on top of the style, so it can only add what the embedding
-                     knows about the user; calibrated on validation users (`person_scale`).
-  3. *_text (opt.)   shared_prefix_text and e2p_text: the same, trained with the profile text in the prompt
-                     (the hybrid must be trained as a hybrid).
-With `lora_rank` > 0 both stages also train one shared LoRA adapter of the backbone, and the controls are trained
-alike (e2p.training.lora_controls: shared_prefix continued for as many steps as e2p took, shuffled_trained).
+The stages (each its own projector folder, each resumable) are listed in e2p.training.prefix_stages; after them
+the person part's share is calibrated on validation users (`person_scale`).
 """
 from __future__ import annotations
 
